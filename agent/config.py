@@ -1,0 +1,217 @@
+"""The agent's configuration: one TOML file, validated on load.
+
+Every problem is reported at once, each as ``key.path: got VALUE, expected WHAT``; unknown keys
+are errors with a did-you-mean. Each driver owns its config model (drivers/ is the ground floor);
+this module composes them. config/example.toml documents every key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from agent.errors import ConfigError
+from agent.pipeline import Rule, Threshold
+from drivers.configbase import StrictModel
+from drivers.synthetic import SyntheticConfig
+
+__all__ = ["DEFAULT_CONFIG_PATH", "AgentConfig", "format_errors", "load_config", "parse_config"]
+
+DEFAULT_CONFIG_PATH = Path("/etc/branch-agent/agent.toml")
+
+GatewayId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")]
+
+
+class GatewayConfig(StrictModel):
+    id: GatewayId
+    state_dir: Path = Path("/var/lib/branch-agent")
+    key_file: Path = Path("/etc/branch-agent/keys/signing.key")
+    time_sync: str = Field(
+        default="auto",
+        description="auto | synced | unsynced | file:PATH (synchronised while PATH exists)",
+    )
+
+    @field_validator("time_sync")
+    @classmethod
+    def _time_sync(cls, v: str) -> str:
+        if v in ("auto", "synced", "unsynced") or (v.startswith("file:") and len(v) > 5):
+            return v
+        raise ValueError("expected auto, synced, unsynced or file:PATH")
+
+
+class LogConfig(StrictModel):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class OutboxConfig(StrictModel):
+    quota_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024)
+    low_watermark: float = Field(default=0.9, gt=0.1, lt=1.0)
+    commit_interval_ms: float = Field(default=5.0, ge=0, le=1000)
+    commit_max_events: int = Field(default=500, ge=1, le=100_000)
+
+
+class ForwarderConfig(StrictModel):
+    batch_max_events: int = Field(default=500, ge=1, le=10_000)
+    batch_max_bytes: int = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    ack_mode: Literal["platform", "broker"] = "platform"
+    ack_timeout_s: float = Field(default=15.0, gt=0)
+    window: int = Field(default=4, ge=1, le=64, description="signed batches in flight at once")
+    drain_rate_bytes_per_s: int = Field(default=0, ge=0, description="0 = unlimited")
+    status_interval_s: float = Field(default=30.0, gt=0)
+
+
+class UplinkConfig(StrictModel):
+    order: list[Literal["mqtt", "coap"]] = Field(default=["mqtt"], min_length=1)
+    failover_after_s: float = Field(default=30.0, ge=0)
+    mqtt: dict[str, Any] | None = None
+    coap: dict[str, Any] | None = None
+
+
+class ThresholdConfig(StrictModel):
+    above: float | None = None
+    below: float | None = None
+    hysteresis: float = Field(default=0.0, ge=0)
+    type: str | None = None
+    priority: int = Field(default=1, ge=0, le=3)
+
+    @model_validator(mode="after")
+    def _one_side(self) -> ThresholdConfig:
+        if (self.above is None) == (self.below is None):
+            raise ValueError("expected exactly one of above or below")
+        return self
+
+
+class RuleConfig(StrictModel):
+    source: str = "*"
+    type: str = "*"
+    debounce_ms: float = Field(default=0.0, ge=0)
+    on_change_only: bool = False
+    deadband: float | None = Field(default=None, ge=0)
+    min_interval_s: float = Field(default=0.0, ge=0)
+    max_interval_s: float | None = Field(default=None, gt=0)
+    priority: int | None = Field(default=None, ge=0, le=3)
+    drop: bool = False
+    thresholds: list[ThresholdConfig] = Field(default_factory=list)
+
+    def to_rule(self) -> Rule:
+        return Rule(
+            source=self.source,
+            type=self.type,
+            debounce_s=self.debounce_ms / 1000.0,
+            on_change_only=self.on_change_only,
+            deadband=self.deadband,
+            min_interval_s=self.min_interval_s,
+            max_interval_s=self.max_interval_s,
+            priority=self.priority,
+            drop=self.drop,
+            thresholds=tuple(
+                Threshold(t.above, t.below, t.hysteresis, t.type, t.priority)
+                for t in self.thresholds
+            ),
+        )
+
+
+class PrivacyConfig(StrictModel):
+    strip_attrs: list[str] = Field(default_factory=list)
+    pseudonymise_attrs: list[str] = Field(default_factory=list)
+
+
+class SourcesConfig(StrictModel):
+    synthetic: list[SyntheticConfig] = Field(default_factory=list)
+
+
+class AgentConfig(StrictModel):
+    gateway: GatewayConfig
+    log: LogConfig = LogConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    forwarder: ForwarderConfig = ForwarderConfig()
+    uplink: UplinkConfig = UplinkConfig()
+    sources: SourcesConfig = SourcesConfig()
+    rules: list[RuleConfig] = Field(default_factory=list)
+    privacy: PrivacyConfig = PrivacyConfig()
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.gateway.state_dir / "outbox.db"
+
+
+def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at `loc` (for did-you-mean suggestions)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        current = _unwrap(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(tp: Any) -> Any:
+    args = getattr(tp, "__args__", None)
+    if args:
+        for a in args:
+            inner = _unwrap(a)
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return tp
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def format_errors(exc: ValidationError, root: type[BaseModel] = AgentConfig) -> list[str]:
+    """One line per problem: `key.path: got VALUE, expected WHAT`."""
+    lines: list[str] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc).replace(".[", "[")
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            owner = _model_at(root, loc[:-1])
+            hint = ""
+            if owner is not None:
+                close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1)
+                if close:
+                    hint = f"; did you mean '{close[0]}'?"
+            lines.append(f"{path}: unknown key{hint}")
+        elif kind == "missing":
+            lines.append(f"{path}: missing, expected a value (this key is required)")
+        else:
+            msg = str(err["msg"])
+            for prefix in ("Value error, ", "Assertion failed, "):
+                msg = msg.removeprefix(prefix)
+            expected = msg[0].lower() + msg[1:] if msg else kind
+            lines.append(f"{path}: got {_show(err.get('input'))}, expected {expected}")
+    return lines
+
+
+def parse_config(data: dict[str, Any], origin: str = "<config>") -> AgentConfig:
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = format_errors(exc)
+        raise ConfigError(f"{origin}: {len(problems)} problem(s)", problems) from None
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate `path`; ConfigError lists every problem."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}", [f"{path}: {exc}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML", [f"{path}: {exc}"]) from None
+    return parse_config(data, str(path))

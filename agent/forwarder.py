@@ -1,0 +1,360 @@
+"""Drains the outbox through the uplinks as signed batches, and deletes only on ack.
+
+One loop claims the next events (alarms first) into a batch that is signed once and stored by
+the outbox before the first send; it keeps up to `window` batches in flight on the active uplink;
+an ack (``ok`` with the matching seq and hash, or ``replay`` with the matching hash: the platform
+proves it already holds those exact bytes) deletes the batch's events. Unacked batches are sent
+again, byte for byte, after `ack_timeout_s`, after a reconnect, or when the platform reports a gap.
+
+Failover: uplinks are tried in configured order. The preferred one is used whenever it is up;
+when it has been down for `failover_after_s`, the next one that is up takes the traffic, and when
+the preferred one returns the traffic moves back. In-flight batches are re-sent on the new path;
+the platform acks each batch once and dedups.
+
+Backlog drain is rate-limited by a byte budget (`drain_rate_bytes_per_s`); batches that carry an
+alarm bypass it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent import protocol
+from agent.events import ALARM
+from agent.outbox import Outbox, PendingBatch
+from agent.uplink.base import Uplink, UplinkDownError
+
+__all__ = ["Forwarder", "ForwarderStats", "Signer"]
+
+log = structlog.get_logger(__name__)
+
+
+class Signer:
+    """Builds and signs batches for one gateway with its Ed25519 key."""
+
+    def __init__(self, key: Ed25519PrivateKey, gw: str, wall: Callable[[], float]) -> None:
+        self._key = key
+        self.kid = protocol.kid_for(key.public_key())
+        self.gw = gw
+        self._wall = wall
+
+    def build(self, seq: int, prev: bytes, bodies: list[bytes]) -> bytes:
+        return protocol.build_batch(
+            key=self._key,
+            kid=self.kid,
+            gw=self.gw,
+            seq=seq,
+            prev=prev,
+            created=self._wall(),
+            encoded_events=bodies,
+        )
+
+
+@dataclass(slots=True)
+class ForwarderStats:
+    batches_sent: int = 0
+    batches_resent: int = 0
+    batches_acked: int = 0
+    events_acked: int = 0
+    rejections: dict[str, int] = field(default_factory=dict)
+    active_uplink: str | None = None
+    last_ack_at: float | None = None
+    last_acked_seq: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "batches_sent": self.batches_sent,
+            "batches_resent": self.batches_resent,
+            "batches_acked": self.batches_acked,
+            "events_acked": self.events_acked,
+            "rejections": dict(self.rejections),
+            "active_uplink": self.active_uplink,
+            "last_ack_at": self.last_ack_at,
+            "last_acked_seq": self.last_acked_seq,
+        }
+
+
+@dataclass(slots=True)
+class _InFlight:
+    batch: PendingBatch
+    sent_at: float
+    via: str
+
+
+class _TokenBucket:
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.tokens = float(rate)
+        self.at = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        while True:
+            now = time.monotonic()
+            self.tokens = min(float(max(self.rate, n)), self.tokens + (now - self.at) * self.rate)
+            self.at = now
+            if self.tokens >= n:
+                self.tokens -= n
+                return
+            await asyncio.sleep((n - self.tokens) / self.rate)
+
+
+class Forwarder:
+    def __init__(
+        self,
+        outbox: Outbox,
+        uplinks: Sequence[Uplink],
+        signer: Signer,
+        *,
+        batch_max_events: int = 500,
+        batch_max_bytes: int = 256 * 1024,
+        ack_mode: str = "platform",
+        ack_timeout_s: float = 15.0,
+        window: int = 4,
+        drain_rate_bytes_per_s: int = 0,
+        failover_after_s: float = 30.0,
+        status_interval_s: float = 30.0,
+        status_doc: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
+        if not uplinks:
+            raise ValueError("at least one uplink is needed")
+        self.outbox = outbox
+        self.uplinks = list(uplinks)
+        self.signer = signer
+        self.batch_max_events = batch_max_events
+        self.batch_max_bytes = batch_max_bytes
+        self.ack_mode = ack_mode
+        self.ack_timeout_s = ack_timeout_s
+        self.window = window
+        self.failover_after_s = failover_after_s
+        self.status_interval_s = status_interval_s
+        self._status_doc = status_doc
+        self._bucket = _TokenBucket(drain_rate_bytes_per_s)
+        self.stats = ForwarderStats()
+        self._unsent: list[PendingBatch] = []
+        self._inflight: dict[int, _InFlight] = {}
+        self._wake = asyncio.Event()
+        self._up: dict[str, bool] = {u.name: False for u in self.uplinks}
+        self._down_since: dict[str, float] = {u.name: time.monotonic() for u in self.uplinks}
+        self._acks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10_000)
+        self._active: Uplink | None = None
+        self._idle = asyncio.Event()
+        outbox.on_commit(self._wake.set)
+
+    # ------------------------------------------------------------------ public
+
+    async def run(self) -> None:
+        """Lives until cancelled."""
+        self._unsent = await self.outbox.pending_batches()
+        if self._unsent:
+            log.info("forwarder.resuming", batches=len(self._unsent),
+                     first_seq=self._unsent[0].seq)
+        async with asyncio.TaskGroup() as tg:
+            for up in self.uplinks:
+                tg.create_task(self._run_uplink(up), name=f"uplink-{up.name}")
+            tg.create_task(self._send_loop(), name="forwarder-send")
+            tg.create_task(self._ack_loop(), name="forwarder-acks")
+            tg.create_task(self._status_loop(), name="forwarder-status")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight) + len(self._unsent)
+
+    async def wait_idle(self) -> None:
+        """Until nothing is in flight and the outbox offered nothing (tests, shutdown)."""
+        await self._idle.wait()
+
+    # ------------------------------------------------------------------ uplinks
+
+    async def _run_uplink(self, up: Uplink) -> None:
+        def on_state(connected: bool) -> None:
+            self._up[up.name] = connected
+            if not connected:
+                self._down_since[up.name] = time.monotonic()
+            log.info("uplink.state", uplink=up.name, connected=connected)
+            self._wake.set()
+
+        def on_ack(raw: bytes) -> None:
+            try:
+                self._acks.put_nowait(raw)
+            except asyncio.QueueFull:
+                self._count("ack_queue_full")
+
+        await up.run(on_ack, on_state)
+
+    def _choose(self) -> Uplink | None:
+        """The first uplink in order that is up. A down uplink is skipped only once it has been
+        down for `failover_after_s`: a short blip waits for the preferred path instead of
+        flapping to the next one."""
+        now = time.monotonic()
+        for up in self.uplinks:
+            if self._up.get(up.name) and up.connected:
+                return up
+            if now - self._down_since.get(up.name, now) < self.failover_after_s:
+                return None
+        return None
+
+    # ------------------------------------------------------------------ sending
+
+    async def _send_loop(self) -> None:
+        while True:
+            up = self._choose()
+            if up is None:
+                self._idle.clear()
+                await self._wait(1.0)
+                continue
+            if up is not self._active:
+                if self._active is not None:
+                    log.warning("forwarder.path_changed", old=self._active.name, new=up.name)
+                self._active = up
+                self.stats.active_uplink = up.name
+                self._requeue_all()
+            self._requeue_expired()
+            progressed = False
+            while len(self._inflight) < self.window:
+                batch = await self._next_batch()
+                if batch is None:
+                    break
+                if batch.top_priority > ALARM:
+                    await self._bucket.take(len(batch.data))
+                try:
+                    await up.send(batch.seq, batch.data)
+                except UplinkDownError as exc:
+                    log.info("forwarder.send_failed", uplink=up.name, seq=batch.seq, error=str(exc))
+                    self._unsent.insert(0, batch)
+                    self._up[up.name] = up.connected
+                    if not up.connected:
+                        self._down_since[up.name] = time.monotonic()
+                    break
+                progressed = True
+                self.stats.batches_sent += 1
+                if self.ack_mode == "broker":
+                    await self._acked(batch, via="broker")
+                else:
+                    self._inflight[batch.seq] = _InFlight(batch, time.monotonic(), up.name)
+            if not self._inflight and not self._unsent and not progressed:
+                self._idle.set()
+            else:
+                self._idle.clear()
+            if not progressed:
+                await self._wait(self._next_timeout())
+
+    async def _wait(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    def _next_timeout(self) -> float:
+        if not self._inflight:
+            return 5.0
+        oldest = min(f.sent_at for f in self._inflight.values())
+        return max(0.05, oldest + self.ack_timeout_s - time.monotonic())
+
+    async def _next_batch(self) -> PendingBatch | None:
+        if self._unsent:
+            self.stats.batches_resent += 1
+            return self._unsent.pop(0)
+        return await self.outbox.claim_batch(
+            self.batch_max_events, self.batch_max_bytes, self.signer.build
+        )
+
+    def _requeue_all(self) -> None:
+        if self._inflight:
+            self._unsent = sorted(
+                [f.batch for f in self._inflight.values()] + self._unsent, key=lambda b: b.seq
+            )
+            self._inflight.clear()
+
+    def _requeue_expired(self) -> None:
+        now = time.monotonic()
+        expired = [s for s, f in self._inflight.items() if now - f.sent_at >= self.ack_timeout_s]
+        if expired:
+            log.info("forwarder.ack_timeout", seqs=expired[:8])
+            # Resend everything from the oldest expired on: the platform accepts in order only.
+            self._requeue_all()
+
+    # ------------------------------------------------------------------ acks
+
+    async def _ack_loop(self) -> None:
+        while True:
+            raw = await self._acks.get()
+            try:
+                ack = protocol.decode_ack(raw)
+            except protocol.ProtocolError as exc:
+                self._count("malformed_ack")
+                log.warning("forwarder.bad_ack", error=str(exc), size=len(raw))
+                continue
+            flight = self._inflight.get(ack.seq)
+            if flight is None:
+                # Late ack for a batch already acked or re-queued: still valid if it matches.
+                match = next((b for b in self._unsent if b.seq == ack.seq), None)
+                if match is None:
+                    self._count("unknown_ack")
+                    continue
+                batch = match
+            else:
+                batch = flight.batch
+            if ack.h != batch.hash:
+                self._count("ack_hash_mismatch")
+                log.error("forwarder.ack_hash_mismatch", seq=ack.seq)
+                continue
+            if ack.ok or ack.err == "replay":
+                self._unsent = [b for b in self._unsent if b.seq != batch.seq]
+                self._inflight.pop(batch.seq, None)
+                await self._acked(batch, via="platform")
+                continue
+            err = ack.err or "unspecified"
+            self._count(err)
+            if err == "gap":
+                # The platform missed an earlier batch (lost in a broker restart): resend all.
+                log.warning("forwarder.platform_gap", seq=ack.seq)
+                self._requeue_all()
+            else:
+                log.error(
+                    "forwarder.batch_rejected",
+                    seq=ack.seq,
+                    reason=err,
+                    advice="the platform refuses this gateway's batches; check the registered "
+                    "key (`branch-agent status` shows the kid) and the gateway id",
+                )
+                # Keep the batch (never delete unacked events); retry after the ack timeout.
+            self._wake.set()
+
+    async def _acked(self, batch: PendingBatch, via: str) -> None:
+        if await self.outbox.ack_batch(batch.seq, batch.hash):
+            self.stats.batches_acked += 1
+            self.stats.events_acked += batch.count
+            self.stats.last_ack_at = time.time()
+            self.stats.last_acked_seq = max(self.stats.last_acked_seq, batch.seq)
+            log.debug("forwarder.acked", seq=batch.seq, events=batch.count, via=via)
+        self._wake.set()
+
+    def _count(self, what: str) -> None:
+        self.stats.rejections[what] = self.stats.rejections.get(what, 0) + 1
+
+    # ------------------------------------------------------------------ status
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.status_interval_s)
+            if self._status_doc is None:
+                continue
+            doc = self._status_doc()
+            for up in self.uplinks:
+                if up.connected:
+                    try:
+                        await up.publish_status(doc)
+                    except (UplinkDownError, OSError) as exc:
+                        log.debug("forwarder.status_failed", uplink=up.name, error=str(exc))

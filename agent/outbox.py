@@ -1,0 +1,723 @@
+"""The durable outbox: the only writer of the agent's SQLite file.
+
+An event is *accepted* only when the transaction holding it has committed (WAL,
+``synchronous=FULL``); `Outbox.append` resolves after that commit and not before. Appends are
+group-committed: a writer task takes whatever has queued every `commit_interval` seconds or
+`commit_max` events, whichever comes first, so the cost of one fsync is shared; an alarm commits at
+once. Every database call runs on one dedicated thread (sqlite3 connections are not to be shared
+across threads, and an fsync must never block the event loop).
+
+Ids are assigned at commit from a counter kept in the same transaction (``meta.next_id``), so they
+are strictly increasing and never reused, also after deletes and restarts. A side file
+(``ids.floor``) reserves id blocks ahead of use so that even after a corrupt store is quarantined,
+the fresh store never reuses an id the platform may already hold.
+
+The forwarder claims events into a batch (`claim_batch`): one transaction selects the next events
+by (priority, id), has the caller build and sign the batch, stores the signed bytes and the new
+chain head, and marks the events as held by that batch. They leave the store only on `ack_batch`.
+A crash between claim and ack leaves the batch stored; it is re-sent byte for byte.
+
+Quota: when the stored bytes pass the quota, the lowest-priority, oldest unclaimed events are
+evicted (diagnostics, then telemetry; never alarms or alerts) and a ``gateway.dropped`` alert
+names every evicted id. Telemetry that cannot be made room for is refused (`RefusedError`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+import structlog
+
+from agent import protocol
+from agent.errors import StoreError
+from agent.events import ALARM, ALERT, TELEMETRY, TQ_SYNCED, Event
+from drivers.base import RefusedError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Outbox",
+    "OutboxStats",
+    "PendingBatch",
+    "id_ranges",
+]
+
+log = structlog.get_logger(__name__)
+
+SCHEMA_VERSION = 1
+ID_BLOCK = 1_000_000  # ids reserved ahead in ids.floor; one fsync'd write per million
+BATCH_ENVELOPE = 200  # COSE envelope, header fields and signature, rounded up
+EVENT_OVERHEAD = 48  # bytes of row/index overhead counted per event against the quota
+BuildBatch = Callable[[int, bytes, list[bytes]], bytes]
+
+
+def id_ranges(ids: Iterable[int]) -> list[list[int]]:
+    """[1, 2, 3, 7, 9, 10] -> [[1, 3], [7, 7], [9, 10]] (the drop record's compact form)."""
+    out: list[list[int]] = []
+    for i in sorted(ids):
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class PendingBatch:
+    """A signed batch stored in the outbox, waiting for the platform's ack."""
+
+    seq: int
+    hash: bytes
+    data: bytes
+    count: int
+    top_priority: int
+    created: float
+
+
+@dataclass(slots=True)
+class OutboxStats:
+    depth: dict[int, int] = field(default_factory=dict)  # events held per priority
+    unclaimed: int = 0
+    in_flight_batches: int = 0
+    oldest_unsent: float | None = None
+    bytes: int = 0
+    quota_bytes: int = 0
+    next_id: int = 1
+    next_seq: int = 1
+    last_acked_seq: int = 0
+    last_acked_at: float | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
+    refused: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "depth": {str(k): v for k, v in sorted(self.depth.items())},
+            "unclaimed": self.unclaimed,
+            "in_flight_batches": self.in_flight_batches,
+            "oldest_unsent": self.oldest_unsent,
+            "bytes": self.bytes,
+            "quota_bytes": self.quota_bytes,
+            "next_id": self.next_id,
+            "next_seq": self.next_seq,
+            "last_acked_seq": self.last_acked_seq,
+            "last_acked_at": self.last_acked_at,
+            "dropped": dict(self.dropped),
+            "refused": self.refused,
+        }
+
+
+@dataclass(slots=True)
+class _Append:
+    events: Sequence[Event]
+    future: asyncio.Future[list[int]]
+    urgent: bool
+
+
+class _SideState:
+    """Small JSON files beside the store, written atomically (temp file, fsync, rename).
+
+    They survive the quarantine of a corrupt store: the id floor (so ids are never reused) and
+    the last acknowledged chain head (so a fresh store continues the chain the platform knows).
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "chain.json"
+
+    def read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.error("outbox.side_state_unreadable", path=str(self.path), error=str(exc))
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def update(self, **changes: Any) -> None:
+        data = self.read()
+        data.update(changes)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(data, sort_keys=True).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+class Outbox:
+    """Use `await Outbox.open(...)`, then `append`, `claim_batch`, `ack_batch`, `close`."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        quota_bytes: int,
+        commit_interval: float,
+        commit_max: int,
+        low_watermark: float,
+        clock_time: Callable[[], float],
+    ) -> None:
+        self.path = path
+        self.quota_bytes = quota_bytes
+        self.commit_interval = commit_interval
+        self.commit_max = commit_max
+        self.low_watermark = low_watermark
+        self._time = clock_time
+        self._side = _SideState(path.parent)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-db")
+        self._conn: sqlite3.Connection | None = None
+        self._queue: list[_Append] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self._bytes = 0
+        self._next_id = 1
+        self._id_floor = 0
+        self._refused = 0
+        self.reset_info: dict[str, Any] | None = None
+        self._listeners: list[Callable[[], None]] = []
+
+    # ---------------------------------------------------------------- opening and closing
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        *,
+        quota_bytes: int = 256 * 1024 * 1024,
+        commit_interval: float = 0.005,
+        commit_max: int = 500,
+        low_watermark: float = 0.9,
+        clock_time: Callable[[], float] = time.time,
+    ) -> Outbox:
+        ob = cls(
+            path,
+            quota_bytes=quota_bytes,
+            commit_interval=commit_interval,
+            commit_max=commit_max,
+            low_watermark=low_watermark,
+            clock_time=clock_time,
+        )
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(ob._executor, ob._open_sync)
+        ob._writer = asyncio.create_task(ob._writer_loop(), name="outbox-writer")
+        return ob
+
+    async def close(self) -> None:
+        """Commit whatever is queued, then close the file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        if self._writer is not None:
+            await self._writer
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._close_sync)
+        self._executor.shutdown(wait=True)
+
+    async def __aenter__(self) -> Outbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=OFF")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        reason: str | None = None
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = self._connect()
+            row = conn.execute("PRAGMA quick_check").fetchone()
+            if row is None or row[0] != "ok":
+                reason = f"quick_check: {row[0] if row else 'no answer'}"
+            else:
+                self._migrate(conn)
+        except sqlite3.DatabaseError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        if reason is not None:
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            quarantined = self._quarantine()
+            log.error("outbox.store_reset", reason=reason, quarantined=quarantined)
+            conn = self._connect()
+            self._migrate(conn)
+            self.reset_info = {"reason": reason, "quarantined": quarantined}
+        assert conn is not None
+        self._conn = conn
+        self._load_state()
+        if self.reset_info is not None:
+            self._record_reset()
+
+    def _quarantine(self) -> str:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 0
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}.{n}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(target) + suffix))
+        return str(target)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Schema versions are applied in order inside one transaction each (user_version)."""
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this agent's "
+                f"{SCHEMA_VERSION}",
+                hint="install the agent version that wrote it, or move the file aside",
+            )
+        if version < 1:
+            conn.execute("BEGIN IMMEDIATE")
+            db = sqlite_utils.Database(conn)
+            db.table("meta").create({"key": str, "value": str}, pk="key")
+            # body: the event's wire encoding (CBOR map, id included), built once at commit.
+            db.table("events").create(
+                {"id": int, "prio": int, "t": float, "size": int, "body": bytes, "batch": int},
+                pk="id",
+                not_null={"prio", "t", "size", "body"},
+            )
+            conn.execute(
+                "CREATE INDEX events_queue ON events(prio, id) WHERE batch IS NULL"
+            )
+            conn.execute("CREATE INDEX events_batch ON events(batch) WHERE batch IS NOT NULL")
+            db.table("batches").create(
+                {
+                    "seq": int,
+                    "hash": bytes,
+                    "created": float,
+                    "count": int,
+                    "top_prio": int,
+                    "data": bytes,
+                },
+                pk="seq",
+                not_null={"hash", "created", "count", "top_prio", "data"},
+            )
+            side = self._side.read()
+            floor = int(side.get("id_floor", 0))
+            acked_seq = int(side.get("acked_seq", 0))
+            acked_hash = str(side.get("acked_hash", protocol.ZERO_HASH.hex()))
+            conn.executemany(
+                "INSERT INTO meta(key, value) VALUES (?, ?)",
+                [
+                    ("next_id", str(max(1, floor + 1))),
+                    ("next_seq", str(acked_seq + 1)),
+                    ("prev_hash", acked_hash),
+                    ("last_acked_seq", str(acked_seq)),
+                    ("last_acked_at", ""),
+                    ("dropped", "{}"),
+                ],
+            )
+            conn.execute("PRAGMA user_version=1")
+            conn.execute("COMMIT")
+
+    def _meta(self, key: str) -> str:
+        assert self._conn is not None
+        row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return str(row[0]) if row else ""
+
+    def _set_meta(self, key: str, value: str) -> None:
+        assert self._conn is not None
+        self._conn.execute("UPDATE meta SET value=? WHERE key=?", (value, key))
+
+    def _load_state(self) -> None:
+        assert self._conn is not None
+        self._next_id = int(self._meta("next_id"))
+        self._id_floor = int(self._side.read().get("id_floor", 0))
+        ev = self._conn.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM events").fetchone()
+        bt = self._conn.execute("SELECT COALESCE(SUM(length(data)), 0) FROM batches").fetchone()
+        self._bytes = int(ev[0]) + int(ev[1]) * EVENT_OVERHEAD + int(bt[0])
+
+    def _record_reset(self) -> None:
+        assert self.reset_info is not None
+        ev = Event(
+            src="gateway",
+            type="gateway.store_reset",
+            v={
+                "reason": self.reset_info["reason"],
+                "quarantined": self.reset_info["quarantined"],
+                "first_new_id": self._next_id,
+            },
+            t=self._time(),
+            tq=TQ_SYNCED,
+            prio=ALERT,
+        )
+        self._commit_sync([ev])
+
+    def _close_sync(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.close()
+            self._conn = None
+
+    # ---------------------------------------------------------------- appending
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the loop) after each commit of new events (wakes the forwarder)."""
+        self._listeners.append(callback)
+
+    async def append(self, event: Event) -> int:
+        """Resolve with the event's id once it is committed; raise RefusedError if over quota."""
+        ids = await self.append_many([event])
+        return ids[0]
+
+    async def append_many(self, events: Sequence[Event]) -> list[int]:
+        """Commit all of `events` in one transaction (or none); resolve with their ids."""
+        if self._closed:
+            raise StoreError("outbox is closed")
+        if not events:
+            return []
+        fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Append(events, fut, any(e.prio == ALARM for e in events)))
+        self._wake.set()
+        return await fut
+
+    async def _writer_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._closed:
+                    return
+                await self._wake.wait()
+                if not self._queue:
+                    self._wake.clear()
+                    continue
+            # Group commit: give producers `commit_interval` to join, unless an alarm waits,
+            # enough is queued, or we are closing.
+            deadline = loop.time() + self.commit_interval
+            while not self._closed:
+                queued = sum(len(a.events) for a in self._queue)
+                if queued >= self.commit_max or any(a.urgent for a in self._queue):
+                    break
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), remaining)
+            self._wake.clear()
+            taken, self._queue = self._queue, []
+            if not taken:
+                continue
+            try:
+                results = await loop.run_in_executor(self._executor, self._commit_appends, taken)
+            except Exception as exc:  # the transaction failed: nobody's events are accepted
+                log.error("outbox.commit_failed", error=str(exc), events=len(taken))
+                err = exc if isinstance(exc, StoreError) else StoreError(f"commit failed: {exc}")
+                for a in taken:
+                    if not a.future.done():
+                        a.future.set_exception(err)
+                continue
+            for a, res in zip(taken, results, strict=True):
+                if a.future.done():
+                    continue
+                if isinstance(res, BaseException):
+                    a.future.set_exception(res)
+                else:
+                    a.future.set_result(res)
+            for cb in self._listeners:
+                cb()
+
+    def _commit_appends(self, taken: list[_Append]) -> list[list[int] | BaseException]:
+        """One transaction for every queued append. Appends the quota refuses get RefusedError."""
+        accepted: list[Event] = []
+        plan: list[tuple[int, int] | BaseException] = []
+        for a in taken:
+            plan.append((len(accepted), len(a.events)))
+            accepted.extend(a.events)
+        refused = self._make_room(accepted)
+        if refused:
+            # Refuse whole appends that hold a refused event (a request is accepted as a unit).
+            keep: list[Event] = []
+            new_plan: list[tuple[int, int] | BaseException] = []
+            for a, p in zip(taken, plan, strict=True):
+                assert isinstance(p, tuple)
+                if not a.urgent and any(e.prio >= refused for e in a.events):
+                    top = max(e.prio for e in a.events)
+                    self._refused += len(a.events)
+                    new_plan.append(
+                        RefusedError(
+                            f"outbox quota reached for priority {top}",
+                            priority=top,
+                            retry_after=30.0,
+                        )
+                    )
+                else:
+                    new_plan.append((len(keep), len(a.events)))
+                    keep.extend(a.events)
+            accepted, plan = keep, new_plan
+        ids = self._commit_sync(accepted) if accepted else []
+        out: list[list[int] | BaseException] = []
+        for p in plan:
+            if isinstance(p, BaseException):
+                out.append(p)
+            else:
+                start, n = p
+                out.append(ids[start : start + n])
+        return out
+
+    def _commit_sync(self, events: Sequence[Event]) -> list[int]:
+        conn = self._conn
+        assert conn is not None
+        first = self._next_id
+        last = first + len(events) - 1
+        if last > self._id_floor:
+            self._id_floor = last + ID_BLOCK
+            self._side.update(id_floor=self._id_floor)
+        rows = []
+        added = 0
+        encode = protocol.encode_event
+        for i, e in enumerate(events):
+            body = encode(
+                id=first + i,
+                t=e.t,
+                tq=e.tq,
+                src=e.src,
+                type=e.type,
+                v=e.v,
+                prio=e.prio,
+                u=e.u,
+                attrs=e.attrs,
+            )
+            rows.append((first + i, e.prio, e.t, len(body), body))
+            added += len(body) + EVENT_OVERHEAD
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT INTO events(id, prio, t, size, body) VALUES (?, ?, ?, ?, ?)", rows
+            )
+            conn.execute("UPDATE meta SET value=? WHERE key='next_id'", (str(last + 1),))
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        self._next_id = last + 1
+        self._bytes += added
+        return list(range(first, last + 1))
+
+    # ---------------------------------------------------------------- quota
+
+    def _make_room(self, incoming: Sequence[Event]) -> int | None:
+        """Evict so that `incoming` fits under the quota. Returns None if it all fits, else the
+        least urgent incoming priority that must be refused. Room for an event is never made by
+        evicting events more urgent than it; alarms are never evicted and never refused (for
+        them the disk is the only limit)."""
+        need = len(incoming) * (256 + EVENT_OVERHEAD)  # upper-bound estimate before encoding
+        if self._bytes + need <= self.quota_bytes:
+            return None
+        most_urgent = min(e.prio for e in incoming)
+        target = int(self.quota_bytes * self.low_watermark) - need
+        self._evict(self._bytes - max(0, target), floor_prio=max(TELEMETRY, most_urgent))
+        if self._bytes + need <= self.quota_bytes:
+            return None
+        least_urgent = max(e.prio for e in incoming)
+        return least_urgent if least_urgent >= TELEMETRY else None
+
+    def _evict(self, want: int, floor_prio: int) -> list[int]:
+        """Delete unclaimed events, priority 3 then 2 (not below `floor_prio`), oldest first,
+        until `want` bytes are freed; never alarms or alerts. One gateway.dropped record per
+        priority evicted names every id that went."""
+        conn = self._conn
+        assert conn is not None
+        freed_total = 0
+        all_ids: list[int] = []
+        for prio in range(3, floor_prio - 1, -1):
+            if freed_total >= want:
+                break
+            ids: list[int] = []
+            freed = 0
+            for row in conn.execute(
+                "SELECT id, size FROM events WHERE batch IS NULL AND prio=? ORDER BY id",
+                (prio,),
+            ):
+                ids.append(int(row[0]))
+                freed += int(row[1]) + EVENT_OVERHEAD
+                if freed_total + freed >= want:
+                    break
+            if not ids:
+                continue
+            ranges = id_ranges(ids)
+            drop = Event(
+                src="gateway",
+                type="gateway.dropped",
+                v={"reason": "quota", "priority": prio, "count": len(ids), "ids": ranges},
+                t=self._time(),
+                prio=ALERT,
+            )
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("DELETE FROM events WHERE id=?", [(i,) for i in ids])
+                dropped = json.loads(self._meta("dropped") or "{}")
+                dropped["quota"] = int(dropped.get("quota", 0)) + len(ids)
+                self._set_meta("dropped", json.dumps(dropped))
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            self._bytes -= freed
+            freed_total += freed
+            # The drop record commits right after the delete; a crash in between loses the
+            # record but not the evidence: ids are never reused, so the gap stays visible.
+            self._commit_sync([drop])
+            log.warning("outbox.evicted", priority=prio, count=len(ids), ids=ranges[:8])
+            all_ids.extend(ids)
+        return all_ids
+
+    # ---------------------------------------------------------------- batches
+
+    async def claim_batch(
+        self, max_events: int, max_bytes: int, build: BuildBatch
+    ) -> PendingBatch | None:
+        """Claim the next events (alarms first) into a new batch. `build(seq, prev, bodies)`
+        returns the signed bytes; they and the new chain head are stored in the same transaction
+        that marks the events as claimed. None when there is nothing to send."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, self._claim_sync, max_events, max_bytes, build
+        )
+
+    def _claim_sync(
+        self, max_events: int, max_bytes: int, build: BuildBatch
+    ) -> PendingBatch | None:
+        conn = self._conn
+        assert conn is not None
+        rows = conn.execute(
+            "SELECT id, prio, body FROM events WHERE batch IS NULL ORDER BY prio, id LIMIT ?",
+            (max_events,),
+        ).fetchall()
+        if not rows:
+            return None
+        chosen: list[tuple[int, int, bytes]] = []
+        size = BATCH_ENVELOPE
+        for r in rows:
+            if chosen and size + len(r[2]) > max_bytes:
+                break
+            chosen.append((int(r[0]), int(r[1]), bytes(r[2])))
+            size += len(r[2])
+        seq = int(self._meta("next_seq"))
+        prev = bytes.fromhex(self._meta("prev_hash"))
+        data = build(seq, prev, [c[2] for c in chosen])
+        h = protocol.batch_hash(data)
+        now = self._time()
+        top = min(c[1] for c in chosen)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("UPDATE events SET batch=? WHERE id=?", [(seq, c[0]) for c in chosen])
+            conn.execute(
+                "INSERT INTO batches(seq, hash, created, count, top_prio, data) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (seq, h, now, len(chosen), top, data),
+            )
+            self._set_meta("next_seq", str(seq + 1))
+            self._set_meta("prev_hash", h.hex())
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        self._bytes += len(data)
+        return PendingBatch(seq, h, data, len(chosen), top, now)
+
+    async def pending_batches(self) -> list[PendingBatch]:
+        """Signed batches not yet acknowledged, oldest first (re-sent after a restart)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._pending_sync)
+
+    def _pending_sync(self) -> list[PendingBatch]:
+        assert self._conn is not None
+        return [
+            PendingBatch(int(r[0]), bytes(r[1]), bytes(r[2]), int(r[3]), int(r[4]), float(r[5]))
+            for r in self._conn.execute(
+                "SELECT seq, hash, data, count, top_prio, created FROM batches ORDER BY seq"
+            )
+        ]
+
+    async def ack_batch(self, seq: int, h: bytes) -> bool:
+        """The platform verified batch `seq` with hash `h`: its events leave the store.
+        False (and nothing changes) if no stored batch has that seq and hash."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._ack_sync, seq, h)
+
+    def _ack_sync(self, seq: int, h: bytes) -> bool:
+        conn = self._conn
+        assert conn is not None
+        row = conn.execute("SELECT hash, length(data) FROM batches WHERE seq=?", (seq,)).fetchone()
+        if row is None or bytes(row[0]) != h:
+            return False
+        freed = conn.execute(
+            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM events WHERE batch=?", (seq,)
+        ).fetchone()
+        now = self._time()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("DELETE FROM events WHERE batch=?", (seq,))
+            conn.execute("DELETE FROM batches WHERE seq=?", (seq,))
+            if seq > int(self._meta("last_acked_seq") or 0):
+                self._set_meta("last_acked_seq", str(seq))
+                self._set_meta("last_acked_at", repr(now))
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        self._bytes -= int(freed[0]) + int(freed[1]) * EVENT_OVERHEAD + int(row[1])
+        self._side.update(acked_seq=seq, acked_hash=h.hex())
+        return True
+
+    # ---------------------------------------------------------------- status
+
+    async def stats(self) -> OutboxStats:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._stats_sync)
+
+    def _stats_sync(self) -> OutboxStats:
+        conn = self._conn
+        assert conn is not None
+        st = OutboxStats(bytes=self._bytes, quota_bytes=self.quota_bytes, refused=self._refused)
+        for prio, n in conn.execute("SELECT prio, COUNT(*) FROM events GROUP BY prio"):
+            st.depth[int(prio)] = int(n)
+        st.unclaimed = int(
+            conn.execute("SELECT COUNT(*) FROM events WHERE batch IS NULL").fetchone()[0]
+        )
+        st.in_flight_batches = int(conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0])
+        oldest = conn.execute("SELECT MIN(t) FROM events").fetchone()[0]
+        st.oldest_unsent = float(oldest) if oldest is not None else None
+        st.next_id = self._next_id
+        st.next_seq = int(self._meta("next_seq"))
+        st.last_acked_seq = int(self._meta("last_acked_seq") or 0)
+        at = self._meta("last_acked_at")
+        st.last_acked_at = float(at) if at else None
+        st.dropped = {k: int(v) for k, v in json.loads(self._meta("dropped") or "{}").items()}
+        return st

@@ -1,0 +1,320 @@
+"""The composition root: the one place that assembles drivers, pipeline, outbox, forwarder and
+uplinks from the configuration, and runs them under one TaskGroup until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent import __version__
+from agent.clock import make_clock
+from agent.config import AgentConfig
+from agent.errors import ConfigError
+from agent.events import Event
+from agent.forwarder import Forwarder, Signer
+from agent.outbox import Outbox
+from agent.pipeline import Pipeline
+from agent.sdnotify import Notifier, watchdog_interval
+from agent.uplink.base import Uplink
+from drivers import synthetic
+from drivers.base import Backoff, Reading, Source, SourceContext, SourceState
+
+__all__ = ["PipelineSink", "Runtime", "build_sources", "build_uplinks"]
+
+log = structlog.get_logger(__name__)
+
+
+class PipelineSink:
+    """The Sink drivers see: readings through the pipeline into the outbox. `submit` returns
+    after the commit, so a driver that acknowledges its device afterwards never acknowledges an
+    unsaved reading."""
+
+    def __init__(self, pipeline: Pipeline, outbox: Outbox, monotonic: Callable[[], float]) -> None:
+        self.pipeline = pipeline
+        self.outbox = outbox
+        self._mono = monotonic
+        self.accepted = 0
+
+    async def submit(self, reading: Reading) -> None:
+        events = self.pipeline.process(reading, self._mono())
+        if events:
+            await self.outbox.append_many(events)
+            self.accepted += len(events)
+
+    async def submit_many(self, readings: Sequence[Reading]) -> None:
+        now = self._mono()
+        events: list[Event] = []
+        for r in readings:
+            events.extend(self.pipeline.process(r, now))
+        if events:
+            await self.outbox.append_many(events)
+            self.accepted += len(events)
+
+    async def flush_due(self) -> None:
+        events = self.pipeline.due(self._mono())
+        if events:
+            await self.outbox.append_many(events)
+            self.accepted += len(events)
+
+
+def build_sources(cfg: AgentConfig, ctx: SourceContext) -> list[Source]:
+    """Every configured source, each from its own driver's factory."""
+    sources: list[Source] = []
+    sources.extend(synthetic.build_sources(cfg.sources.synthetic, ctx))
+    return sources
+
+
+def build_uplinks(cfg: AgentConfig) -> list[Uplink]:
+    """The uplinks in preference order."""
+    uplinks: list[Uplink] = []
+    for name in cfg.uplink.order:
+        if name == "mqtt":
+            from agent.uplink.mqtt import MqttUplink, MqttUplinkConfig
+
+            if cfg.uplink.mqtt is None:
+                raise ConfigError("uplink.order names mqtt", ["uplink.mqtt: missing, expected a "
+                                  "table (uplink.order lists mqtt)"])
+            uplinks.append(MqttUplink(MqttUplinkConfig.model_validate(cfg.uplink.mqtt),
+                                      cfg.gateway.id))
+        elif name == "coap":
+            from agent.uplink.coap import CoapUplink, CoapUplinkConfig
+
+            if cfg.uplink.coap is None:
+                raise ConfigError("uplink.order names coap", ["uplink.coap: missing, expected a "
+                                  "table (uplink.order lists coap)"])
+            uplinks.append(CoapUplink(CoapUplinkConfig.model_validate(cfg.uplink.coap),
+                                      cfg.gateway.id))
+    return uplinks
+
+
+def _pseudonym_key(state_dir: Path) -> bytes:
+    """A random per-gateway key for pseudonymising identifiers; never leaves the gateway."""
+    path = state_dir / "pseudonym.key"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        key = secrets.token_bytes(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, key)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return key
+
+
+def _write_json_atomic(path: Path, doc: Mapping[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, default=str, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class Runtime:
+    """`await Runtime(cfg).run(stop)`; `stop` is an asyncio.Event set by a signal handler."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        *,
+        ctx_extra: Mapping[str, Any] | None = None,
+        pin_factory: Any = None,
+        notifier: Notifier | None = None,
+        uplinks: Sequence[Uplink] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.clock = make_clock(cfg.gateway.time_sync)
+        self.ctx = SourceContext(clock=self.clock, pin_factory=pin_factory,
+                                 extra=dict(ctx_extra or {}))
+        self.notifier = notifier or Notifier()
+        self._uplinks_override = uplinks
+        self.outbox: Outbox | None = None
+        self.forwarder: Forwarder | None = None
+        self.sink: PipelineSink | None = None
+        self.sources: list[Source] = []
+        self.uplinks: list[Uplink] = []
+        self.started = time.time()
+        self.ready = asyncio.Event()
+
+    # ----------------------------------------------------------------- assembly
+
+    async def _assemble(self) -> None:
+        from agent.keys import load_private_key
+
+        cfg = self.cfg
+        cfg.gateway.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = load_private_key(cfg.gateway.key_file)
+        ob = cfg.outbox
+        self.outbox = await Outbox.open(
+            cfg.outbox_path,
+            quota_bytes=ob.quota_bytes,
+            commit_interval=ob.commit_interval_ms / 1000.0,
+            commit_max=ob.commit_max_events,
+            low_watermark=ob.low_watermark,
+            clock_time=self.clock.time,
+        )
+        pkey = _pseudonym_key(cfg.gateway.state_dir) if cfg.privacy.pseudonymise_attrs else None
+        pipeline = Pipeline(
+            [r.to_rule() for r in cfg.rules],
+            wall=self.clock.time,
+            synchronized=self.clock.synchronized,
+            pseudonym_key=pkey,
+            pseudonymise_attrs=cfg.privacy.pseudonymise_attrs,
+            strip_attrs=cfg.privacy.strip_attrs,
+        )
+        self.sink = PipelineSink(pipeline, self.outbox, self.clock.monotonic)
+        self.sources = build_sources(cfg, self.ctx)
+        self.uplinks = (
+            list(self._uplinks_override)
+            if self._uplinks_override is not None
+            else build_uplinks(cfg)
+        )
+        fw = cfg.forwarder
+        self.forwarder = Forwarder(
+            self.outbox,
+            self.uplinks,
+            Signer(key, cfg.gateway.id, self.clock.time),
+            batch_max_events=fw.batch_max_events,
+            batch_max_bytes=fw.batch_max_bytes,
+            ack_mode=fw.ack_mode,
+            ack_timeout_s=fw.ack_timeout_s,
+            window=fw.window,
+            drain_rate_bytes_per_s=fw.drain_rate_bytes_per_s,
+            failover_after_s=cfg.uplink.failover_after_s,
+            status_interval_s=fw.status_interval_s,
+            status_doc=self.status_doc_sync,
+        )
+
+    # ----------------------------------------------------------------- running
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self._assemble()
+        assert self.outbox is not None and self.forwarder is not None and self.sink is not None
+        log.info(
+            "agent.started",
+            gateway=self.cfg.gateway.id,
+            version=__version__,
+            sources=[s.name for s in self.sources],
+            uplinks=[u.name for u in self.uplinks],
+            kid=self.forwarder.signer.kid.hex(),
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self._supervise(src), name=f"source-{src.name}")
+                    for src in self.sources
+                ]
+                tasks.append(tg.create_task(self.forwarder.run(), name="forwarder"))
+                tasks.append(tg.create_task(self._debounce_loop(), name="pipeline-due"))
+                tasks.append(tg.create_task(self._status_loop(), name="status"))
+                tasks.append(tg.create_task(self._watchdog_loop(), name="watchdog"))
+                self.notifier.ready(self.summary())
+                self.ready.set()
+                await stop.wait()
+                log.info("agent.stopping")
+                self.notifier.stopping()
+                for t in tasks:
+                    t.cancel()
+        finally:
+            await self.outbox.close()
+            with contextlib.suppress(OSError):
+                self._write_status()
+            log.info("agent.stopped", accepted=self.sink.accepted)
+
+    async def _supervise(self, src: Source) -> None:
+        """A driver bug must not stop the agent: log it, count it, restart with backoff."""
+        assert self.sink is not None
+        backoff = Backoff(base=1.0, cap=60.0)
+        while True:
+            started = time.monotonic()
+            try:
+                await src.run(self.sink)
+                return  # a finite source (e.g. synthetic with a count) ended on its own
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                src.health.state = SourceState.OFFLINE
+                src.health.count("crashed")
+                log.exception("source.crashed", source=src.name, error=str(exc))
+            if time.monotonic() - started > 60:
+                backoff.reset()
+            await backoff.wait()
+
+    async def _debounce_loop(self) -> None:
+        assert self.sink is not None
+        while True:
+            deadline = self.sink.pipeline.next_deadline()
+            delay = 0.05 if deadline is None else max(0.0, deadline - self.clock.monotonic())
+            await asyncio.sleep(min(delay, 0.05))
+            await self.sink.flush_due()
+
+    async def _watchdog_loop(self) -> None:
+        """WATCHDOG=1 from the event loop itself: a blocked loop stops the pings and systemd
+        restarts the service."""
+        interval = watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            self._stats_cache = await self.outbox.stats() if self.outbox else None
+            self._write_status()
+            self.notifier.status(self.summary())
+
+    # ----------------------------------------------------------------- status
+
+    _stats_cache: Any = None
+
+    def summary(self) -> str:
+        st = self._stats_cache
+        fw = self.forwarder.stats if self.forwarder else None
+        depth = sum(st.depth.values()) if st else 0
+        via = fw.active_uplink if fw and fw.active_uplink else "none"
+        acked = fw.last_acked_seq if fw else 0
+        return f"outbox {depth} events; uplink {via}; last acked batch {acked}"
+
+    def status_doc_sync(self) -> dict[str, Any]:
+        st = self._stats_cache
+        now = time.time()
+        doc: dict[str, Any] = {
+            "state": "online",
+            "gateway": self.cfg.gateway.id,
+            "version": __version__,
+            "pid": os.getpid(),
+            "updated": now,
+            "started": self.started,
+            "clock_synchronized": self.clock.synchronized(),
+            "sources": [s.health.as_dict() for s in self.sources],
+            "uplinks": [{"name": u.name, "connected": u.connected} for u in self.uplinks],
+        }
+        if st is not None:
+            doc["outbox"] = st.as_dict()
+            doc["oldest_unsent_age_s"] = (now - st.oldest_unsent) if st.oldest_unsent else None
+        if self.forwarder is not None:
+            doc["forwarder"] = self.forwarder.stats.as_dict()
+        if self.sink is not None:
+            doc["pipeline"] = dict(self.sink.pipeline.counters)
+            doc["accepted"] = self.sink.accepted
+        return doc
+
+    def _write_status(self) -> None:
+        _write_json_atomic(self.cfg.gateway.state_dir / "status.json", self.status_doc_sync())
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)

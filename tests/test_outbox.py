@@ -1,0 +1,327 @@
+"""The outbox keeps its promise: accepted means committed, ids never reused, nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import select
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import protocol
+from agent.events import Event
+from agent.outbox import Outbox, id_ranges
+from drivers.base import RefusedError
+
+WORKER = Path(__file__).parent / "support" / "outbox_worker.py"
+sys.path.insert(0, str(WORKER.parent))
+from outbox_worker import build  # noqa: E402 - the worker is a script, imported for its signer
+
+
+def ev(v: object = 1.0, prio: int = 2, src: str = "s") -> Event:
+    return Event(src=src, type="t", v=v, t=time.time(), prio=prio)  # type: ignore[arg-type]
+
+
+def rows(db: Path) -> list[tuple[int, int, int | None]]:
+    with sqlite3.connect(db) as c:
+        return [(int(a), int(b), c_) for a, b, c_ in
+                c.execute("SELECT id, prio, batch FROM events ORDER BY id")]
+
+
+async def test_ids_increase_and_survive_reopen_and_deletes(tmp_path: Path) -> None:
+    """Ids are strictly increasing and never reused, across deletes (acks) and restarts."""
+    db = tmp_path / "outbox.db"
+    ob = await Outbox.open(db)
+    first = await ob.append_many([ev() for _ in range(10)])
+    assert first == list(range(1, 11))
+    b = await ob.claim_batch(100, 1 << 20, build)
+    assert b is not None and b.count == 10
+    assert await ob.ack_batch(b.seq, b.hash)
+    await ob.close()
+    ob = await Outbox.open(db)
+    again = await ob.append_many([ev() for _ in range(3)])
+    assert again == [11, 12, 13]
+    b2 = await ob.claim_batch(100, 1 << 20, build)
+    assert b2 is not None and b2.seq == 2
+    assert protocol.decode_batch(b2.data)[0].prev == b.hash  # the chain continues
+    await ob.close()
+
+
+async def test_claim_orders_alarms_first_and_ack_needs_matching_hash(tmp_path: Path) -> None:
+    """A batch takes alarms first; an ack with the wrong hash deletes nothing."""
+    ob = await Outbox.open(tmp_path / "o.db")
+    await ob.append_many([ev(prio=3), ev(prio=2), ev(prio=0), ev(prio=1)])
+    b = await ob.claim_batch(2, 1 << 20, build)
+    assert b is not None
+    events = protocol.decode_batch(b.data)[0].events
+    assert [(e["id"], e["prio"]) for e in events] == [(3, 0), (4, 1)]
+    assert not await ob.ack_batch(b.seq, bytes(32))
+    assert len(rows(tmp_path / "o.db")) == 4
+    assert await ob.ack_batch(b.seq, b.hash)
+    assert [r[0] for r in rows(tmp_path / "o.db")] == [1, 2]
+    await ob.close()
+
+
+async def test_batch_respects_byte_limit(tmp_path: Path) -> None:
+    """A batch stays within max_bytes, but always carries at least one event."""
+    ob = await Outbox.open(tmp_path / "o.db")
+    await ob.append_many([ev(v="x" * 300) for _ in range(10)])
+    b = await ob.claim_batch(100, 1300, build)
+    assert b is not None and b.count == 3 and len(b.data) <= 1300
+    b = await ob.claim_batch(100, 10, build)
+    assert b is not None and b.count == 1
+    await ob.close()
+
+
+async def test_group_commit_shares_transactions(tmp_path: Path) -> None:
+    """Concurrent producers are committed together: far fewer transactions than appends."""
+    ob = await Outbox.open(tmp_path / "o.db", commit_interval=0.01)
+    commits = 0
+
+    def count() -> None:
+        nonlocal commits
+        commits += 1
+
+    ob.on_commit(count)
+    ids = await asyncio.gather(*(ob.append(ev()) for _ in range(200)))
+    assert sorted(ids) == list(range(1, 201))
+    assert commits < 20
+    await ob.close()
+
+
+async def test_alarm_commits_without_waiting_for_the_window(tmp_path: Path) -> None:
+    """An alarm is committed at once even with a long group-commit window."""
+    ob = await Outbox.open(tmp_path / "o.db", commit_interval=30.0)
+    slow = asyncio.ensure_future(ob.append(ev(prio=2)))
+    await asyncio.wait_for(ob.append(ev(prio=0)), timeout=5)  # would take 30 s if it waited
+    assert slow.done()  # it rode along in the alarm's transaction
+    await ob.close()
+
+
+async def test_close_commits_what_is_queued(tmp_path: Path) -> None:
+    """Closing (SIGTERM) commits the queued appends before the file is closed."""
+    db = tmp_path / "o.db"
+    ob = await Outbox.open(db, commit_interval=30.0)
+    pending = [asyncio.ensure_future(ob.append(ev())) for _ in range(5)]
+    await asyncio.sleep(0)
+    await ob.close()
+    assert sorted([await p for p in pending]) == [1, 2, 3, 4, 5]
+    assert len(rows(db)) == 5
+
+
+async def test_quota_evicts_low_priority_oldest_first_and_records_every_id(
+    tmp_path: Path,
+) -> None:
+    """Past the quota, priority 3 then 2 go oldest first; alarms stay; drop records name all."""
+    db = tmp_path / "o.db"
+    ob = await Outbox.open(db, quota_bytes=64 * 1024, commit_interval=0)
+    accepted: dict[int, int] = {}
+    for i in range(1200):
+        prio = (3, 2, 0)[i % 3]
+        [eid] = await ob.append_many([ev(v=f"{i:040d}", prio=prio)])
+        accepted[eid] = prio
+    st = await ob.stats()
+    assert st.bytes <= 64 * 1024
+    stored = {r[0]: r[1] for r in rows(db)}
+    evicted = set(accepted) - set(stored)
+    assert evicted, "the quota was passed, so something must have been evicted"
+    # every alarm kept
+    assert all(stored.get(i) == 0 for i, p in accepted.items() if p == 0)
+    # priority 3 goes before 2: a priority-2 event is evicted only when no older... no p3 is left
+    ev3 = sorted(i for i in evicted if accepted[i] == 3)
+    ev2 = sorted(i for i in evicted if accepted[i] == 2)
+    kept3 = sorted(i for i in stored if accepted.get(i) == 3)
+    assert ev3, "priority 3 is evicted first"
+    if ev2:
+        assert not kept3 or min(kept3) > max(ev3)
+    # oldest first within a priority
+    assert all(k > max(ev3) for k in kept3)
+    kept2 = sorted(i for i in stored if accepted.get(i) == 2)
+    if ev2:
+        assert all(k > max(ev2) for k in kept2)
+    # the drop records account for every evicted id, exactly once
+    with sqlite3.connect(db) as c:
+        bodies = [bytes(b) for (b,) in c.execute("SELECT body FROM events")]
+    import cbor2
+
+    named: list[int] = []
+    for body in bodies:
+        e = cbor2.loads(body)
+        if e["type"] == "gateway.dropped":
+            assert e["prio"] == 1 and e["v"]["reason"] == "quota"
+            for a, b in e["v"]["ids"]:
+                named.extend(range(a, b + 1))
+            assert e["v"]["count"] == sum(b - a + 1 for a, b in e["v"]["ids"])
+    assert sorted(named) == sorted(evicted)
+    assert st.dropped["quota"] == len(evicted)
+    await ob.close()
+
+
+async def test_quota_refuses_lower_priority_rather_than_evict_more_urgent(
+    tmp_path: Path,
+) -> None:
+    """When only alarms fill the quota, telemetry is refused (RefusedError); alarms and alerts
+    are still accepted."""
+    ob = await Outbox.open(tmp_path / "o.db", quota_bytes=64 * 1024, commit_interval=0)
+    for i in range(800):
+        await ob.append(ev(v=f"{i:060d}", prio=0))
+    with pytest.raises(RefusedError) as info:
+        await ob.append(ev(prio=3))
+    assert info.value.priority == 3
+    assert await ob.append(ev(prio=0)) > 800
+    assert await ob.append(ev(prio=1)) > 801
+    assert (await ob.stats()).refused == 1
+    await ob.close()
+
+
+async def test_corrupt_store_is_quarantined_and_reset_recorded(tmp_path: Path) -> None:
+    """Garbage in the pages: the file is renamed aside, a fresh store starts, ids continue
+    above anything used before, and a gateway.store_reset alert is recorded."""
+    db = tmp_path / "outbox.db"
+    ob = await Outbox.open(db)
+    await ob.append_many([ev(v="y" * 200) for _ in range(500)])
+    await ob.close()
+    size = db.stat().st_size
+    with db.open("r+b") as f:  # garbage over the b-tree pages, past the header page
+        rng = random.Random(7)
+        for off in range(4096, size, 4096):
+            f.seek(off)
+            f.write(rng.randbytes(512))
+    ob = await Outbox.open(db)
+    assert ob.reset_info is not None
+    quarantined = Path(ob.reset_info["quarantined"])
+    assert quarantined.exists() and quarantined.name.startswith("outbox.db.corrupt-")
+    b = await ob.claim_batch(10, 1 << 20, build)
+    assert b is not None
+    [reset] = protocol.decode_batch(b.data)[0].events
+    assert reset["type"] == "gateway.store_reset" and reset["prio"] == 1
+    assert reset["id"] > 500  # never reuses an id the platform may already hold
+    await ob.close()
+    with sqlite3.connect(db) as c:
+        assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_id_ranges() -> None:
+    """Drop records name ids compactly as inclusive ranges."""
+    assert id_ranges([9, 1, 2, 3, 7, 10]) == [[1, 3], [7, 7], [9, 10]]
+    assert id_ranges([]) == []
+
+
+def _read_lines(p: subprocess.Popen[bytes], buf: bytearray, until: float) -> list[str]:
+    """Complete lines available on p.stdout before `until` (monotonic)."""
+    assert p.stdout is not None
+    fd = p.stdout.fileno()
+    lines: list[str] = []
+    while time.monotonic() < until:
+        r, _, _ = select.select([fd], [], [], max(0.0, until - time.monotonic()))
+        if not r:
+            break
+        chunk = __import__("os").read(fd, 65536)
+        if not chunk:
+            break
+        buf.extend(chunk)
+        while b"\n" in buf:
+            line, _, rest = bytes(buf).partition(b"\n")
+            buf[:] = rest
+            lines.append(line.decode())
+        if lines:
+            return lines
+    return lines
+
+
+def test_sigkill_never_loses_an_accepted_event(tmp_path: Path, procs: list) -> None:  # type: ignore[type-arg]
+    """A writer appending as fast as it can is SIGKILLed at 20 random moments; every id it was
+    told was accepted is in the store, ids are unique and increasing, integrity holds."""
+    db = tmp_path / "outbox.db"
+    rng = random.Random(2026)
+    all_reported: set[int] = set()
+    previous_max = 0
+    for round_ in range(20):
+        p = subprocess.Popen(
+            [sys.executable, str(WORKER), "append", str(db), str(round_)],
+            stdout=subprocess.PIPE,
+        )
+        procs.append(p)
+        target = rng.randint(1, 400)  # appends to see before the kill: a different moment each
+        buf = bytearray()
+        reported: list[int] = []
+        seen = 0
+        deadline = time.monotonic() + 60
+        while seen < target and time.monotonic() < deadline:
+            for line in _read_lines(p, buf, deadline):
+                seen += 1
+                reported.extend(int(x) for x in line.split()[1:])
+        assert seen >= target, "the writer stopped reporting"
+        p.kill()
+        p.wait(timeout=10)
+        # lines flushed before the kill are promises too
+        assert p.stdout is not None
+        rest = p.stdout.read()
+        buf.extend(rest)
+        for line in bytes(buf).split(b"\n")[:-1]:
+            reported.extend(int(x) for x in line.decode().split()[1:])
+        with sqlite3.connect(db) as c:
+            assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            stored = {int(i) for (i,) in c.execute("SELECT id FROM events")}
+            next_id = int(c.execute("SELECT value FROM meta WHERE key='next_id'").fetchone()[0])
+        missing = set(reported) - stored
+        assert not missing, f"round {round_}: accepted ids lost: {sorted(missing)[:10]}"
+        assert len(reported) == len(set(reported)), "an id was handed out twice"
+        assert not (set(reported) & all_reported), "an id was reused across restarts"
+        assert min(reported) > previous_max, "ids must increase across restarts"
+        assert next_id > max(stored)
+        all_reported |= set(reported)
+        previous_max = max(stored)
+    assert all_reported <= stored_ids(db)
+
+
+def stored_ids(db: Path) -> set[int]:
+    with sqlite3.connect(db) as c:
+        return {int(i) for (i,) in c.execute("SELECT id FROM events")}
+
+
+def test_kill_between_claim_and_ack_reoffers_exactly_the_unacked(
+    tmp_path: Path, procs: list  # type: ignore[type-arg]
+) -> None:
+    """Killed after three claims and one ack: the two unacked batches come back byte for byte,
+    holding exactly their events; the acked batch's events are gone; the rest stays unclaimed."""
+    db = tmp_path / "outbox.db"
+    p = subprocess.Popen([sys.executable, str(WORKER), "claim", str(db), "500"],
+                         stdout=subprocess.PIPE)
+    procs.append(p)
+    buf = bytearray()
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    while not any(line.startswith("K ") for line in lines) and time.monotonic() < deadline:
+        lines += _read_lines(p, buf, deadline)
+    p.kill()
+    p.wait(timeout=10)
+    claims = [line.split() for line in lines if line.startswith("C ")]
+    assert len(claims) == 3
+    batch_ids = {int(c[1]): [int(x) for x in c[3:]] for c in claims}
+    hashes = {int(c[1]): bytes.fromhex(c[2]) for c in claims}
+
+    async def check() -> None:
+        ob = await Outbox.open(db)
+        pending = await ob.pending_batches()
+        assert [b.seq for b in pending] == [2, 3]
+        for b in pending:
+            assert b.hash == hashes[b.seq] == protocol.batch_hash(b.data)
+            got = [e["id"] for e in protocol.decode_batch(b.data)[0].events]
+            assert got == batch_ids[b.seq]
+        held = {r[0]: r[2] for r in rows(db)}
+        assert not set(batch_ids[1]) & set(held), "acked events must be gone"
+        for seq in (2, 3):
+            assert all(held[i] == seq for i in batch_ids[seq])
+        unclaimed = [i for i, b in held.items() if b is None]
+        assert len(unclaimed) == 200
+        nxt = await ob.claim_batch(1000, 1 << 22, build)
+        assert nxt is not None and nxt.seq == 4 and nxt.count == 200
+        await ob.close()
+
+    asyncio.run(check())
