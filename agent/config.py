@@ -16,7 +16,11 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from agent.errors import ConfigError
 from agent.pipeline import Rule, Threshold
+from agent.uplink.coap import CoapUplinkConfig
+from agent.uplink.mqtt import MqttUplinkConfig
+from drivers.coap import CoapIngestConfig
 from drivers.configbase import StrictModel
+from drivers.serial import SerialConfig
 from drivers.synthetic import SyntheticConfig
 
 __all__ = ["DEFAULT_CONFIG_PATH", "AgentConfig", "format_errors", "load_config", "parse_config"]
@@ -68,8 +72,16 @@ class ForwarderConfig(StrictModel):
 class UplinkConfig(StrictModel):
     order: list[Literal["mqtt", "coap"]] = Field(default=["mqtt"], min_length=1)
     failover_after_s: float = Field(default=30.0, ge=0)
-    mqtt: dict[str, Any] | None = None
-    coap: dict[str, Any] | None = None
+    mqtt: MqttUplinkConfig | None = None
+    coap: CoapUplinkConfig | None = None
+
+    @model_validator(mode="after")
+    def _listed_have_tables(self) -> UplinkConfig:
+        for name in self.order:
+            if getattr(self, name) is None:
+                raise ValueError(f"expected an [uplink.{name}] table, since uplink.order lists "
+                                 f"{name!r}")
+        return self
 
 
 class ThresholdConfig(StrictModel):
@@ -123,6 +135,10 @@ class PrivacyConfig(StrictModel):
 
 class SourcesConfig(StrictModel):
     synthetic: list[SyntheticConfig] = Field(default_factory=list)
+    serial: SerialConfig = SerialConfig()
+    coap: CoapIngestConfig | None = Field(
+        default=None, description="CoAP ingest for IP sensors; off unless this table is present"
+    )
 
 
 class AgentConfig(StrictModel):
@@ -130,7 +146,7 @@ class AgentConfig(StrictModel):
     log: LogConfig = LogConfig()
     outbox: OutboxConfig = OutboxConfig()
     forwarder: ForwarderConfig = ForwarderConfig()
-    uplink: UplinkConfig = UplinkConfig()
+    uplink: UplinkConfig
     sources: SourcesConfig = SourcesConfig()
     rules: list[RuleConfig] = Field(default_factory=list)
     privacy: PrivacyConfig = PrivacyConfig()

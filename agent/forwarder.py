@@ -253,7 +253,8 @@ class Forwarder:
 
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+            async with asyncio.timeout(seconds):  # not wait_for: 3.11 can lose a cancel there
+                await self._wake.wait()
         self._wake.clear()
 
     def _next_timeout(self) -> float:

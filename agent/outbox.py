@@ -423,8 +423,10 @@ class Outbox:
                 if remaining <= 0:
                     break
                 self._wake.clear()
+                # asyncio.timeout, not wait_for: on 3.11 a cancel racing wait_for can be lost.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await self._wake.wait()
             self._wake.clear()
             taken, self._queue = self._queue, []
             if not taken:

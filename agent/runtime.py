@@ -19,14 +19,13 @@ import structlog
 from agent import __version__
 from agent.clock import make_clock
 from agent.config import AgentConfig
-from agent.errors import ConfigError
 from agent.events import Event
 from agent.forwarder import Forwarder, Signer
 from agent.outbox import Outbox
 from agent.pipeline import Pipeline
 from agent.sdnotify import Notifier, watchdog_interval
 from agent.uplink.base import Uplink
-from drivers import synthetic
+from drivers import coap, serial, synthetic
 from drivers.base import Backoff, Reading, Source, SourceContext, SourceState
 
 __all__ = ["PipelineSink", "Runtime", "build_sources", "build_uplinks"]
@@ -71,6 +70,9 @@ def build_sources(cfg: AgentConfig, ctx: SourceContext) -> list[Source]:
     """Every configured source, each from its own driver's factory."""
     sources: list[Source] = []
     sources.extend(synthetic.build_sources(cfg.sources.synthetic, ctx))
+    sources.extend(serial.build_sources(cfg.sources.serial, ctx))
+    if cfg.sources.coap is not None:
+        sources.extend(coap.build_sources(cfg.sources.coap, ctx))
     return sources
 
 
@@ -79,21 +81,15 @@ def build_uplinks(cfg: AgentConfig) -> list[Uplink]:
     uplinks: list[Uplink] = []
     for name in cfg.uplink.order:
         if name == "mqtt":
-            from agent.uplink.mqtt import MqttUplink, MqttUplinkConfig
+            from agent.uplink.mqtt import MqttUplink
 
-            if cfg.uplink.mqtt is None:
-                raise ConfigError("uplink.order names mqtt", ["uplink.mqtt: missing, expected a "
-                                  "table (uplink.order lists mqtt)"])
-            uplinks.append(MqttUplink(MqttUplinkConfig.model_validate(cfg.uplink.mqtt),
-                                      cfg.gateway.id))
+            assert cfg.uplink.mqtt is not None  # the config's validator guarantees it
+            uplinks.append(MqttUplink(cfg.uplink.mqtt, cfg.gateway.id))
         elif name == "coap":
-            from agent.uplink.coap import CoapUplink, CoapUplinkConfig
+            from agent.uplink.coap import CoapUplink
 
-            if cfg.uplink.coap is None:
-                raise ConfigError("uplink.order names coap", ["uplink.coap: missing, expected a "
-                                  "table (uplink.order lists coap)"])
-            uplinks.append(CoapUplink(CoapUplinkConfig.model_validate(cfg.uplink.coap),
-                                      cfg.gateway.id))
+            assert cfg.uplink.coap is not None  # the config's validator guarantees it
+            uplinks.append(CoapUplink(cfg.uplink.coap, cfg.gateway.id))
     return uplinks
 
 

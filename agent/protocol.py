@@ -1,0 +1,346 @@
+"""Wire protocol v1: signed batches (COSE_Sign1, Ed25519) and acks. Pure: bytes in, bytes out.
+
+docs/PROTOCOL.md is the specification; this module is its reference implementation. It imports
+no transport. cbor2 + cryptography are used directly (the hot path needs only the
+Sig_structure); the test suite cross-verifies our batches with cwt, an independent COSE library.
+
+Events are encoded once, when the outbox commits them (`encode_event`), and a batch is built by
+concatenating those bytes (`build_batch`), so a retry or a rebuild yields identical bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import cbor2
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+__all__ = [
+    "ALG_EDDSA",
+    "COSE_SIGN1_TAG",
+    "FORMAT_VERSION",
+    "REASONS",
+    "ZERO_HASH",
+    "Ack",
+    "Batch",
+    "ProtocolError",
+    "batch_hash",
+    "build_batch",
+    "decode_ack",
+    "decode_batch",
+    "encode_ack",
+    "encode_event",
+    "kid_for",
+    "verify_batch",
+]
+
+FORMAT_VERSION = 1
+ZERO_HASH = bytes(32)
+COSE_SIGN1_TAG = 18
+ALG_EDDSA = -8
+KID_LEN = 16
+SIG_LEN = 64
+MAX_INT = 2**63 - 1  # ids and seqs are stored as SQLite INTEGER on both sides
+
+# The reasons a platform puts in a negative ack's "err" (docs/PROTOCOL.md, "Acks").
+REASONS = frozenset(
+    {"malformed", "unknown-key", "bad-signature", "wrong-gateway", "gap", "fork", "replay",
+     "version"}
+)
+
+_T = TypeVar("_T")
+_EVENT_REQUIRED = frozenset({"id", "t", "tq", "src", "type", "v", "prio"})
+_EVENT_KEYS = _EVENT_REQUIRED | {"u", "attrs"}
+_PAYLOAD_KEYS = frozenset({"v", "gw", "seq", "prev", "created", "events"})
+_ACK_REQUIRED = frozenset({"seq", "h", "ok"})
+
+
+class ProtocolError(ValueError):
+    """Bytes that are not a valid v1 message. `reason` is one of `REASONS`."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def kid_for(public_key: Ed25519PublicKey) -> bytes:
+    """Key id: the first 16 bytes of SHA-256 of the raw 32-byte public key."""
+    raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return hashlib.sha256(raw).digest()[:KID_LEN]
+
+
+def batch_hash(cose: bytes) -> bytes:
+    """SHA-256 of a batch's complete COSE bytes: the chain link (`prev`) and the ack's `h`."""
+    return hashlib.sha256(cose).digest()
+
+
+def encode_event(
+    *,
+    id: int,
+    t: float,
+    tq: int,
+    src: str,
+    type: str,
+    v: object,
+    prio: int,
+    u: str | None = None,
+    attrs: Mapping[str, object] | None = None,
+) -> bytes:
+    """Canonical CBOR (RFC 7049 §3.9: keys sorted length-first) of one event map."""
+    event: dict[str, object] = {"id": id, "t": float(t), "tq": tq, "src": src, "type": type,
+                                "v": v, "prio": prio}
+    if u is not None:
+        event["u"] = u
+    if attrs is not None:
+        event["attrs"] = dict(attrs)
+    return cbor2.dumps(event, canonical=True)
+
+
+def _head(major: int, length: int) -> bytes:
+    buf = io.BytesIO()
+    cbor2.CBOREncoder(buf).encode_length(major, length)
+    return buf.getvalue()
+
+
+# The payload map's keys in canonical order (length-first): v, gw, seq, prev, events, created.
+_K_V, _K_GW, _K_SEQ, _K_PREV, _K_EVENTS, _K_CREATED = (
+    cbor2.dumps(k) for k in ("v", "gw", "seq", "prev", "events", "created")
+)
+_MAP6 = _head(5, 6)
+
+
+def _protected(kid: bytes) -> bytes:
+    return cbor2.dumps({1: ALG_EDDSA, 4: kid}, canonical=True)
+
+
+def _sig_structure(protected: bytes, payload: bytes) -> bytes:
+    return cbor2.dumps(["Signature1", protected, b"", payload])
+
+
+def build_batch(
+    *,
+    key: Ed25519PrivateKey,
+    kid: bytes,
+    gw: str,
+    seq: int,
+    prev: bytes,
+    created: float,
+    encoded_events: Sequence[bytes],
+) -> bytes:
+    """Sign one batch. The payload is assembled from the pre-encoded events (no re-encoding)."""
+    if len(prev) != 32:
+        raise ValueError("prev must be 32 bytes")
+    if len(kid) != KID_LEN:
+        raise ValueError("kid must be 16 bytes")
+    payload = b"".join(
+        (
+            _MAP6,
+            _K_V, cbor2.dumps(FORMAT_VERSION),
+            _K_GW, cbor2.dumps(gw),
+            _K_SEQ, cbor2.dumps(seq),
+            _K_PREV, cbor2.dumps(prev),
+            _K_EVENTS, _head(4, len(encoded_events)), *encoded_events,
+            _K_CREATED, cbor2.dumps(float(created), canonical=True),
+        )
+    )
+    protected = _protected(kid)
+    signature = key.sign(_sig_structure(protected, payload))
+    return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A decoded batch. `hash` is `batch_hash` of the bytes it came from."""
+
+    kid: bytes
+    gw: str
+    seq: int
+    prev: bytes
+    created: float
+    events: list[dict[str, Any]]
+    hash: bytes
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The platform's answer to one batch. `h` names the exact bytes it verified."""
+
+    seq: int
+    h: bytes
+    ok: bool
+    err: str | None = None
+
+
+# --- decoding untrusted bytes: everything below raises ProtocolError and nothing else ---------
+
+
+def _loads_exact(data: bytes, what: str) -> Any:
+    """Decode one CBOR item that must span all of `data` (trailing bytes are malformed)."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ProtocolError("malformed", f"{what}: not bytes")
+    fp = io.BytesIO(data)
+    try:
+        value = cbor2.CBORDecoder(fp).decode()
+    except Exception as exc:  # cbor2 raises many types (and RecursionError) on hostile input
+        raise ProtocolError("malformed", f"{what}: {type(exc).__name__}") from None
+    if fp.tell() != len(data):
+        raise ProtocolError("malformed", f"{what}: trailing bytes")
+    return value
+
+
+def _is_uint(x: object, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and low <= x <= MAX_INT
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_value(x: object, depth: int = 0) -> bool:
+    """JSON-compatible: null, bool, number, text, and (nested) maps with text keys and arrays."""
+    if depth > 16:
+        return False
+    if x is None or isinstance(x, bool | str):
+        return True
+    if isinstance(x, int):
+        return -(2**63) <= x <= MAX_INT
+    if isinstance(x, float):
+        return True
+    if isinstance(x, dict):
+        return all(isinstance(k, str) and _is_value(v, depth + 1) for k, v in x.items())
+    if isinstance(x, list) and depth > 0:  # arrays only inside maps (e.g. drop-record id ranges)
+        return all(_is_value(v, depth + 1) for v in x)
+    return False
+
+
+def _check_event(ev: object) -> dict[str, Any]:
+    if not isinstance(ev, dict) or not _EVENT_REQUIRED <= ev.keys() <= _EVENT_KEYS:
+        raise ProtocolError("malformed", "event keys")
+    ok = (
+        _is_uint(ev["id"], 1)
+        and _is_number(ev["t"])
+        and ev["tq"] in (0, 1) and not isinstance(ev["tq"], bool)
+        and isinstance(ev["src"], str)
+        and isinstance(ev["type"], str)
+        and _is_value(ev["v"])
+        and _is_uint(ev["prio"]) and ev["prio"] <= 3
+        and isinstance(ev.get("u", ""), str)
+        and (("attrs" not in ev) or (isinstance(ev["attrs"], dict) and _is_value(ev["attrs"])))
+    )
+    if not ok:
+        raise ProtocolError("malformed", f"event fields (id={ev.get('id')!r})")
+    return ev
+
+
+def _decode_envelope(data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """COSE_Sign1 structure -> (protected, kid, payload, signature)."""
+    msg = _loads_exact(data, "cose")
+    if not isinstance(msg, cbor2.CBORTag) or msg.tag != COSE_SIGN1_TAG:
+        raise ProtocolError("malformed", "not a tagged COSE_Sign1")
+    parts = msg.value
+    if not isinstance(parts, list) or len(parts) != 4:
+        raise ProtocolError("malformed", "COSE_Sign1 is not a 4-element array")
+    protected, unprotected, payload, signature = parts
+    if not (
+        isinstance(protected, bytes) and isinstance(unprotected, dict) and not unprotected
+        and isinstance(payload, bytes) and isinstance(signature, bytes)
+        and len(signature) == SIG_LEN
+    ):
+        raise ProtocolError("malformed", "COSE_Sign1 field types")
+    header = _loads_exact(protected, "protected header")
+    if not isinstance(header, dict) or set(header) != {1, 4}:
+        raise ProtocolError("malformed", "protected header keys")
+    kid = header[4]
+    if header[1] != ALG_EDDSA or not isinstance(kid, bytes) or len(kid) != KID_LEN:
+        raise ProtocolError("malformed", "protected header alg/kid")
+    return protected, kid, payload, signature
+
+
+def _decode_payload(payload: bytes, kid: bytes, digest: bytes) -> Batch:
+    body = _loads_exact(payload, "payload")
+    if not isinstance(body, dict):
+        raise ProtocolError("malformed", "payload is not a map")
+    if "v" in body and body["v"] != FORMAT_VERSION:
+        raise ProtocolError("version", f"format version {body['v']!r}")
+    if set(body) != _PAYLOAD_KEYS:
+        raise ProtocolError("malformed", "payload keys")
+    gw, seq, prev, created, events = (body[k] for k in ("gw", "seq", "prev", "created", "events"))
+    if not (
+        isinstance(gw, str) and gw and _is_uint(seq, 1)
+        and isinstance(prev, bytes) and len(prev) == 32
+        and _is_number(created) and isinstance(events, list)
+    ):
+        raise ProtocolError("malformed", "payload fields")
+    checked = [_check_event(ev) for ev in events]
+    return Batch(kid=kid, gw=gw, seq=seq, prev=prev, created=float(created), events=checked,
+                 hash=digest)
+
+
+def _guard(fn: Callable[[], _T]) -> _T:
+    try:
+        return fn()
+    except ProtocolError:
+        raise
+    except Exception as exc:  # e.g. RecursionError from a deeply nested value: still malformed
+        raise ProtocolError("malformed", type(exc).__name__) from None
+
+
+def decode_batch(data: bytes) -> tuple[Batch, bytes, bytes]:
+    """Decode without checking the signature: (batch, protected header bytes, signature)."""
+
+    def run() -> tuple[Batch, bytes, bytes]:
+        protected, kid, payload, signature = _decode_envelope(data)
+        return _decode_payload(payload, kid, batch_hash(bytes(data))), protected, signature
+
+    return _guard(run)
+
+
+def verify_batch(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | None]) -> Batch:
+    """Check structure, key and signature (in that order), then decode the payload."""
+
+    def run() -> Batch:
+        protected, kid, payload, signature = _decode_envelope(data)
+        key = key_for_kid(kid)
+        if key is None:
+            raise ProtocolError("unknown-key", kid.hex())
+        try:
+            key.verify(signature, _sig_structure(protected, payload))
+        except InvalidSignature:
+            raise ProtocolError("bad-signature", kid.hex()) from None
+        return _decode_payload(payload, kid, batch_hash(bytes(data)))
+
+    return _guard(run)
+
+
+def encode_ack(ack: Ack) -> bytes:
+    """Canonical CBOR of an ack; "err" only when ok is false."""
+    doc: dict[str, object] = {"seq": ack.seq, "h": ack.h, "ok": ack.ok}
+    if not ack.ok:
+        doc["err"] = ack.err or "malformed"
+    return cbor2.dumps(doc, canonical=True)
+
+
+def decode_ack(data: bytes) -> Ack:
+    """Decode an ack from the platform; anything unexpected is ProtocolError("malformed")."""
+    doc = _loads_exact(data, "ack")
+    if not isinstance(doc, dict):
+        raise ProtocolError("malformed", "ack is not a map")
+    ok = doc.get("ok")
+    allowed = _ACK_REQUIRED if ok is True else _ACK_REQUIRED | {"err"}
+    if not _ACK_REQUIRED <= doc.keys() <= allowed:
+        raise ProtocolError("malformed", "ack keys")
+    seq, h, err = doc["seq"], doc["h"], doc.get("err")
+    if not (
+        _is_uint(seq) and isinstance(h, bytes) and len(h) == 32 and isinstance(ok, bool)
+        and (ok or isinstance(err, str))
+    ):
+        raise ProtocolError("malformed", "ack fields")
+    return Ack(seq=seq, h=h, ok=ok, err=err)

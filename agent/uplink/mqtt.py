@@ -1,0 +1,428 @@
+"""MQTT uplink: paho-mqtt 2.x driven from the asyncio event loop, without paho's network thread.
+
+The adapter follows aiomqtt 2.x (`aiomqtt/client.py`): paho's socket callbacks register the
+socket with `loop.add_reader/add_writer`, `loop_misc` runs from a periodic task (keepalive
+pings, dead-connection detection), and each QoS 1 publish is a Future keyed by its message id,
+resolved on PUBACK, removed in `finally`, failed with `UplinkDownError` on disconnect.
+
+Only `connect()` (TCP connect + TLS handshake, both blocking in paho) runs in an executor
+thread; paho calls the socket callbacks from there, so they cross into the loop thread through
+`call_soon_threadsafe` (the one place threads are crossed in this module).
+
+The session is persistent (MQTT 5: clean_start=False + session expiry; 3.1.1: clean session
+off) under a stable client id, so acks published while the gateway was offline are delivered
+when it reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import Field, model_validator
+
+from agent.uplink.base import UplinkDownError
+from drivers.base import Backoff
+from drivers.configbase import StrictModel
+
+__all__ = ["MqttTlsConfig", "MqttUplink", "MqttUplinkConfig", "topics"]
+
+log = structlog.get_logger(__name__)
+
+
+class MqttTlsConfig(StrictModel):
+    """Mutual TLS: the bank's CA (verifies the broker), the gateway's certificate and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+class MqttUplinkConfig(StrictModel):
+    host: str
+    port: int = Field(default=8883, ge=1, le=65535)
+    client_id: str | None = None  # None -> "branch-agent-{gw}" (stable: the session is keyed by it)
+    topic_prefix: str = "bank/v1"
+    keepalive: int = Field(default=30, ge=5, le=65535)
+    inflight: int = Field(default=8, ge=1, le=65535)
+    tls: MqttTlsConfig | None = None
+    insecure: bool = False  # plain TCP; only for the simulator and tests
+    connect_timeout: float = Field(default=10.0, gt=0)
+    backoff_base: float = Field(default=0.5, gt=0)
+    backoff_max: float = Field(default=60.0, gt=0)
+    protocol: Literal["v5", "v311"] = "v5"
+    session_expiry: int = Field(default=7 * 24 * 3600, ge=0)  # MQTT 5 only; seconds
+
+    @model_validator(mode="after")
+    def _check(self) -> MqttUplinkConfig:
+        if self.tls is None and not self.insecure:
+            raise ValueError(
+                "uplink.mqtt: no [tls] section; the bank's broker requires mutual TLS. "
+                "Set tls = {ca, cert, key}, or insecure = true for a local test broker only"
+            )
+        p = self.topic_prefix
+        if not p or p.startswith("/") or p.endswith("/") or "+" in p or "#" in p:
+            raise ValueError(f"uplink.mqtt.topic_prefix {p!r}: no wildcards, no leading or "
+                             "trailing '/'")
+        return self
+
+
+def topics(prefix: str, gw: str) -> dict[str, str]:
+    """The gateway's topics (docs/PROTOCOL.md, "MQTT binding")."""
+    return {k: f"{prefix}/{gw}/{k}" for k in ("batch", "ack", "status")}
+
+
+class MqttConnectError(UplinkDownError):
+    """A connection attempt failed; `hint` says what the operator should check."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(f"{message} ({hint})" if hint else message)
+        self.hint = hint
+
+
+def _classify(exc: BaseException, cfg: MqttUplinkConfig) -> MqttConnectError:
+    """Turn a connect failure into an error with advice for the operator."""
+    where = f"{cfg.host}:{cfg.port}"
+    if isinstance(exc, MqttConnectError):
+        return exc
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        ca = cfg.tls.ca if cfg.tls else "?"
+        return MqttConnectError(
+            f"TLS: the broker's certificate at {where} failed verification: "
+            f"{exc.verify_message}",
+            f"check that tls.ca ({ca}) is the CA that issued the broker's certificate and that "
+            f"'{cfg.host}' is in its subjectAltName",
+        )
+    if isinstance(exc, ssl.SSLError):
+        return MqttConnectError(
+            f"TLS handshake with {where} failed: {exc.reason or exc}",
+            "the broker may have rejected the gateway certificate: check tls.cert/tls.key are "
+            "issued by the CA the broker trusts and not expired",
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return MqttConnectError(f"connection to {where} refused",
+                                "is the broker running and listening on that port?")
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return MqttConnectError(f"connection to {where} timed out",
+                                "check the WAN link and firewall")
+    if isinstance(exc, socket.gaierror):
+        return MqttConnectError(f"cannot resolve {cfg.host}: {exc.strerror}", "check DNS")
+    if isinstance(exc, OSError):
+        return MqttConnectError(f"connection to {where} failed: {exc.strerror or exc}", "")
+    return MqttConnectError(f"connection to {where} failed: {type(exc).__name__}: {exc}", "")
+
+
+class MqttUplink:
+    """One MQTT connection to the bank's broker (see module doc)."""
+
+    def __init__(self, cfg: MqttUplinkConfig, gw: str) -> None:
+        self.cfg = cfg
+        self.gw = gw
+        self.name = f"mqtt:{cfg.host}:{cfg.port}"
+        self.client_id = cfg.client_id or f"branch-agent-{gw}"
+        self.topics = topics(cfg.topic_prefix, gw)
+        self.last_error: str | None = None
+        self._log = log.bind(uplink=self.name, gw=gw)
+        self._client: paho.Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._connected = False
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._connack: asyncio.Future[None] | None = None
+        self._disconnected: asyncio.Future[None] | None = None
+        self._on_ack: Callable[[bytes], None] = lambda _b: None
+        self._fds: set[int] = set()
+        self._connecting = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    # --- the paho client ------------------------------------------------------------------
+
+    def _tls_context(self, tls: MqttTlsConfig) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+        return ctx
+
+    def _make_client(self) -> paho.Client:
+        v5 = self.cfg.protocol == "v5"
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            clean_session=None if v5 else False,
+        )
+        client.max_inflight_messages_set(self.cfg.inflight)
+        client.connect_timeout = self.cfg.connect_timeout
+        client.will_set(
+            self.topics["status"],
+            json.dumps({"state": "offline", "gw": self.gw, "reason": "connection-lost"}),
+            qos=1,
+            retain=True,
+        )
+        if self.cfg.tls is not None:
+            try:
+                client.tls_set_context(self._tls_context(self.cfg.tls))
+            except (OSError, ssl.SSLError) as exc:
+                raise MqttConnectError(
+                    f"cannot load the TLS files: {exc}",
+                    "check uplink.mqtt.tls ca/cert/key paths and that the agent may read them",
+                ) from None
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        return client
+
+    # --- socket callbacks: may run on the executor thread during connect() ----------------
+
+    def _in_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _on_socket_open(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        self._in_loop(self._add_reader, sock.fileno())
+
+    def _on_socket_close(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        self._in_loop(self._forget_fd, sock.fileno())
+
+    def _on_socket_register_write(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        self._in_loop(self._add_writer, sock.fileno())
+
+    def _on_socket_unregister_write(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        self._in_loop(self._remove_writer, sock.fileno())
+
+    def _add_reader(self, fd: int) -> None:
+        assert self._loop is not None
+        self._fds.add(fd)
+        self._loop.add_reader(fd, self._readable)
+
+    def _add_writer(self, fd: int) -> None:
+        assert self._loop is not None and self._client is not None
+        if fd in self._fds:  # not for a socket that closed before this call arrived
+            self._loop.add_writer(fd, self._client.loop_write)
+
+    def _remove_writer(self, fd: int) -> None:
+        assert self._loop is not None
+        if fd >= 0:
+            self._loop.remove_writer(fd)
+
+    def _forget_fd(self, fd: int) -> None:
+        assert self._loop is not None
+        self._fds.discard(fd)
+        if fd >= 0:
+            self._loop.remove_reader(fd)
+            self._loop.remove_writer(fd)
+
+    def _readable(self) -> None:
+        client = self._client
+        assert client is not None
+        rc = client.loop_read()
+        # TLS: one socket read may leave whole MQTT packets decrypted in the SSL buffer; the
+        # socket will not become readable for them, so drain them now (as paho's loop() does).
+        sock = client.socket()
+        while rc == paho.MQTT_ERR_SUCCESS and isinstance(sock, ssl.SSLSocket) and sock.pending():
+            rc = client.loop_read()
+            sock = client.socket()
+
+    async def _misc(self, client: paho.Client) -> None:
+        while True:
+            if not self._connecting:  # connect() on the executor thread owns paho's state
+                client.loop_misc()  # keepalive pings; drops a connection gone silent
+            await asyncio.sleep(1.0)
+
+    # --- protocol callbacks (on the loop thread: they come from loop_read/loop_misc) -------
+
+    def _on_connect(self, client: paho.Client, _u: Any, flags: Any, rc: ReasonCode,
+                    _p: Any) -> None:
+        fut = self._connack
+        if rc.is_failure:
+            if fut is not None and not fut.done():
+                fut.set_exception(MqttConnectError(
+                    f"broker refused the connection: {rc.getName()}",
+                    "check the gateway certificate is registered with the broker"))
+            return
+        client.subscribe(self.topics["ack"], qos=1)
+        client.publish(self.topics["status"], self._status_json({"state": "online"}), qos=1,
+                       retain=True)
+        self._log.info("mqtt.connected", session_present=bool(flags.session_present))
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _on_disconnect(self, client: paho.Client, _u: Any, _flags: Any, rc: ReasonCode,
+                       _p: Any) -> None:
+        was = self._connected
+        self._connected = False
+        err = UplinkDownError(f"MQTT connection lost: {rc.getName()}")
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_exception(MqttConnectError(
+                f"the broker closed the connection before accepting it: {rc.getName()}",
+                "it may have rejected the gateway certificate: check tls.cert/tls.key are "
+                "issued by the CA the broker trusts"))
+        if self._disconnected is not None and not self._disconnected.done():
+            self._disconnected.set_result(None)
+        if was:
+            self._log.warning("mqtt.disconnected", reason=rc.getName())
+
+    def _on_message(self, client: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        if msg.topic != self.topics["ack"]:
+            return
+        try:
+            self._on_ack(bytes(msg.payload))
+        except Exception:  # the forwarder's bug must not kill the network loop
+            self._log.exception("mqtt.on_ack_failed")
+
+    def _on_publish(self, client: paho.Client, _u: Any, mid: int, rc: ReasonCode,
+                    _p: Any) -> None:
+        fut = self._pending.get(mid)
+        if fut is None or fut.done():
+            return  # e.g. a message paho re-sent from the session after a reconnect
+        if rc.is_failure:
+            fut.set_exception(UplinkDownError(f"broker refused the publish: {rc.getName()}"))
+        else:
+            fut.set_result(None)
+
+    def _status_json(self, doc: Mapping[str, Any]) -> str:
+        return json.dumps({"gw": self.gw, "ts": time.time(), **doc}, default=str)
+
+    # --- the Uplink API -------------------------------------------------------------------
+
+    async def run(self, on_ack: Callable[[bytes], None], on_state: Callable[[bool], None]) -> None:
+        """Connect and stay connected until cancelled (see `agent.uplink.base.Uplink`)."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._on_ack = on_ack
+        backoff = Backoff(self.cfg.backoff_base, self.cfg.backoff_max)
+        misc: asyncio.Task[None] | None = None
+        connect_job: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                try:
+                    if self._client is None:
+                        self._client = self._make_client()
+                        misc = asyncio.create_task(self._misc(self._client),
+                                                   name=f"{self.name}:misc")
+                    connect_job = self._start_connect(self._client)
+                    self._connecting = True
+                    try:
+                        await connect_job
+                    finally:
+                        self._connecting = False
+                    assert self._connack is not None
+                    await asyncio.wait_for(self._connack, self.cfg.connect_timeout)
+                except Exception as exc:
+                    error = _classify(exc, self.cfg)
+                    self.last_error = str(error)
+                    self._log.warning("mqtt.connect_failed", error=str(error).split(" (")[0],
+                                      hint=error.hint, attempt=backoff.attempt + 1)
+                    # A half-open socket (no CONNACK yet) is closed by the next connect().
+                    await backoff.wait()
+                    continue
+                backoff.reset()
+                self.last_error = None
+                self._connected = True
+                on_state(True)
+                assert self._disconnected is not None
+                await asyncio.shield(self._disconnected)  # cancelling run() must not cancel it
+                on_state(False)
+                await backoff.wait()
+        finally:
+            await self._shutdown(connect_job, misc, on_state)
+
+    def _start_connect(self, client: paho.Client) -> asyncio.Future[Any]:
+        assert self._loop is not None
+        self._connack = self._loop.create_future()
+        self._disconnected = self._loop.create_future()
+        if self.cfg.protocol == "v5":
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves __init__ unannotated
+            props.SessionExpiryInterval = self.cfg.session_expiry
+            call = functools.partial(client.connect, self.cfg.host, self.cfg.port,
+                                     self.cfg.keepalive, clean_start=False, properties=props)
+        else:
+            call = functools.partial(client.connect, self.cfg.host, self.cfg.port,
+                                     self.cfg.keepalive)
+        return self._loop.run_in_executor(None, call)
+
+    async def _shutdown(self, connect_job: asyncio.Future[Any] | None,
+                        misc: asyncio.Task[None] | None, on_state: Callable[[bool], None]) -> None:
+        client = self._client
+        if connect_job is not None and not connect_job.done():
+            # connect() cannot be interrupted; it is bounded by connect_timeout.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(connect_job)
+        if client is not None and self._connected:
+            # A clean DISCONNECT suppresses the will, so say "offline" ourselves.
+            client.publish(self.topics["status"],
+                           self._status_json({"state": "offline", "reason": "stopped"}),
+                           qos=1, retain=True)
+            client.disconnect()
+            if self._disconnected is not None and not self._disconnected.cancelled():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._disconnected), 2.0)
+            on_state(False)
+        self._connected = False
+        if client is not None:
+            # paho has no public close for a socket that never got a CONNACK; idempotent.
+            client._sock_close()
+        for fd in list(self._fds):
+            self._forget_fd(fd)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(UplinkDownError("uplink stopped"))
+        if misc is not None:
+            misc.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await misc
+        self._client = None
+
+    async def _publish(self, topic: str, payload: bytes | str, retain: bool = False) -> None:
+        client = self._client
+        if client is None or not self._connected or self._loop is None:
+            raise UplinkDownError(f"{self.name} is not connected")
+        info = client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise UplinkDownError(f"publish failed: {paho.error_string(info.rc)}")
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._pending[info.mid] = fut
+        try:
+            await fut
+        finally:
+            if self._pending.get(info.mid) is fut:
+                del self._pending[info.mid]
+
+    async def send(self, seq: int, data: bytes) -> None:
+        """Publish one batch (QoS 1); returns on PUBACK. Raises UplinkDownError."""
+        await self._publish(self.topics["batch"], data)
+
+    async def publish_status(self, doc: Mapping[str, Any]) -> None:
+        """Publish a retained status document; returns on PUBACK. Raises UplinkDownError."""
+        await self._publish(self.topics["status"], self._status_json(doc), retain=True)

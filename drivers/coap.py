@@ -1,0 +1,497 @@
+"""CoAP ingest: IP sensors on the branch LAN POST SenML (RFC 8428) to the gateway.
+
+One aiocoap server per configured endpoint serves ``/.well-known/core`` and
+``POST /ingest/{sensor}`` with SenML as JSON (content-format 110) or CBOR (112). A request is
+answered 2.04 only after `Sink.submit_many` returned, i.e. after every reading of the request is
+durably committed by the outbox: a sensor that got 2.04 may forget its readings. Errors:
+
+=====  ==================================================================================
+4.00   malformed SenML (the payload says why); the whole request is rejected, nothing kept
+4.03   the sensor is not configured, or the source address is not in its allowlist
+4.13   payload larger than ``max_payload`` (also checked per block before reassembly) or
+       more than ``max_records`` records; Size1 tells the limit
+4.15   any other content format
+5.03   the outbox refused that priority (quota); Max-Age = the outbox's retry hint
+=====  ==================================================================================
+
+Transport security: this is plain CoAP on the branch LAN; sensors are identified by their
+source address only (the border router / VLAN is the trust boundary). OSCORE for ingest is not
+implemented yet.
+
+The SenML resolver (`decode_senml`, `resolve_senml`) is pure: bytes in, records out, never
+raises. The maintained SenML packages on PyPI are unmaintained since 2016/2018, hence our own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiocoap
+import aiocoap.error
+import aiocoap.resource
+import cbor2
+import structlog
+from pydantic import Field, field_validator
+
+from drivers.base import (
+    ALERT,
+    TELEMETRY,
+    Backoff,
+    Reading,
+    RefusedError,
+    Sink,
+    Source,
+    SourceContext,
+    SourceHealth,
+    SourceState,
+    Value,
+)
+from drivers.configbase import StrictModel
+
+__all__ = [
+    "CF_SENML_CBOR",
+    "CF_SENML_JSON",
+    "CoapIngestConfig",
+    "CoapIngestSource",
+    "CoapSensorConfig",
+    "SenMLRecord",
+    "SenMLResult",
+    "build_sources",
+    "decode_senml",
+    "resolve_senml",
+]
+
+log = structlog.get_logger(__name__)
+
+CF_SENML_JSON = 110
+CF_SENML_CBOR = 112
+
+# RFC 8428 section 4.5.1: a time below 2**28 is relative to "now".
+_RELATIVE_TIME_LIMIT = 2**28
+# RFC 8428 section 4.5.1: name characters.
+_NAME_RE = re.compile(r"[A-Za-z0-9][-:./A-Za-z0-9_]*\Z")
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*\Z")
+
+# RFC 8428 table 4: CBOR integer labels -> JSON labels.
+_CBOR_LABELS: dict[int, str] = {
+    -1: "bver",
+    -2: "bn",
+    -3: "bt",
+    -4: "bu",
+    -5: "bv",
+    -6: "bs",
+    0: "n",
+    1: "u",
+    2: "v",
+    3: "vs",
+    4: "vb",
+    5: "s",
+    6: "t",
+    7: "ut",
+    8: "vd",
+}
+
+# field -> accepted Python types (bool is an int in Python: excluded from numbers below)
+_NUMBER = (int, float)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "bver": (int,),
+    "bn": (str,),
+    "bt": _NUMBER,
+    "bu": (str,),
+    "bv": _NUMBER,
+    "bs": _NUMBER,
+    "n": (str,),
+    "u": (str,),
+    "v": _NUMBER,
+    "vs": (str,),
+    "vb": (bool,),
+    "s": _NUMBER,
+    "t": _NUMBER,
+    "ut": _NUMBER,
+    "vd": (str, bytes),
+}
+_VALUE_FIELDS = ("v", "vs", "vb", "vd")
+_BASE_FIELDS = ("bn", "bt", "bu", "bv", "bs")
+
+
+@dataclass(frozen=True, slots=True)
+class SenMLRecord:
+    """One resolved SenML record (RFC 8428 section 4.6): full name, absolute time, unit, value.
+
+    `sum` is set when the record carried a sum (with the base sum added); `value` is None then
+    unless the record also carried a value.
+    """
+
+    name: str
+    time: float
+    value: Value | bytes
+    unit: str | None = None
+    sum: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SenMLResult:
+    """`records` when the pack is valid, else `error` says why (the 4.00 diagnostic)."""
+
+    records: tuple[SenMLRecord, ...] = ()
+    error: str | None = None
+
+
+def _fail(why: str, payload: bytes | None = None) -> SenMLResult:
+    if payload is not None:
+        log.debug("senml.malformed", why=why, payload=payload[:256].hex())
+    return SenMLResult(error=why)
+
+
+def decode_senml(
+    payload: bytes, content_format: int, now: float, max_records: int | None = None
+) -> SenMLResult:
+    """Decode a SenML pack (JSON 110 or CBOR 112) and resolve it. Never raises."""
+    pack: object
+    try:
+        if content_format == CF_SENML_JSON:
+            pack = json.loads(payload.decode("utf-8"))
+        elif content_format == CF_SENML_CBOR:
+            pack = cbor2.loads(payload)
+        else:
+            return _fail(f"unsupported content format {content_format}", payload)
+    except (ValueError, UnicodeDecodeError, cbor2.CBORDecodeError, RecursionError) as exc:
+        return _fail(f"not valid {'JSON' if content_format == 110 else 'CBOR'}: {exc}", payload)
+    if content_format == CF_SENML_CBOR and isinstance(pack, list):
+        pack = [_relabel(r) for r in pack]
+    result = resolve_senml(pack, now, max_records=max_records)
+    if result.error is not None:
+        log.debug("senml.malformed", why=result.error, payload=payload[:256].hex())
+    return result
+
+
+def _relabel(record: object) -> object:
+    if not isinstance(record, Mapping):
+        return record
+    return {_CBOR_LABELS.get(k, k) if isinstance(k, int) else k: v for k, v in record.items()}
+
+
+def resolve_senml(pack: object, now: float, max_records: int | None = None) -> SenMLResult:
+    """Resolve a decoded pack (list of JSON-labelled maps) as RFC 8428 section 4.6 says.
+
+    Base fields carry over to the following records until replaced; a name is ``bn + n``; a
+    time is ``bt + t``, relative to `now` when below 2**28; a numeric value is ``bv + v``.
+    Unknown fields ending in ``_`` are must-understand and make the pack invalid.
+    """
+    if not isinstance(pack, list):
+        return _fail("a SenML pack is an array of records")
+    if not pack:
+        return _fail("empty SenML pack")
+    if max_records is not None and len(pack) > max_records:
+        return _fail(f"too many records: {len(pack)} > {max_records}")
+    base: dict[str, Any] = {}
+    out: list[SenMLRecord] = []
+    for i, rec in enumerate(pack):
+        if not isinstance(rec, Mapping):
+            return _fail(f"record {i}: not a map")
+        for key, val in rec.items():
+            if not isinstance(key, str):
+                return _fail(f"record {i}: unknown label {key!r}")
+            types = _FIELD_TYPES.get(key)
+            if types is None:
+                if key.endswith("_"):
+                    return _fail(f"record {i}: must-understand field {key!r} not supported")
+                continue  # RFC 8428 section 4.4: unknown fields are ignored
+            if isinstance(val, bool) and bool not in types:
+                return _fail(f"record {i}: {key} has the wrong type")
+            if not isinstance(val, types):
+                return _fail(f"record {i}: {key} has the wrong type")
+            if isinstance(val, float) and not math.isfinite(val):
+                return _fail(f"record {i}: {key} is not finite")
+        if "bver" in rec and rec["bver"] > 10:
+            return _fail(f"record {i}: SenML version {rec['bver']} not supported")
+        for key in _BASE_FIELDS:
+            if key in rec:
+                base[key] = rec[key]
+        name = base.get("bn", "") + rec.get("n", "")
+        if not _NAME_RE.match(name):
+            return _fail(f"record {i}: invalid name {name!r}")
+        t = base.get("bt", 0) + rec.get("t", 0)
+        if t < _RELATIVE_TIME_LIMIT:
+            t = now + t
+        present = [k for k in _VALUE_FIELDS if k in rec]
+        if len(present) > 1:
+            return _fail(f"record {i}: more than one value field")
+        value: Value | bytes = None
+        if present == ["v"]:
+            value = base.get("bv", 0) + rec["v"]
+        elif present == ["vd"]:
+            raw = rec["vd"]
+            if isinstance(raw, str):
+                # RFC 8428 section 4.3: base64url without padding in JSON.
+                if not _B64URL_RE.match(raw):
+                    return _fail(f"record {i}: vd is not base64url")
+                try:
+                    raw = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+                except (binascii.Error, ValueError):
+                    return _fail(f"record {i}: vd is not base64url")
+            value = raw
+        elif present:
+            value = rec[present[0]]
+        total: float | None = None
+        if "s" in rec:
+            total = base.get("bs", 0) + rec["s"]
+        elif not present:
+            return _fail(f"record {i}: no value and no sum")
+        out.append(SenMLRecord(name, float(t), value, rec.get("u", base.get("bu")), total))
+    return SenMLResult(records=tuple(out))
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+class CoapSensorConfig(StrictModel):
+    """One IP sensor: its name (readings come from ``coap.<name>``) and where it may post from."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(min_length=1)
+    priority: int = Field(default=TELEMETRY, ge=0, le=3)
+
+    @field_validator("allow", mode="before")
+    @classmethod
+    def _networks(cls, v: object) -> object:
+        # "10.0.0.5" and "10.0.0.0/24" alike; strict=False would hide a typo'd host bit.
+        if isinstance(v, list | tuple):
+            return tuple(ipaddress.ip_network(x) if isinstance(x, str) else x for x in v)
+        return v
+
+
+class CoapIngestConfig(StrictModel):
+    """The CoAP ingest endpoint. TOML::
+
+    [sources.coap]
+    name = "lan"                # source id coap.lan (health); readings: coap.<sensor>
+    bind = "192.168.10.1"       # the LAN interface's address; "::" = every interface
+    port = 5683
+    max_payload = 8192          # bytes, after block-wise reassembly (4.13 above)
+    max_records = 256           # records per request (4.13 above)
+    [[sources.coap.sensors]]
+    name = "atm1"
+    allow = ["192.168.10.20", "fd00:10::/64"]
+    priority = 2
+    """
+
+    name: str = Field(default="lan", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    bind: str = "::"
+    port: int = Field(default=5683, ge=0, le=65535)
+    max_payload: int = Field(default=8192, ge=64, le=1 << 20)
+    max_records: int = Field(default=256, ge=1, le=100_000)
+    sensors: tuple[CoapSensorConfig, ...] = ()
+
+
+# --- the server ----------------------------------------------------------------------------
+
+
+def _remote_ip(remote: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    sockaddr = getattr(remote, "sockaddr", None)
+    if not sockaddr:
+        return None
+    try:
+        ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped  # udp6 transport: IPv4 peers arrive as ::ffff:a.b.c.d
+    return ip
+
+
+def _answer(code: aiocoap.numbers.codes.Code, text: str = "", **opts: Any) -> aiocoap.Message:
+    return aiocoap.Message(code=code, payload=text.encode(), **opts)
+
+
+class _IngestResource(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type: ignore[misc]  # aiocoap is untyped
+    """``/ingest/{sensor}``: checks before block-wise reassembly, commits, then answers."""
+
+    def __init__(self, source: CoapIngestSource) -> None:
+        super().__init__()
+        self._src = source
+
+    def get_resources_as_linkheader(self) -> Any:
+        from aiocoap.util.linkformat import Link, LinkFormat
+
+        return LinkFormat(
+            [Link("/" + s, ct=f"{CF_SENML_JSON} {CF_SENML_CBOR}") for s in self._src.sensor_names]
+        )
+
+    def _precheck(self, request: aiocoap.Message) -> aiocoap.Message | None:
+        """Access and size checks that must happen before any block is stored."""
+        src = self._src
+        path = request.opt.uri_path
+        if len(path) != 1 or path[0] not in src.sensors:
+            return src.reject("forbidden", aiocoap.FORBIDDEN, "unknown sensor", request)
+        ip = _remote_ip(request.remote)
+        if ip is None or not any(ip in net for net in src.sensors[path[0]].allow):
+            return src.reject("forbidden", aiocoap.FORBIDDEN, "address not allowed", request)
+        if request.code is not aiocoap.POST:
+            return None  # the render method answers 4.05
+        limit = src.cfg.max_payload
+        b1 = request.opt.block1
+        end = len(request.payload) if b1 is None else b1.start + len(request.payload)
+        if end > limit or (request.opt.size1 or 0) > limit:
+            return src.reject(
+                "oversize",
+                aiocoap.REQUEST_ENTITY_TOO_LARGE,
+                "payload too large",
+                request,
+                size1=limit,
+            )
+        cf = request.opt.content_format
+        if cf not in (CF_SENML_JSON, CF_SENML_CBOR):
+            return src.reject(
+                "unsupported_format",
+                aiocoap.UNSUPPORTED_CONTENT_FORMAT,
+                "SenML JSON (110) or CBOR (112) only",
+                request,
+            )
+        return None
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        refusal = self._precheck(pipe.request)
+        if refusal is not None:
+            pipe.add_response(refusal, is_last=True)
+            return
+        await super().render_to_pipe(pipe)
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        return await self._src.ingest(request.opt.uri_path[0], request)
+
+
+class CoapIngestSource:
+    """The ingest endpoint as a `Source`: binds, serves until cancelled, re-binds with backoff."""
+
+    def __init__(self, cfg: CoapIngestConfig, ctx: SourceContext) -> None:
+        self.cfg = cfg
+        self.name = f"coap.{cfg.name}"
+        self.health = SourceHealth(name=self.name, kind="coap")
+        self.sensors = {s.name: s for s in cfg.sensors}
+        self.sensor_names = tuple(self.sensors)
+        self.started = asyncio.Event()  # set while the socket is bound (tests and bench wait)
+        self._clock = ctx.clock
+        self._sink: Sink | None = None
+        self._log = log.bind(source=self.name)
+
+    def reject(
+        self, what: str, code: Any, text: str, request: aiocoap.Message, **opts: Any
+    ) -> aiocoap.Message:
+        self.health.count(what)
+        self._log.info(
+            "coap.rejected", what=what, path=request.opt.uri_path, remote=str(request.remote)
+        )
+        return _answer(code, text, **opts)
+
+    async def ingest(self, sensor: str, request: aiocoap.Message) -> aiocoap.Message:
+        cfg = self.sensors[sensor]
+        result = decode_senml(
+            request.payload,
+            request.opt.content_format or 0,
+            self._clock.time(),
+            max_records=self.cfg.max_records,
+        )
+        if result.error is not None:
+            if result.error.startswith("too many records"):
+                return self.reject(
+                    "oversize", aiocoap.REQUEST_ENTITY_TOO_LARGE, result.error, request
+                )
+            return self.reject("malformed", aiocoap.BAD_REQUEST, result.error, request)
+        readings = [_reading(f"coap.{sensor}", r, cfg.priority) for r in result.records]
+        assert self._sink is not None  # the site is only served inside run()
+        try:
+            await self._sink.submit_many(readings)
+        except RefusedError as exc:
+            self.health.count("refused")
+            self._log.warning("coap.refused", sensor=sensor, priority=exc.priority)
+            return _answer(
+                aiocoap.SERVICE_UNAVAILABLE,
+                "outbox full for this priority",
+                max_age=max(1, math.ceil(exc.retry_after)),
+            )
+        self.health.readings += len(readings)
+        self.health.last_reading = self._clock.time()
+        return aiocoap.Message(code=aiocoap.CHANGED)
+
+    def _site(self) -> aiocoap.resource.Site:
+        site = aiocoap.resource.Site()
+        site.add_resource(
+            (".well-known", "core"),
+            aiocoap.resource.WKCResource(site.get_resources_as_linkheader),
+        )
+        site.add_resource(("ingest",), _IngestResource(self))
+        return site
+
+    async def run(self, sink: Sink) -> None:
+        self._sink = sink
+        backoff = Backoff()
+        was_online = False
+        try:
+            while True:
+                try:
+                    ctx = await aiocoap.Context.create_server_context(
+                        self._site(), bind=(self.cfg.bind, self.cfg.port), transports=["udp6"]
+                    )
+                except (OSError, aiocoap.error.Error) as exc:
+                    # the LAN address may appear later (DHCP, interface still down)
+                    self.health.count("bind")
+                    self.health.detail = f"cannot bind {self.cfg.bind}:{self.cfg.port}: {exc}"
+                    self._log.warning("coap.bind_failed", error=str(exc))
+                    if was_online or self.health.state is SourceState.STARTING:
+                        await self._status(sink, "source.offline")
+                    self.health.state = SourceState.OFFLINE
+                    was_online = False
+                    await backoff.wait()
+                    continue
+                backoff.reset()
+                try:
+                    if self.health.state is SourceState.OFFLINE:
+                        await self._status(sink, "source.online")
+                    self.health.state = SourceState.ONLINE
+                    self.health.detail = f"listening on {self.cfg.bind}:{self.cfg.port}"
+                    was_online = True
+                    self.started.set()
+                    self._log.info("coap.listening", bind=self.cfg.bind, port=self.cfg.port)
+                    await asyncio.Future()  # serve until cancelled
+                finally:
+                    self.started.clear()
+                    await ctx.shutdown()
+        finally:
+            self.health.state = SourceState.STOPPED
+
+    async def _status(self, sink: Sink, type_: str) -> None:
+        try:
+            await sink.submit(
+                Reading(self.name, type_, self.health.detail, ts=self._clock.time(), priority=ALERT)
+            )
+        except RefusedError:
+            self.health.count("refused")
+
+
+def _reading(source: str, rec: SenMLRecord, priority: int) -> Reading:
+    value: Value
+    if isinstance(rec.value, bytes):
+        value = rec.value.hex()
+        attrs: dict[str, Any] | None = {"encoding": "hex"}
+    else:
+        value, attrs = rec.value, None
+    if rec.sum is not None:
+        attrs = {**(attrs or {}), "sum": rec.sum}
+    return Reading(
+        source, rec.name, value, unit=rec.unit, ts=rec.time, priority=priority, attrs=attrs
+    )
+
+
+def build_sources(cfg: CoapIngestConfig, ctx: SourceContext) -> list[Source]:
+    """One source serving every configured sensor."""
+    return [CoapIngestSource(cfg, ctx)]

@@ -1,0 +1,140 @@
+"""The reference platform's MQTT side: take batches from `{prefix}/+/batch`, ack on
+`{prefix}/{gw}/ack` (QoS 1).
+
+paho runs its own network thread here (`loop_start`): the Receiver is thread-safe and this is
+the simulator, not the gateway, so the simplest correct thing is fine. With `shared_group`,
+several platform instances share the batch subscription (`$share/{group}/...`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.protocol import encode_ack
+from branchsim.platform.receiver import Receiver
+
+__all__ = ["MqttPlatformServer", "PlatformTls", "serve_mqtt"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class PlatformTls:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+class MqttPlatformServer:
+    """Subscribe to every gateway's batches, verify them with `receiver`, publish the acks."""
+
+    def __init__(
+        self,
+        receiver: Receiver,
+        host: str,
+        port: int,
+        *,
+        tls: PlatformTls | None = None,
+        prefix: str = "bank/v1",
+        shared_group: str | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        self.receiver = receiver
+        self.host, self.port, self.prefix = host, port, prefix
+        self.batch_filter = f"{prefix}/+/batch"
+        if shared_group:
+            self.batch_filter = f"$share/{shared_group}/{self.batch_filter}"
+        self.ready = threading.Event()  # set once the batch subscription is granted
+        self.handled = 0
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"branch-platform-{uuid.uuid4().hex[:8]}",
+            protocol=paho.MQTTv5,
+        )
+        if tls is not None:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_cert_chain(str(tls.cert), str(tls.key))
+            self._client.tls_set_context(ctx)
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        self._client.reconnect_delay_set(1, 10)
+
+    def _on_connect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode,
+                    _p: object) -> None:
+        if rc.is_failure:
+            log.error("platform.mqtt.refused", reason=rc.getName())
+            return
+        client.subscribe(self.batch_filter, qos=1)
+
+    def _on_subscribe(self, client: paho.Client, _u: object, _mid: int, rcs: list[ReasonCode],
+                      _p: object) -> None:
+        if all(not rc.is_failure for rc in rcs):
+            log.info("platform.mqtt.subscribed", filter=self.batch_filter)
+            self.ready.set()
+        else:
+            log.error("platform.mqtt.subscribe_refused", filter=self.batch_filter)
+
+    def _on_message(self, client: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        parts = msg.topic.split("/")
+        topic_gw = parts[-2] if len(parts) >= 2 else ""
+        try:
+            ack = self.receiver.handle_batch(bytes(msg.payload), topic_gw=topic_gw)
+        except Exception:  # a bug here must not stop the platform; the batch stays unacked
+            log.exception("platform.mqtt.handle_failed", topic=msg.topic)
+            return
+        self.handled += 1
+        client.publish(f"{self.prefix}/{topic_gw}/ack", encode_ack(ack), qos=1)
+
+    def start(self) -> MqttPlatformServer:
+        # A persistent session: batches published while the platform is reconnecting wait in
+        # the broker instead of being dropped for lack of a subscriber.
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves __init__ unannotated
+        props.SessionExpiryInterval = 3600
+        self._client.connect(self.host, self.port, keepalive=30, clean_start=False,
+                             properties=props)
+        self._client.loop_start()
+        return self
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def __enter__(self) -> MqttPlatformServer:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+async def serve_mqtt(
+    receiver: Receiver,
+    host: str,
+    port: int,
+    tls: PlatformTls | None = None,
+    prefix: str = "bank/v1",
+    shared_group: str | None = None,
+) -> None:
+    """Run the MQTT side of the platform until cancelled."""
+    server = MqttPlatformServer(receiver, host, port, tls=tls, prefix=prefix,
+                                shared_group=shared_group)
+    await asyncio.to_thread(server.start)  # blocking connect + TLS handshake
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await asyncio.to_thread(server.stop)

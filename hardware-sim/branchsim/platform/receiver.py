@@ -1,0 +1,188 @@
+"""The reference platform's batch handling, transport-free: bytes in, an Ack out.
+
+Every check of docs/PROTOCOL.md ("Platform rules") happens here, in this order: decode and
+verify the signature with the registered key, bind the key to its gateway (and to the topic the
+batch came on), check the hash chain (replay, fork, gap), then store the batch, its events and
+the new chain head in one transaction. Nothing of a rejected batch is stored; the rejection is
+counted. Thread-safe (one lock; the MQTT server calls it from paho's thread, CoAP from asyncio).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.protocol import (
+    ZERO_HASH,
+    Ack,
+    Batch,
+    ProtocolError,
+    batch_hash,
+    decode_batch,
+    kid_for,
+    verify_batch,
+)
+from branchsim.platform.store import event_row, open_store, row_event
+
+__all__ = ["Receiver"]
+
+log = structlog.get_logger(__name__)
+
+
+class Receiver:
+    def __init__(self, store_path: Path) -> None:
+        self.store_path = Path(store_path)
+        self._db = open_store(self.store_path)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- registration ---------------------------------------------------------------------
+
+    def register(self, gw: str, pubkey_pem: bytes) -> bytes:
+        """Bind an Ed25519 public key (SPKI PEM) to a gateway id; returns its kid.
+        Re-registering a gateway replaces its key (key rotation)."""
+        key = serialization.load_pem_public_key(pubkey_pem)
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError("not an Ed25519 public key")
+        kid = kid_for(key)
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM gateways WHERE gw = ? OR kid = ?", (gw, kid))
+            self._db.execute("INSERT INTO gateways (gw, kid, pubkey) VALUES (?, ?, ?)",
+                             (gw, kid, pubkey_pem))
+        return kid
+
+    def _key(self, kid: bytes) -> tuple[str, Ed25519PublicKey] | None:
+        row = self._db.execute("SELECT gw, pubkey FROM gateways WHERE kid = ?", (kid,)).fetchone()
+        if row is None:
+            return None
+        key = serialization.load_pem_public_key(row[1])
+        assert isinstance(key, Ed25519PublicKey)
+        return row[0], key
+
+    # --- batches --------------------------------------------------------------------------
+
+    def handle_batch(self, data: bytes, topic_gw: str | None = None) -> Ack:
+        """Verify and store one batch; the Ack says ok or why not (its `h` names `data`)."""
+        with self._lock:
+            h = batch_hash(data)
+            try:
+                batch = self._check(data, topic_gw)
+            except ProtocolError as exc:
+                seq, gw = self._unverified_seq_gw(data, topic_gw)
+                self._count(gw, exc.reason)
+                log.warning("platform.rejected", gw=gw, seq=seq, reason=exc.reason,
+                            detail=exc.detail, hash=h.hex()[:16])
+                return Ack(seq=seq, h=h, ok=False, err=exc.reason)
+            self._store(batch, data)
+            log.info("platform.accepted", gw=batch.gw, seq=batch.seq, events=len(batch.events))
+            return Ack(seq=batch.seq, h=h, ok=True)
+
+    def _check(self, data: bytes, topic_gw: str | None) -> Batch:
+        registered: dict[bytes, str] = {}
+
+        def key_for_kid(kid: bytes) -> Ed25519PublicKey | None:
+            found = self._key(kid)
+            if found is None:
+                return None
+            registered[kid] = found[0]
+            return found[1]
+
+        batch = verify_batch(data, key_for_kid)
+        if batch.gw != registered[batch.kid]:
+            raise ProtocolError("wrong-gateway",
+                                f"key of {registered[batch.kid]!r} signed for {batch.gw!r}")
+        if topic_gw is not None and topic_gw != batch.gw:
+            raise ProtocolError("wrong-gateway", f"batch of {batch.gw!r} on {topic_gw!r} topic")
+        last_seq, last_hash = self.chain_head(batch.gw)
+        if batch.seq <= last_seq:
+            row = self._db.execute("SELECT hash FROM batches WHERE gw = ? AND seq = ?",
+                                   (batch.gw, batch.seq)).fetchone()
+            if row is not None and row[0] == batch.hash:
+                raise ProtocolError("replay", f"seq {batch.seq} already accepted")
+            raise ProtocolError("fork", f"seq {batch.seq} <= head {last_seq}, other bytes")
+        if batch.seq > last_seq + 1:
+            raise ProtocolError("gap", f"seq {batch.seq} after head {last_seq}")
+        if batch.prev != last_hash:
+            raise ProtocolError("fork", f"seq {batch.seq}: prev does not match head")
+        return batch
+
+    def _store(self, batch: Batch, data: bytes) -> None:
+        db = self._db
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(
+                "INSERT INTO batches (gw, seq, hash, received_at, raw) VALUES (?, ?, ?, ?, ?)",
+                (batch.gw, batch.seq, batch.hash, time.time(), data),
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO events (gw, id, t, tq, src, type, v, u, prio, attrs, seq) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [event_row(batch.gw, batch.seq, ev) for ev in batch.events],
+            )
+            db.execute(
+                "INSERT INTO chain (gw, last_seq, last_hash) VALUES (?, ?, ?) "
+                "ON CONFLICT (gw) DO UPDATE SET last_seq = excluded.last_seq, "
+                "last_hash = excluded.last_hash",
+                (batch.gw, batch.seq, batch.hash),
+            )
+
+    def _unverified_seq_gw(self, data: bytes, topic_gw: str | None) -> tuple[int, str]:
+        """For a rejection's ack and counter: the claimed seq and gw, if the bytes decode."""
+        try:
+            batch, _, _ = decode_batch(data)
+        except ProtocolError:
+            return 0, topic_gw or ""
+        return batch.seq, topic_gw or batch.gw
+
+    def _count(self, gw: str, reason: str) -> None:
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO rejections (gw, reason, count) VALUES (?, ?, 1) "
+                "ON CONFLICT (gw, reason) DO UPDATE SET count = count + 1",
+                (gw, reason),
+            )
+
+    # --- queries (tests, CLI) -------------------------------------------------------------
+
+    def chain_head(self, gw: str) -> tuple[int, bytes]:
+        """(last accepted seq, its hash); (0, 32 zero bytes) before the first batch."""
+        row = self._db.execute("SELECT last_seq, last_hash FROM chain WHERE gw = ?",
+                               (gw,)).fetchone()
+        return (0, ZERO_HASH) if row is None else (int(row[0]), bytes(row[1]))
+
+    def events(self, gw: str | None = None) -> list[dict[str, Any]]:
+        """Stored events ordered by (gw, id)."""
+        with self._lock:
+            sql = "SELECT gw, id, t, tq, src, type, v, u, prio, attrs, seq FROM events"
+            args: tuple[str, ...] = ()
+            if gw is not None:
+                sql += " WHERE gw = ?"
+                args = (gw,)
+            return [row_event(r) for r in self._db.execute(sql + " ORDER BY gw, id", args)]
+
+    def counters(self) -> dict[tuple[str, str], int]:
+        """Rejections by (gw, reason)."""
+        with self._lock:
+            rows = self._db.execute("SELECT gw, reason, count FROM rejections").fetchall()
+        return {(gw, reason): int(n) for gw, reason, n in rows}
+
+    def batch_count(self, gw: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT count(*) FROM batches WHERE gw = ?", (gw,)).fetchone()
+        return int(row[0])
+
+    def public_key(self, kid: bytes) -> Ed25519PublicKey | None:
+        with self._lock:
+            found = self._key(kid)
+        return None if found is None else found[1]

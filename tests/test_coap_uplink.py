@@ -1,0 +1,187 @@
+"""CoAP uplink against the reference platform's CoAP endpoint, over real UDP sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiocoap
+import pydantic
+import pytest
+from branchsim.platform.coap_server import serve_coap
+from branchsim.platform.receiver import Receiver
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from agent.protocol import ZERO_HASH, batch_hash, build_batch, decode_ack, encode_event, kid_for
+from agent.uplink.base import Uplink, UplinkDownError
+from agent.uplink.coap import CoapUplink, CoapUplinkConfig
+
+GW = "gw-test-1"
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Chain:
+    """Signs consecutive batches of a hash chain, as the agent's batcher does."""
+
+    key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+    seq: int = 0
+    prev: bytes = ZERO_HASH
+    next_id: int = 1
+
+    def pem(self) -> bytes:
+        return self.key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+
+    def batch(self, n_events: int) -> bytes:
+        events = []
+        for _ in range(n_events):
+            events.append(
+                encode_event(
+                    id=self.next_id,
+                    t=1.7e9 + self.next_id,
+                    tq=1,
+                    src="coap.atm1",
+                    type="temperature",
+                    v=21.5,
+                    prio=2,
+                    u="Cel",
+                )
+            )
+            self.next_id += 1
+        self.seq += 1
+        data = build_batch(
+            key=self.key, kid=kid_for(self.key.public_key()), gw=GW, seq=self.seq,
+            prev=self.prev, created=1.7e9, encoded_events=events,
+        )  # fmt: skip
+        self.prev = batch_hash(data)
+        return data
+
+
+@dataclass
+class Rig:
+    uplink: CoapUplink
+    chain: Chain
+    acks: list[bytes]
+    states: list[bool]
+    statuses: dict[str, Any]
+    receiver: Receiver
+    port: int
+    platform: aiocoap.Context | None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait(self, cond: Any, limit: float = 10.0) -> None:
+        async def _w() -> None:
+            while not cond():
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(_w(), limit)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    chain = Chain()
+    receiver = Receiver(tmp_path / "platform.sqlite")
+    receiver.register(GW, chain.pem())
+    port = free_udp_port()
+    statuses: dict[str, Any] = {}
+    platform = await serve_coap(receiver, "127.0.0.1", port, statuses=statuses)
+    cfg = CoapUplinkConfig(
+        base=f"coap://127.0.0.1:{port}", insecure=True, timeout=3.0, probe_interval=0.2
+    )
+    uplink = CoapUplink(cfg, GW)
+    r = Rig(uplink, chain, [], [], statuses, receiver, port, platform)
+
+    def on_ack(b: bytes) -> None:
+        r.acks.append(b)
+        r.changed.set()
+
+    def on_state(up: bool) -> None:
+        r.states.append(up)
+        r.changed.set()
+
+    task = asyncio.create_task(uplink.run(on_ack, on_state), name="coap-uplink")
+    try:
+        yield r
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        if r.platform is not None:
+            await r.platform.shutdown()
+        receiver.close()
+
+
+def test_is_an_uplink_and_plain_coap_needs_insecure() -> None:
+    """CoapUplink is an Uplink; coap:// without insecure, and coaps://, are refused."""
+    cfg = CoapUplinkConfig(base="coap://p.example/", insecure=True)
+    assert cfg.base == "coap://p.example"
+    assert isinstance(CoapUplink(cfg, GW), Uplink)
+    with pytest.raises(pydantic.ValidationError, match="insecure = true"):
+        CoapUplinkConfig(base="coap://p.example")
+    with pytest.raises(pydantic.ValidationError, match="DTLS"):
+        CoapUplinkConfig(base="coaps://p.example", insecure=True)
+    with pytest.raises(pydantic.ValidationError, match="coap://host"):
+        CoapUplinkConfig(base="http://p.example", insecure=True)
+
+
+async def test_probe_marks_connected(rig: Rig) -> None:
+    """With the platform up and nothing to send, the idle probe reports the uplink connected."""
+    await rig.wait(lambda: rig.states == [True])
+    assert rig.uplink.connected
+
+
+async def test_send_small_and_blockwise_batches_get_acks(rig: Rig) -> None:
+    """Small and multi-block batches are acked by the platform with their seq and hash."""
+    for n_events in (1, 300):
+        data = rig.chain.batch(n_events)
+        await rig.uplink.send(rig.chain.seq, data)
+        ack = decode_ack(rig.acks[-1])
+        assert (ack.seq, ack.h, ack.ok) == (rig.chain.seq, batch_hash(data), True)
+    assert len(data) > 4096  # the second batch went block-wise
+    assert len(rig.acks) == 2
+    assert rig.uplink.connected
+    assert [e["id"] for e in rig.receiver.events(GW)] == list(range(1, 302))
+
+
+async def test_platform_down_raises_then_recovers(rig: Rig) -> None:
+    """With the platform gone, send raises UplinkDownError and state goes down; back, it resumes."""
+    await rig.wait(lambda: rig.states == [True])
+    assert rig.platform is not None
+    await rig.platform.shutdown()
+    rig.platform = None
+    with pytest.raises(UplinkDownError):
+        await rig.uplink.send(1, rig.chain.batch(1))
+    assert rig.states[-1] is False and not rig.uplink.connected
+    rig.platform = await serve_coap(rig.receiver, "127.0.0.1", rig.port, statuses=rig.statuses)
+    await rig.wait(lambda: rig.states[-1] is True)  # the probe found it again
+    # the identical bytes of batch 1 are sent again and acked
+    rig.chain = Chain(key=rig.chain.key)
+    data = rig.chain.batch(1)
+    await rig.uplink.send(1, data)
+    assert decode_ack(rig.acks[-1]).ok
+    assert rig.receiver.chain_head(GW) == (1, batch_hash(data))
+
+
+async def test_publish_status_reaches_platform(rig: Rig) -> None:
+    """A status document POSTed over CoAP is kept by the platform for that gateway."""
+    await rig.wait(lambda: rig.states == [True])
+    await rig.uplink.publish_status({"gw": GW, "uplink": "coap", "backlog": 3})
+    assert rig.statuses[GW] == {"gw": GW, "uplink": "coap", "backlog": 3}
+
+
+async def test_send_before_run_is_down() -> None:
+    """An uplink that is not running refuses to send with UplinkDownError."""
+    uplink = CoapUplink(CoapUplinkConfig(base="coap://127.0.0.1:9", insecure=True), GW)
+    with pytest.raises(UplinkDownError):
+        await uplink.send(1, b"x")

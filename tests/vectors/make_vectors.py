@@ -1,0 +1,119 @@
+"""Regenerate the protocol test vectors in this directory (docs/PROTOCOL.md, "Test vectors").
+
+    .venv/bin/python tests/vectors/make_vectors.py          # rewrite vectors with the stored key
+    .venv/bin/python tests/vectors/make_vectors.py --new-key
+
+Ed25519 signatures are deterministic, so with the same key this writes identical bytes;
+tests/test_vectors.py checks that our encoder still produces exactly these files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.protocol import (
+    ZERO_HASH,
+    Ack,
+    batch_hash,
+    build_batch,
+    encode_ack,
+    encode_event,
+    kid_for,
+)
+
+HERE = Path(__file__).resolve().parent
+KEY = HERE / "test-signing.key"  # TEST ONLY: public in the repository, never use it on a gateway
+PUB = HERE / "test-signing.pub"
+GW = "gw-vector-1"
+
+BATCH1_EVENTS: list[dict[str, Any]] = [
+    {"id": 1, "t": 1767225600.25, "tq": 0, "src": "gpio.vault_door", "type": "contact",
+     "v": True, "prio": 0},
+    {"id": 2, "t": 1767225601.5, "tq": 0, "src": "ble.atm_room", "type": "temperature",
+     "v": 21.5, "u": "Cel", "prio": 2, "attrs": {"rssi": -67}},
+    {"id": 3, "t": 1767225602.0, "tq": 1, "src": "ups.main", "type": "ups.on_battery",
+     "v": False, "prio": 1},
+]
+BATCH2_EVENTS: list[dict[str, Any]] = [
+    {"id": 6, "t": 1767225700.0, "tq": 0, "src": "agent", "type": "gateway.dropped",
+     "v": {"reason": "quota", "count": 2, "ids": [[4, 5]]}, "prio": 1},
+    {"id": 7, "t": 1767225701.125, "tq": 0, "src": "serial.meter", "type": "energy",
+     "v": 123456, "u": "Wh", "prio": 3},
+]
+
+
+def load_or_create_key(new: bool) -> Ed25519PrivateKey:
+    if new or not KEY.exists():
+        key = Ed25519PrivateKey.generate()
+        KEY.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+        PUB.write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    loaded = serialization.load_pem_private_key(KEY.read_bytes(), password=None)
+    assert isinstance(loaded, Ed25519PrivateKey)
+    return loaded
+
+
+def make(key: Ed25519PrivateKey) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """All vector files (name -> bytes) and the expected.json document."""
+    kid = kid_for(key.public_key())
+    b1 = build_batch(key=key, kid=kid, gw=GW, seq=1, prev=ZERO_HASH, created=1767225603.0,
+                     encoded_events=[encode_event(**e) for e in BATCH1_EVENTS])
+    b2 = build_batch(key=key, kid=kid, gw=GW, seq=2, prev=batch_hash(b1), created=1767225702.0,
+                     encoded_events=[encode_event(**e) for e in BATCH2_EVENTS])
+    tampered = bytearray(b2)
+    # Flip a bit inside the payload (the value 123456 of event 7): still decodes, bad signature.
+    at = bytes(b2).index((123456).to_bytes(4, "big"))
+    tampered[at + 3] ^= 0x01
+    ack1 = encode_ack(Ack(seq=1, h=batch_hash(b1), ok=True))
+    ack_replay = encode_ack(Ack(seq=2, h=batch_hash(b2), ok=False, err="replay"))
+    files = {
+        "batch-1.cose": b1,
+        "batch-2.cose": b2,
+        "batch-2-tampered.cose": bytes(tampered),
+        "ack-1.cbor": ack1,
+        "ack-2-replay.cbor": ack_replay,
+    }
+    expected = {
+        "gw": GW,
+        "kid": kid.hex(),
+        "public_key": "test-signing.pub",
+        "batches": [
+            {"file": "batch-1.cose", "result": "ok", "seq": 1, "prev": ZERO_HASH.hex(),
+             "hash": batch_hash(b1).hex(), "events": BATCH1_EVENTS},
+            {"file": "batch-2.cose", "result": "ok", "seq": 2, "prev": batch_hash(b1).hex(),
+             "hash": batch_hash(b2).hex(), "events": BATCH2_EVENTS},
+            {"file": "batch-2-tampered.cose", "result": "bad-signature",
+             "hash": batch_hash(bytes(tampered)).hex()},
+        ],
+        "acks": [
+            {"file": "ack-1.cbor", "seq": 1, "h": batch_hash(b1).hex(), "ok": True},
+            {"file": "ack-2-replay.cbor", "seq": 2, "h": batch_hash(b2).hex(), "ok": False,
+             "err": "replay"},
+        ],
+    }
+    return files, expected
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--new-key", action="store_true")
+    args = ap.parse_args(argv)
+    files, expected = make(load_or_create_key(args.new_key))
+    for name, data in files.items():
+        (HERE / name).write_bytes(data)
+    (HERE / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
+    print(f"wrote {len(files)} vectors and expected.json to {HERE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
