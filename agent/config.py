@@ -18,8 +18,10 @@ from agent.errors import ConfigError
 from agent.pipeline import Rule, Threshold
 from agent.uplink.coap import CoapUplinkConfig
 from agent.uplink.mqtt import MqttUplinkConfig
+from drivers.ble import BleConfig
 from drivers.coap import CoapIngestConfig
 from drivers.configbase import StrictModel
+from drivers.gpio import GpioConfig
 from drivers.serial import SerialConfig
 from drivers.synthetic import SyntheticConfig
 
@@ -135,9 +137,13 @@ class PrivacyConfig(StrictModel):
 
 class SourcesConfig(StrictModel):
     synthetic: list[SyntheticConfig] = Field(default_factory=list)
+    gpio: GpioConfig | None = None
     serial: SerialConfig = SerialConfig()
     coap: CoapIngestConfig | None = Field(
         default=None, description="CoAP ingest for IP sensors; off unless this table is present"
+    )
+    ble: BleConfig | None = Field(
+        default=None, description="BLE scanner through BlueZ; off unless this table is present"
     )
 
 
@@ -205,8 +211,11 @@ def format_errors(exc: ValidationError, root: type[BaseModel] = AgentConfig) -> 
             lines.append(f"{path}: missing, expected a value (this key is required)")
         else:
             msg = str(err["msg"])
-            for prefix in ("Value error, ", "Assertion failed, "):
+            for prefix in ("Value error, ", "Assertion failed, ", "Input should be ",
+                           "expected "):
                 msg = msg.removeprefix(prefix)
+            msg = msg.replace("String should match pattern", "text matching")
+            msg = msg.replace("String should have", "text with")
             expected = msg[0].lower() + msg[1:] if msg else kind
             lines.append(f"{path}: got {_show(err.get('input'))}, expected {expected}")
     return lines

@@ -24,6 +24,13 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
         if fmt == "console"
         else structlog.processors.JSONRenderer()
     )
+    # Libraries log through the standard library. bleak at DEBUG logs every D-Bus signal, with
+    # the addresses of customers' phones: keep BLE and D-Bus internals at WARNING whatever our
+    # own level is (privacy by default, docs/BLE.md).
+    logging.basicConfig(level=logging.WARNING, stream=stream,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("bleak", "dbus_fast", "aiocoap", "pymodbus", "paho"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -157,8 +157,9 @@ class Pipeline:
     def _debounce(self, r: Reading, rule: Rule, track: _Track, now: float) -> None:
         if track.has_last and r.value == track.last_value:
             if track.pending is not None:
-                self._count("bounce_suppressed")
-            track.pending = None  # reverted inside the window: nothing happened
+                # Reverted inside the window: neither the change nor its revert is an event.
+                self.counters["bounce_suppressed"] = self.counters.get("bounce_suppressed", 0) + 2
+            track.pending = None
             return
         if track.pending is not None:
             self._count("bounce_suppressed")

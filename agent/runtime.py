@@ -25,7 +25,7 @@ from agent.outbox import Outbox
 from agent.pipeline import Pipeline
 from agent.sdnotify import Notifier, watchdog_interval
 from agent.uplink.base import Uplink
-from drivers import coap, serial, synthetic
+from drivers import ble, coap, gpio, serial, synthetic
 from drivers.base import Backoff, Reading, Source, SourceContext, SourceState
 
 __all__ = ["PipelineSink", "Runtime", "build_sources", "build_uplinks"]
@@ -70,9 +70,13 @@ def build_sources(cfg: AgentConfig, ctx: SourceContext) -> list[Source]:
     """Every configured source, each from its own driver's factory."""
     sources: list[Source] = []
     sources.extend(synthetic.build_sources(cfg.sources.synthetic, ctx))
+    if cfg.sources.gpio is not None:
+        sources.extend(gpio.build_sources(cfg.sources.gpio, ctx))
     sources.extend(serial.build_sources(cfg.sources.serial, ctx))
     if cfg.sources.coap is not None:
         sources.extend(coap.build_sources(cfg.sources.coap, ctx))
+    if cfg.sources.ble is not None:
+        sources.extend(ble.build_sources(cfg.sources.ble, ctx))
     return sources
 
 
@@ -140,6 +144,7 @@ class Runtime:
         self.uplinks: list[Uplink] = []
         self.started = time.time()
         self.ready = asyncio.Event()
+        self.status_output: gpio.GpioStatusOutput | None = None
 
     # ----------------------------------------------------------------- assembly
 
@@ -169,6 +174,8 @@ class Runtime:
         )
         self.sink = PipelineSink(pipeline, self.outbox, self.clock.monotonic)
         self.sources = build_sources(cfg, self.ctx)
+        if cfg.sources.gpio is not None:
+            self.status_output = gpio.build_status_output(cfg.sources.gpio, self.ctx)
         self.uplinks = (
             list(self._uplinks_override)
             if self._uplinks_override is not None
@@ -213,6 +220,7 @@ class Runtime:
                 tasks.append(tg.create_task(self._debounce_loop(), name="pipeline-due"))
                 tasks.append(tg.create_task(self._status_loop(), name="status"))
                 tasks.append(tg.create_task(self._watchdog_loop(), name="watchdog"))
+                await self._sources_started(timeout=10.0)
                 self.notifier.ready(self.summary())
                 self.ready.set()
                 await stop.wait()
@@ -221,10 +229,23 @@ class Runtime:
                 for t in tasks:
                     t.cancel()
         finally:
+            if self.status_output is not None:
+                self.status_output.close()
             await self.outbox.close()
             with contextlib.suppress(OSError):
                 self._write_status()
             log.info("agent.stopped", accepted=self.sink.accepted)
+
+    async def _sources_started(self, timeout: float) -> None:  # noqa: ASYNC109 - a bound, not a deadline API
+        """READY means the sources are listening: wait (bounded) until each left STARTING."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(s.health.state == SourceState.STARTING for s in self.sources):
+            if loop.time() >= deadline:
+                slow = [s.name for s in self.sources if s.health.state == SourceState.STARTING]
+                log.warning("agent.sources_slow_to_start", sources=slow)
+                return
+            await asyncio.sleep(0.01)
 
     async def _supervise(self, src: Source) -> None:
         """A driver bug must not stop the agent: log it, count it, restart with backoff."""
@@ -269,6 +290,20 @@ class Runtime:
             self._stats_cache = await self.outbox.stats() if self.outbox else None
             self._write_status()
             self.notifier.status(self.summary())
+            if self.status_output is not None:
+                self.status_output.set_state(self.led_state())
+
+    def led_state(self) -> gpio.StatusState:
+        """online: an uplink is up; buffering: none is (events kept locally); fault: a source
+        is offline or the platform rejects our batches."""
+        fw = self.forwarder.stats if self.forwarder else None
+        if any(s.health.state == SourceState.OFFLINE for s in self.sources) or (
+            fw is not None and any(k not in ("gap", "replay") for k in fw.rejections)
+        ):
+            return "fault"
+        if any(u.connected for u in self.uplinks):
+            return "online"
+        return "buffering"
 
     # ----------------------------------------------------------------- status
 

@@ -1,0 +1,332 @@
+"""Scenario timelines: which devices a simulated branch has and what happens to them when.
+
+A scenario is a TOML file (hardware-sim/scenarios/*.toml)::
+
+    name = "night-intrusion"
+    description = "..."
+    duration = 60            # seconds of scenario time
+
+    [[gpio]]                 # the GPIO driver's own input config, plus `initial`
+    name = "vault"
+    pin = 17
+    kind = "vault"
+    active_high = true
+
+    [[ups]]                  # serial devices: name + params for branchsim.serialdev
+    name = "main"
+    params = {}
+
+    [[steps]]
+    at = 10                  # seconds from start (divided by the simulator's speed)
+    device = "vault"
+    set = true               # gpio: set / hold / pulse, with optional bounce
+    bounce = 4
+
+Steps may repeat with ``every`` (+ ``until``, default the duration). Errors name the file and
+the key path (``steps[3].set.utility_fial: unknown key``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from drivers.configbase import StrictModel
+from drivers.gpio import GpioInputConfig, normalise_pin
+
+__all__ = [
+    "SCENARIO_DIR",
+    "DeviceKind",
+    "GpioStep",
+    "LineStep",
+    "ModbusStep",
+    "Scenario",
+    "ScenarioError",
+    "SerialDeviceSpec",
+    "SerialStep",
+    "SimGpioInput",
+    "Step",
+    "TimedStep",
+    "UpsSet",
+    "UpsStep",
+    "list_scenarios",
+    "load_scenario",
+    "parse_scenario",
+    "resolve_scenario",
+]
+
+# Scenarios live in the source tree beside the package (hardware-sim/scenarios), not in it.
+SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+
+DeviceKind = Literal["gpio", "ups", "modbus", "line"]
+SERIAL_KINDS: tuple[DeviceKind, ...] = ("ups", "modbus", "line")
+MAX_EXPANDED_STEPS = 100_000
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot be loaded; the message names the file and the key path."""
+
+
+class SimGpioInput(GpioInputConfig):
+    """A simulated contact: the driver's input config plus its state at start."""
+
+    initial: bool = False
+
+    def driver_config(self) -> GpioInputConfig:
+        return GpioInputConfig(**self.model_dump(exclude={"initial"}))
+
+
+class SerialDeviceSpec(StrictModel):
+    """``[[ups]]``, ``[[modbus]]``, ``[[line]]``: passed to `branchsim.serialdev.create_device`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Step(StrictModel):
+    at: float = Field(ge=0)
+    device: str
+    every: float | None = Field(default=None, gt=0)
+    until: float | None = Field(default=None, ge=0)
+
+    def payload(self) -> dict[str, Any]:
+        """The step's own keys, for the device (timing and addressing removed)."""
+        return self.model_dump(
+            exclude={"at", "device", "every", "until", "unplug", "replug"}, exclude_none=True
+        )
+
+
+class GpioStep(Step):
+    """``set`` the contact (asserted or not), or ``hold``/``pulse`` it asserted for seconds.
+
+    ``bounce`` adds that many alternating edges, spread over ``bounce_ms``, before each
+    transition settles. Durations (hold, pulse, bounce) are physical: never compressed by the
+    simulator's speed, because the agent's debounce and hold thresholds are physical too.
+    """
+
+    set: bool | None = None
+    hold: float | None = Field(default=None, gt=0)
+    pulse: float | None = Field(default=None, gt=0)
+    bounce: int = Field(default=0, ge=0, le=100_000)
+    bounce_ms: float = Field(default=5.0, gt=0, le=1000)
+
+    @model_validator(mode="after")
+    def _one_action(self) -> GpioStep:
+        given = [k for k in ("set", "hold", "pulse") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a gpio step needs exactly one of set, hold, pulse (got {given})")
+        return self
+
+
+class SerialStep(Step):
+    unplug: bool = False
+    replug: bool = False
+
+    @model_validator(mode="after")
+    def _plug(self) -> SerialStep:
+        if self.unplug and self.replug:
+            raise ValueError("a step cannot both unplug and replug")
+        if not (self.unplug or self.replug or self.payload()):
+            raise ValueError("the step does nothing")
+        return self
+
+
+class UpsSet(StrictModel):
+    """What a UPS step may change (Megatec/Q1 status flags and measurements)."""
+
+    utility_fail: bool | None = None
+    battery_low: bool | None = None
+    bypass: bool | None = None
+    ups_fault: bool | None = None
+    shutdown: bool | None = None
+    test: bool | None = None
+    input_voltage: float | None = None
+    output_voltage: float | None = None
+    load: int | None = Field(default=None, ge=0, le=100)
+    frequency: float | None = None
+    battery_voltage: float | None = None
+    temperature: float | None = None
+
+
+class UpsStep(SerialStep):
+    set: UpsSet | None = None
+
+
+class ModbusStep(SerialStep):
+    set: dict[str, float | int | bool] | None = None
+
+
+class LineStep(SerialStep):
+    emit: Literal["reading", "garbage", "partial", "framing", "long"] | None = None
+    count: int | None = Field(default=None, ge=1, le=10_000)
+    set: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _count_needs_emit(self) -> LineStep:
+        if self.count is not None and self.emit is None:
+            raise ValueError("count applies to emit only")
+        return self
+
+
+STEP_MODELS: dict[DeviceKind, type[Step]] = {
+    "gpio": GpioStep,
+    "ups": UpsStep,
+    "modbus": ModbusStep,
+    "line": LineStep,
+}
+
+
+class _ScenarioFile(StrictModel):
+    name: str
+    description: str = ""
+    duration: float = Field(gt=0)
+    gpio: list[SimGpioInput] = Field(default_factory=list)
+    ups: list[SerialDeviceSpec] = Field(default_factory=list)
+    modbus: list[SerialDeviceSpec] = Field(default_factory=list)
+    line: list[SerialDeviceSpec] = Field(default_factory=list)
+    steps: list[dict[str, Any]] = Field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class TimedStep:
+    """One step at one time (``every`` already expanded), addressed to one device."""
+
+    at: float
+    device: str
+    kind: DeviceKind
+    step: Step
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    description: str
+    duration: float
+    gpio: tuple[SimGpioInput, ...]
+    serial: Mapping[DeviceKind, tuple[SerialDeviceSpec, ...]]
+    steps: tuple[TimedStep, ...]
+    origin: str = "<scenario>"
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _messages(origin: str, exc: ValidationError, prefix: tuple[int | str, ...] = ()) -> list[str]:
+    msgs = []
+    for err in exc.errors():
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msgs.append(f"{origin}: {_path(prefix + tuple(err['loc']))}: {msg}")
+    return msgs
+
+
+def parse_scenario(data: Mapping[str, Any], origin: str = "<scenario>") -> Scenario:
+    """Validate a scenario table (already parsed TOML); raises `ScenarioError` with every error."""
+    try:
+        raw = _ScenarioFile.model_validate(data)
+    except ValidationError as exc:
+        raise ScenarioError("\n".join(_messages(origin, exc))) from None
+
+    errors: list[str] = []
+    kinds: dict[str, DeviceKind] = {}
+    tables: list[tuple[DeviceKind, list[Any]]] = [
+        ("gpio", raw.gpio),
+        ("ups", raw.ups),
+        ("modbus", raw.modbus),
+        ("line", raw.line),
+    ]
+    for kind, devices in tables:
+        for i, dev in enumerate(devices):
+            if dev.name in kinds:
+                errors.append(f"{origin}: {kind}[{i}].name: device name {dev.name!r} used twice")
+            kinds[dev.name] = kind
+    pins: dict[str, str] = {}
+    for i, g in enumerate(raw.gpio):
+        key = normalise_pin(g.pin)
+        if key in pins:
+            errors.append(f"{origin}: gpio[{i}].pin: pin {g.pin!r} already used by {pins[key]!r}")
+        pins[key] = g.name
+
+    steps: list[TimedStep] = []
+    for i, raw_step in enumerate(raw.steps):
+        device = raw_step.get("device")
+        if not isinstance(device, str) or device not in kinds:
+            known = ", ".join(sorted(kinds)) or "none"
+            errors.append(
+                f"{origin}: steps[{i}].device: unknown device {device!r} (devices: {known})"
+            )
+            continue
+        kind = kinds[device]
+        try:
+            step = STEP_MODELS[kind].model_validate(raw_step)
+        except ValidationError as exc:
+            errors.extend(_messages(origin, exc, ("steps", i)))
+            continue
+        until = raw.duration if step.until is None else step.until
+        if step.at > raw.duration:
+            errors.append(f"{origin}: steps[{i}].at: {step.at} is after duration {raw.duration}")
+            continue
+        if step.every is None:
+            steps.append(TimedStep(step.at, device, kind, step))
+            continue
+        n = int((until - step.at) / step.every + 1e-9) + 1
+        if n > MAX_EXPANDED_STEPS:
+            errors.append(f"{origin}: steps[{i}].every: expands to {n} steps (max 100000)")
+            continue
+        steps.extend(TimedStep(step.at + k * step.every, device, kind, step) for k in range(n))
+    if errors:
+        raise ScenarioError("\n".join(errors))
+    steps.sort(key=lambda s: s.at)  # stable: same-time steps keep file order
+    return Scenario(
+        name=raw.name,
+        description=raw.description,
+        duration=raw.duration,
+        gpio=tuple(raw.gpio),
+        serial={"ups": tuple(raw.ups), "modbus": tuple(raw.modbus), "line": tuple(raw.line)},
+        steps=tuple(steps),
+        origin=origin,
+    )
+
+
+def resolve_scenario(name_or_path: str | Path) -> Path:
+    """A path as given, or a bare name looked up in `SCENARIO_DIR`."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists() or len(path.parts) > 1:
+        return path
+    candidate = SCENARIO_DIR / f"{name_or_path}.toml"
+    if not candidate.exists():
+        names = ", ".join(n for n, _ in list_scenarios()) or "none"
+        raise ScenarioError(f"no scenario named {str(name_or_path)!r} (available: {names})")
+    return candidate
+
+
+def load_scenario(name_or_path: str | Path) -> Scenario:
+    """Load and validate a scenario by name or path; raises `ScenarioError`."""
+    path = resolve_scenario(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
+    return parse_scenario(data, origin=str(path))
+
+
+def list_scenarios() -> list[tuple[str, str]]:
+    """(name, description) of every shipped scenario, sorted by name."""
+    out = []
+    for path in sorted(SCENARIO_DIR.glob("*.toml")):
+        try:
+            desc = str(tomllib.loads(path.read_text(encoding="utf-8")).get("description", ""))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            desc = f"(unreadable: {exc})"
+        out.append((path.stem, desc))
+    return out

@@ -1,0 +1,238 @@
+"""The simulated branch: GPIO contacts on a gpiozero MockFactory and simulated serial devices,
+driven through a scenario's timeline from the simulator's own thread.
+
+The agent sees the same seams as on a Pi: it opens the serial devices' paths (ptys behind
+stable symlinks in `workdir`) and reads pins through `pin_factory` (pass it as
+``SourceContext.pin_factory``). Pins are driven from the timeline thread because real gpiozero
+backends call back from a foreign thread and the agent must cope with that.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import tomli_w
+from gpiozero.pins.mock import MockFactory
+
+from branchsim.gpio import SimContact, sim_pin_factory
+from branchsim.scenario import (
+    SERIAL_KINDS,
+    GpioStep,
+    Scenario,
+    SerialStep,
+    TimedStep,
+)
+from drivers.gpio import GpioConfig
+
+if TYPE_CHECKING:
+    from branchsim.serialdev import SimSerialDevice
+
+__all__ = ["Simulator"]
+
+_log = structlog.get_logger(__name__)
+
+
+class Simulator:
+    """Runs one scenario. `start` returns once every device is up and at its initial state."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        *,
+        workdir: Path,
+        speed: float = 1.0,
+    ) -> None:
+        if speed < 0:
+            raise ValueError("speed must be >= 0 (0 = no waiting between steps)")
+        self.scenario = scenario
+        self.workdir = Path(workdir)
+        self.speed = speed
+        # Pass it to the agent as SourceContext.pin_factory.
+        self.pin_factory: MockFactory = sim_pin_factory()
+        self.thread_ident: int | None = None
+        self.errors = 0
+        self._contacts: dict[str, SimContact] = {}
+        self._serial: dict[str, SimSerialDevice] = {}
+        self._queue: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._done = threading.Event()
+        self._go = threading.Event()
+        self._setup_error: Exception | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self, *, paused: bool = False) -> None:
+        """Bring up every device at its initial state, then play the timeline (time 0 is now).
+
+        With `paused`, the timeline waits for `resume`: a caller that must open the devices
+        first (the agent's drivers, a test) then loses no step.
+        """
+        if not paused:
+            self._go.set()
+        if self._thread is not None:
+            raise RuntimeError("simulator already started")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            for kind in SERIAL_KINDS:
+                for spec in self.scenario.serial[kind]:
+                    # Imported here: the serial devices are another module's, and GPIO-only
+                    # scenarios must run without it.
+                    from branchsim.serialdev import create_device
+
+                    device = create_device(kind, spec.name, spec.params, self.workdir)
+                    self._serial[spec.name] = device
+                    device.start()
+            self._thread = threading.Thread(target=self._run, name="branch-sim", daemon=True)
+            self._thread.start()
+            self._ready.wait()
+            if self._setup_error is not None:
+                raise self._setup_error
+        except BaseException:
+            self.stop()
+            raise
+
+    def resume(self) -> None:
+        """Start the timeline of a simulator started with ``paused=True``."""
+        self._go.set()
+
+    def stop(self) -> None:
+        """Idempotent: ends the timeline thread and stops every serial device."""
+        self._stop.set()
+        self._go.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        for device in self._serial.values():
+            device.stop()
+
+    def wait_done(self, timeout: float) -> bool:
+        """True once every step ran and the scenario's duration has passed (scaled by speed)."""
+        return self._done.wait(timeout)
+
+    def __enter__(self) -> Simulator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- what the agent needs --------------------------------------------------------------
+
+    def agent_sources_config(self) -> dict[str, Any]:
+        """The agent's ``[sources]`` table for this simulated branch."""
+        gpio = GpioConfig(
+            pin_factory="mock", inputs=[g.driver_config() for g in self.scenario.gpio]
+        )
+        serial: dict[str, list[dict[str, Any]]] = {kind: [] for kind in SERIAL_KINDS}
+        for device in self._serial.values():
+            serial[device.kind].append(device.agent_config())
+        return {"gpio": gpio.model_dump(mode="json", exclude_none=True), "serial": serial}
+
+    def config_snippet(self) -> str:
+        """`agent_sources_config` as TOML text."""
+        header = (
+            f"# branch-sim scenario {self.scenario.name!r}: paste into the agent's config.\n"
+            "# GPIO pins are the simulator's in-process MockFactory: only an agent that runs\n"
+            "# the simulator itself (branch-agent --sim) sees them.\n"
+        )
+        return header + tomli_w.dumps({"sources": _drop_none(self.agent_sources_config())})
+
+    def device_paths(self) -> dict[str, str]:
+        """Serial device name -> the path the agent opens."""
+        return {name: device.path for name, device in self._serial.items()}
+
+    # -- the timeline thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        self.thread_ident = threading.get_ident()
+        try:
+            for g in self.scenario.gpio:
+                self._contacts[g.name] = SimContact(g, self.pin_factory)
+        except Exception as exc:
+            self._setup_error = exc
+            return
+        finally:
+            self._ready.set()
+        self._go.wait()
+        if self._stop.is_set():
+            return
+        t0 = time.monotonic()
+        for step in self.scenario.steps:
+            self._push(t0 + self._scaled(step.at), self._runner(step))
+        self._push(t0 + self._scaled(self.scenario.duration), lambda: None)
+        while self._queue:
+            due, _, action = heapq.heappop(self._queue)
+            delay = due - time.monotonic()
+            if delay > 0 and self._stop.wait(delay):
+                return
+            if self._stop.is_set():
+                return
+            try:
+                action()
+            except Exception:
+                self.errors += 1
+                _log.exception("sim_step_failed")
+        self._done.set()
+        _log.info("sim_timeline_done", scenario=self.scenario.name)
+
+    def _scaled(self, seconds: float) -> float:
+        return 0.0 if self.speed == 0 else seconds / self.speed
+
+    def _push(self, due: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._queue, (due, next(self._seq), action))
+
+    def _runner(self, timed: TimedStep) -> Callable[[], None]:
+        def run() -> None:
+            log = _log.bind(device=timed.device, at=timed.at)
+            log.debug("sim_step", step=timed.step.model_dump(exclude_none=True))
+            if isinstance(timed.step, GpioStep):
+                self._gpio_step(self._contacts[timed.device], timed.step)
+            else:
+                assert isinstance(timed.step, SerialStep)
+                self._serial_step(self._serial[timed.device], timed.step)
+
+        return run
+
+    # -- GPIO ------------------------------------------------------------------------------
+
+    def _gpio_step(self, contact: SimContact, step: GpioStep) -> None:
+        if step.set is not None:
+            contact.set(step.set, bounce=step.bounce, bounce_ms=step.bounce_ms)
+            return
+        duration = step.hold if step.hold is not None else step.pulse
+        assert duration is not None  # GpioStep validates exactly one action
+        contact.set(True, bounce=step.bounce, bounce_ms=step.bounce_ms)
+        # Physical duration, not scaled by speed: see GpioStep.
+        self._push(
+            time.monotonic() + duration,
+            lambda: contact.set(False, bounce=step.bounce, bounce_ms=step.bounce_ms),
+        )
+
+    # -- serial ----------------------------------------------------------------------------
+
+    def _serial_step(self, device: SimSerialDevice, step: SerialStep) -> None:
+        if step.unplug:
+            device.unplug()
+        if step.replug:
+            device.replug()
+        payload = step.payload()
+        if payload:
+            device.apply(payload)
+
+
+def _drop_none(value: Any) -> Any:
+    """TOML has no null: leave unset keys out."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
