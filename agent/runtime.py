@@ -287,7 +287,7 @@ class Runtime:
     async def _status_loop(self) -> None:
         while True:
             await asyncio.sleep(2.0)
-            self._stats_cache = await self.outbox.stats() if self.outbox else None
+            self.outbox_stats = await self.outbox.stats() if self.outbox else None
             self._write_status()
             self.notifier.status(self.summary())
             if self.status_output is not None:
@@ -307,10 +307,10 @@ class Runtime:
 
     # ----------------------------------------------------------------- status
 
-    _stats_cache: Any = None
+    outbox_stats: Any = None  # the latest OutboxStats, refreshed every 2 s
 
     def summary(self) -> str:
-        st = self._stats_cache
+        st = self.outbox_stats
         fw = self.forwarder.stats if self.forwarder else None
         depth = sum(st.depth.values()) if st else 0
         via = fw.active_uplink if fw and fw.active_uplink else "none"
@@ -318,7 +318,7 @@ class Runtime:
         return f"outbox {depth} events; uplink {via}; last acked batch {acked}"
 
     def status_doc_sync(self) -> dict[str, Any]:
-        st = self._stats_cache
+        st = self.outbox_stats
         now = time.time()
         doc: dict[str, Any] = {
             "state": "online",
