@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +24,7 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_CONFIG = 2
+EXIT_NOT_RUNNING = 3  # `status`: the agent is not running (figures read from the database)
 
 
 def _summary(cfg: AgentConfig) -> str:
@@ -31,8 +36,15 @@ def _summary(cfg: AgentConfig) -> str:
         f"outbox quota  {cfg.outbox.quota_bytes} bytes",
         f"uplinks       {', '.join(cfg.uplink.order)} (ack mode {cfg.forwarder.ack_mode})",
     ]
-    counts = {name: len(v) if isinstance(v, list) else (1 if v else 0)
-              for name, v in src.model_dump().items()}
+    def count(v: object) -> int:
+        if isinstance(v, list):
+            return len(v)
+        if isinstance(v, dict):  # a table of device lists (serial: ups, modbus, line)
+            lists = [x for x in v.values() if isinstance(x, list)]
+            return sum(len(x) for x in lists) if lists else 1
+        return 1 if v else 0
+
+    counts = {name: count(v) for name, v in src.model_dump().items()}
     lines.append("sources       " + (", ".join(f"{k}: {n}" for k, n in counts.items() if n)
                                      or "none"))
     lines.append(f"rules         {len(cfg.rules)}")
@@ -64,10 +76,15 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.runtime import Runtime, install_signal_handlers
-
     cfg = load_config(Path(args.config))
     configure_logging(args.log_level or cfg.log.level, cfg.log.format)
+    if args.sim:
+        from agent.simrun import run_with_sim
+
+        run_with_sim(cfg, args.sim, args.sim_speed)
+        return EXIT_OK
+
+    from agent.runtime import Runtime, install_signal_handlers
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -78,29 +95,183 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent import demo
+
+    return int(demo.main(args))
+
+
+def _ask(option: str, value: str | None, interactive: bool) -> str:
+    if value:
+        return value
+    if not interactive:
+        raise ConfigError(f"--{option} is required (no terminal to ask on)",
+                          [f"--{option}: missing, expected a value"])
+    answer = input(f"{option.replace('-', ' ')}: ").strip()
+    if not answer:
+        raise ConfigError(f"--{option} is required", [f"--{option}: missing, expected a value"])
+    return answer
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from agent.provision import provision, registration_text
+
+    interactive = not args.non_interactive and sys.stdin.isatty()
+    gw = _ask("gateway-id", args.gateway_id, interactive)
+    broker = _ask("broker", args.broker, interactive)
+    res = provision(Path(args.root), gw, broker, args.coap, exec_path=args.exec_path)
+    for p in res.created:
+        print(f"created       {p}")
+    for p in res.kept:
+        print(f"kept          {p}")
+    print()
+    print("Register this gateway with the platform:")
+    print(f"  gateway id   {res.gateway_id}")
+    print(f"  kid          {res.info.kid.hex()}")
+    print(f"  fingerprint  {res.info.fingerprint}")
+    print(f"Send {res.csr} to the bank's CA; install the certificate it returns as "
+          "tls/client.pem and the bank's CA as tls/ca.pem, then run `branch-agent doctor`.")
+    if not args.no_qr:
+        import segno
+
+        print()
+        segno.make(registration_text(res.gateway_id, res.info), error="m").terminal(
+            out=sys.stdout, compact=True)
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from agent import doctor
+
+    checks = asyncio.run(doctor.run_checks(Path(args.config), args.timeout))
+    code = doctor.exit_code(checks)
+    if args.json:
+        print(json.dumps({"exit": code, "checks": [c.as_dict() for c in checks]}, indent=2))
+        return code
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    marks = {"pass": "[green]✔ pass[/green]", "warn": "[yellow]! warn[/yellow]",
+             "fail": "[red]✘ fail[/red]", "skip": "[dim]- skip[/dim]"}
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("check", no_wrap=True)
+    table.add_column("result", no_wrap=True)
+    table.add_column("detail / fix", overflow="fold")
+    for c in checks:
+        text = escape(c.detail) + (f"\n[bold]fix:[/bold] {escape(c.fix)}" if c.fix else "")
+        table.add_row(c.name, marks[str(c.status)], text)
+    console = Console()
+    console.print(table)
+    console.print({0: "[green]all checks passed[/green]",
+                   1: "[yellow]passed with warnings[/yellow]",
+                   2: "[red]failures: fix them before leaving the branch[/red]"}[code])
+    return code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from agent import statusview
+
+    cfg = load_config(Path(args.config))
+    if args.json:
+        doc = statusview.collect(cfg)
+        print(json.dumps(doc, indent=2, default=str))
+        return EXIT_OK if doc["running"] else EXIT_NOT_RUNNING
+    console = Console()
+    if args.watch:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how --watch ends
+            statusview.watch(cfg, console, args.interval)
+        return EXIT_OK
+    doc = statusview.collect(cfg)
+    console.print(statusview.render(doc))
+    return EXIT_OK if doc["running"] else EXIT_NOT_RUNNING
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from agent import metrics, statusview
+
+    cfg = load_config(Path(args.config))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server = metrics.serve(lambda: statusview.collect(cfg), args.port, args.bind)
+    print(f"serving metrics on http://{args.bind}:{args.port}/metrics", flush=True)
+    stop.wait()
+    server.shutdown()
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="branch-agent", description=__doc__)
     p.add_argument("--version", action="version", version=f"branch-agent {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    default_cfg = str(DEFAULT_CONFIG_PATH)
 
     run = sub.add_parser("run", help="run the agent")
-    run.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    run.add_argument("--config", default=default_cfg)
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--sim", metavar="SCENARIO",
+                     help="run against the hardware simulator playing SCENARIO")
+    run.add_argument("--sim-speed", type=float, default=1.0, metavar="X",
+                     help="simulator time speed-up")
     run.set_defaults(func=cmd_run)
 
     cc = sub.add_parser("check-config", help="validate a config file")
-    cc.add_argument("path", nargs="?", default=str(DEFAULT_CONFIG_PATH))
+    cc.add_argument("path", nargs="?", default=default_cfg)
     cc.set_defaults(func=cmd_check_config)
 
     kg = sub.add_parser("keygen", help="generate the gateway's Ed25519 signing key pair")
     kg.add_argument("--dir", required=True)
     kg.add_argument("--force", action="store_true", help="overwrite existing keys")
     kg.set_defaults(func=cmd_keygen)
+
+    pv = sub.add_parser("provision", help="config, keys, CSR and service for a new gateway")
+    pv.add_argument("--root", default="/", help="root of the target file system (an SD image)")
+    pv.add_argument("--gateway-id", help="the gateway's id as registered with the platform")
+    pv.add_argument("--broker", metavar="HOST[:PORT]", help="the bank's MQTT broker (port 8883)")
+    pv.add_argument("--coap", metavar="URL", help="CoAP fallback uplink, coap://host[:port]")
+    pv.add_argument("--exec-path", default="/opt/branch-agent/bin/branch-agent",
+                    help="where branch-agent is installed on the gateway (the unit's ExecStart)")
+    pv.add_argument("--non-interactive", action="store_true", help="never prompt")
+    pv.add_argument("--no-qr", action="store_true", help="do not print the QR code")
+    pv.set_defaults(func=cmd_provision)
+
+    dr = sub.add_parser("doctor", help="check that everything is right on this gateway")
+    dr.add_argument("--config", default=default_cfg)
+    dr.add_argument("--json", action="store_true", help="machine-readable output")
+    dr.add_argument("--timeout", type=float, default=5.0, help="seconds per network check")
+    dr.set_defaults(func=cmd_doctor)
+
+    st = sub.add_parser("status", help="what the agent is doing")
+    st.add_argument("--config", default=default_cfg)
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    st.add_argument("--interval", type=float, default=2.0, help="--watch refresh period (s)")
+    st.set_defaults(func=cmd_status)
+
+    mt = sub.add_parser("metrics", help="serve the status figures for Prometheus (localhost)")
+    mt.add_argument("--config", default=default_cfg)
+    mt.add_argument("--port", type=int, default=9108)
+    mt.add_argument("--bind", default="127.0.0.1", help="address to bind")
+    mt.set_defaults(func=cmd_metrics)
+
+    dm = sub.add_parser("demo", help="simulator + agent + platform in one terminal")
+    dm.add_argument("--duration", type=float, default=120.0, metavar="SECONDS")
+    dm.add_argument("--headless", action="store_true", help="no live view; print the summary")
+    dm.add_argument("--transport", choices=["auto", "mqtt", "coap"], default="auto")
+    dm.add_argument("--workdir", metavar="DIR")
+    dm.add_argument("--speed", type=float, default=1.0, metavar="X")
+    dm.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # stdout belongs to the command's output (`--json`); logs go to stderr, warnings only, until
+    # `run` applies the config's level.
+    configure_logging("warning")
     try:
         return int(args.func(args))
     except ConfigError as exc:

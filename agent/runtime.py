@@ -349,3 +349,12 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    hang = os.environ.get("BRANCH_AGENT_DEBUG_HANG")
+    if hang:
+        # Test hook for the watchdog: SIGUSR2 blocks the event loop (not the process) for
+        # `hang` seconds, as a stuck driver call would. Only with the variable set.
+        def block() -> None:
+            log.warning("agent.debug_hang", seconds=float(hang))
+            time.sleep(float(hang))
+
+        loop.add_signal_handler(signal.SIGUSR2, block)

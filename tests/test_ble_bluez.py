@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import structlog
+
 from branchsim.bluez import (
     BTHomeSensor,
     FakeBluez,
@@ -18,7 +19,6 @@ from branchsim.bluez import (
     PrivateSystemBus,
     RuuviTag,
 )
-
 from drivers.base import ALERT, TELEMETRY, Reading, SourceContext, SystemClock
 from drivers.ble import BleConfig, BleSource, build_sources
 from tests.support.sinks import CollectingSink

@@ -7,6 +7,7 @@ import typing
 
 from bleak.backends.bluezdbus import defs, manager, scanner
 from bleak.exc import BleakBluetoothNotAvailableReason
+
 from branchsim.bluez import FakeDevice
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from branchsim.bluez import Advert as SimAdvert
-from branchsim.bluez import BTHomeSensor, IBeaconTag, RuuviTag
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from branchsim.bluez import Advert as SimAdvert
+from branchsim.bluez import BTHomeSensor, IBeaconTag, RuuviTag
 from drivers.ble import BleConfig
 from drivers.ble.decoders import (
     BTHOME_UUID,

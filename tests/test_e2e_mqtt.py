@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from branchsim.platform.mqtt_server import MqttPlatformServer, PlatformTls
 from branchsim.platform.receiver import Receiver
-
 from tests.support.agentproc import AgentProcess, mqtt_uplink, wait_until
 from tests.support.broker import Mosquitto, free_port, mosquitto_factory, pki  # noqa: F401
 from tests.support.pki import Pki, make_pki

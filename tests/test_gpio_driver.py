@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from branchsim.scenario import parse_scenario
-from branchsim.sim import Simulator
 from gpiozero import DigitalInputDevice
 from gpiozero.pins.mock import MockFactory
 from pydantic import ValidationError
 
+from branchsim.scenario import parse_scenario
+from branchsim.sim import Simulator
 from drivers.base import ALARM, ALERT, TELEMETRY, Reading, SourceContext, SourceState, SystemClock
 from drivers.gpio import (
     GpioConfig,
@@ -77,7 +77,7 @@ def changes(sink: CollectingSink, source: str) -> list[Any]:
 async def wait_until(pred: Callable[[], bool], within: float = 10.0) -> None:
     """Poll a condition the sink cannot signal (health counters, pin states) until it holds."""
     async with asyncio.timeout(within):
-        while not pred():  # noqa: ASYNC110 (counters and MockPin.states have no event to await)
+        while not pred():
             await asyncio.sleep(0.01)
 
 

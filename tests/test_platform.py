@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from branchsim.platform.receiver import Receiver
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.protocol import ZERO_HASH, batch_hash, build_batch, encode_event, kid_for
+from branchsim.platform.receiver import Receiver
 
 GW = "gw-a"
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from branchsim.scenario import (
     GpioStep,
     ScenarioError,
@@ -15,7 +16,6 @@ from branchsim.scenario import (
     parse_scenario,
 )
 from branchsim.sim import Simulator
-
 from drivers.gpio import GpioConfig
 
 SHIPPED = ["flaky-devices", "night-intrusion", "power-failure", "quiet-day"]

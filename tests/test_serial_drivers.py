@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from branchsim.serialdev import SimSerialDevice, create_device
 
+from branchsim.serialdev import SimSerialDevice, create_device
 from drivers.base import ALERT, Reading, Source, SourceContext, SourceState, SystemClock
 from drivers.serial import SerialConfig, build_sources
 from drivers.serial.port import SerialPortConfig, open_port, read_some

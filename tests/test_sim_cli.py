@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from branchsim.cli import CONFIG_BEGIN, CONFIG_END
 
+from branchsim.cli import CONFIG_BEGIN, CONFIG_END
 from drivers.gpio import GpioConfig
 
 CLI = [sys.executable, "-m", "branchsim.cli"]

@@ -149,8 +149,11 @@ class AgentProcess:
         db = self.state / "outbox.db"
         if not db.exists():
             return -1
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
-            return int(c.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+                return int(c.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+        except sqlite3.OperationalError:
+            return -1  # created but its tables not yet committed
 
     def status(self) -> dict[str, Any]:
         try:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from branchsim.broker import MOSQUITTO, Mosquitto, get_free_port, wait_port
 from branchsim.pki import Pki, make_pki
 

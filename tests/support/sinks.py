@@ -27,7 +27,7 @@ class CollectingSink:
         return [r for r in self.readings if r.type == type_]
 
     async def wait_for(
-        self, predicate: Callable[[list[Reading]], bool], timeout: float = 10.0  # noqa: ASYNC109 - mirrors wait_for
+        self, predicate: Callable[[list[Reading]], bool], timeout: float = 10.0
     ) -> list[Reading]:
         async def _wait() -> None:
             while not predicate(self.readings):

@@ -1,0 +1,72 @@
+"""`branch-agent` as installers type it: subcommands, check-config, keygen, run on a bad config."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.agentproc import to_toml
+
+AGENT = [sys.executable, "-m", "agent.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AGENT, *args], capture_output=True, text=True, timeout=60,
+                          check=False, stdin=subprocess.DEVNULL)
+
+
+def test_help_lists_every_command() -> None:
+    """`--help` names run, check-config, keygen, provision, doctor, status, metrics and demo."""
+    res = cli("--help")
+    assert res.returncode == 0
+    for cmd in ("run", "check-config", "keygen", "provision", "doctor", "status", "metrics",
+                "demo"):
+        assert cmd in res.stdout
+    run_help = cli("run", "--help").stdout
+    assert "--sim SCENARIO" in run_help and "--sim-speed X" in run_help
+    demo_help = cli("demo", "--help").stdout
+    for opt in ("--duration SECONDS", "--headless", "--transport", "--workdir DIR", "--speed X"):
+        assert opt in demo_help
+
+
+def test_check_config_accepts_the_example() -> None:
+    """config/example.toml passes check-config and the summary counts its serial devices."""
+    res = cli("check-config", str(ROOT / "config" / "example.toml"))
+    assert res.returncode == 0, res.stderr
+    assert "OK" in res.stdout
+    assert "serial: 3" in res.stdout
+
+
+def test_check_config_lists_every_problem(tmp_path: Path) -> None:
+    """An invalid config exits 2 and names each bad key on its own line."""
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(to_toml({"gateway": {"id": "gw", "stat_dir": "/x"},
+                            "uplink": {"order": ["mqtt"]}}))
+    res = cli("check-config", str(cfg))
+    assert res.returncode == 2
+    assert "gateway.stat_dir: unknown key; did you mean 'state_dir'?" in res.stderr
+    assert "uplink" in res.stderr
+
+
+def test_run_refuses_a_bad_config(tmp_path: Path) -> None:
+    """`run` with a missing config exits 2 with the reason instead of a traceback."""
+    res = cli("run", "--config", str(tmp_path / "nope.toml"))
+    assert res.returncode == 2
+    assert "cannot read" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_keygen_writes_0600_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    """keygen writes the private key with mode 0600 and refuses to replace it without --force."""
+    first = cli("keygen", "--dir", str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    assert stat.S_IMODE((tmp_path / "signing.key").stat().st_mode) == 0o600
+    key = (tmp_path / "signing.key").read_bytes()
+    again = cli("keygen", "--dir", str(tmp_path))
+    assert again.returncode == 1 and "--force" in again.stderr
+    assert (tmp_path / "signing.key").read_bytes() == key
+    forced = cli("keygen", "--dir", str(tmp_path), "--force")
+    assert forced.returncode == 0
+    assert (tmp_path / "signing.key").read_bytes() != key

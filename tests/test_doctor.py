@@ -1,0 +1,178 @@
+"""`branch-agent doctor` against a healthy gateway (mTLS mosquitto, keys 0600, a pty as serial
+port, clock synced) and a deliberately broken one; the BLE check against a fake BlueZ."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.doctor import Status, check_ble
+from branchsim.bluez import FakeBluez, PrivateSystemBus
+from drivers.ble import BleConfig
+from tests.support.agentproc import AgentProcess, mqtt_uplink, to_toml
+from tests.support.broker import Mosquitto
+from tests.support.pki import Pki, make_pki
+
+AGENT = [sys.executable, "-m", "agent.cli"]
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path / "pki")
+
+
+@pytest.fixture
+def broker(tmp_path: Path, pki: Pki) -> Iterator[Mosquitto]:
+    m = Mosquitto(tmp_path / "broker", tls=pki).start()
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+@pytest.fixture
+def pty_port() -> Iterator[str]:
+    """A real pty: its slave path stands in for /dev/ttyUSB0."""
+    master, slave = os.openpty()
+    try:
+        yield os.ttyname(slave)
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
+def client_cert(pki: Pki, dir: Path, days: int) -> Path:
+    """The gateway's certificate re-issued by the test CA for `days` (make_pki's lasts a day)."""
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    old = x509.load_pem_x509_certificate(pki.client_cert.read_bytes())
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(old.issuer)
+            .public_key(old.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .sign(ca_key, hashes.SHA256()))
+    path = dir / f"client-{days}d.crt"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def gateway(dir: Path, broker: Mosquitto, pki: Pki, port: str, **gw: Any) -> AgentProcess:
+    """A gateway config: mTLS to `broker` with a year-long client certificate, a UPS on `port`."""
+    up = mqtt_uplink(broker.port, pki)
+    up["tls"]["cert"] = str(client_cert(pki, dir.parent, days=365))
+    a = AgentProcess(dir, gateway=gw, uplink={"order": ["mqtt"], "mqtt": up},
+                     sources={"serial": {"ups": [{"name": "main", "port": port}]}})
+    a.write_config()
+    return a
+
+
+def doctor(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AGENT, "doctor", "--config", str(config), "--timeout", "5", *extra],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def by_name(out: str) -> dict[str, dict[str, str]]:
+    return {c["name"]: c for c in json.loads(out)["checks"]}
+
+
+def test_healthy_gateway_passes(tmp_path: Path, broker: Mosquitto, pki: Pki,
+                                pty_port: str) -> None:
+    """Every check passes (or does not apply) on a healthy setup; exit code 0."""
+    gw = gateway(tmp_path / "gw", broker, pki, pty_port)
+    res = doctor(gw.config_path, "--json")
+    checks = by_name(res.stdout)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert {c["status"] for c in checks.values()} <= {"pass", "skip"}
+    for name in ("config", "signing key", "state dir", "clock", "serial ups.main",
+                 "mqtt certificate", "mqtt broker", "mqtt tls handshake", "mqtt connect"):
+        assert checks[name]["status"] == "pass", checks[name]
+    assert "CONNACK" in checks["mqtt connect"]["detail"]
+
+
+def test_broken_gateway_reports_each_failure_with_a_fix(tmp_path: Path, broker: Mosquitto,
+                                                        pki: Pki) -> None:
+    """Wrong CA, missing serial port, key mode 0644 and an unsynchronised clock each fail with
+    a fix; exit code 2; the human output shows the fixes too."""
+    gw = gateway(tmp_path / "gw", broker, pki, "/dev/ttyDOESNOTEXIST", time_sync="unsynced")
+    gw.doc["uplink"]["mqtt"]["tls"]["ca"] = str(pki.other_ca_cert)
+    gw.write_config()
+    (gw.keys / "signing.key").chmod(0o644)
+    res = doctor(gw.config_path, "--json")
+    assert res.returncode == 2, res.stdout + res.stderr
+    checks = by_name(res.stdout)
+    expected = {
+        "signing key": "chmod 600",
+        "clock": "timedatectl",
+        "serial ups.main": "USB adapter",
+        "mqtt tls handshake": "uplink.mqtt.tls.ca",
+    }
+    for name, fix in expected.items():
+        assert checks[name]["status"] == "fail", checks[name]
+        assert fix in checks[name]["fix"], checks[name]
+    assert checks["config"]["status"] == "pass"
+    human = doctor(gw.config_path)
+    assert human.returncode == 2
+    assert "chmod 600" in human.stdout and "fix:" in human.stdout
+
+
+def test_warning_gives_exit_code_1(tmp_path: Path, broker: Mosquitto, pki: Pki,
+                                   pty_port: str) -> None:
+    """A certificate close to expiry is a warning, not a failure: exit code 1."""
+    gw = gateway(tmp_path / "gw", broker, pki, pty_port)
+    gw.doc["uplink"]["mqtt"]["tls"]["cert"] = str(client_cert(pki, tmp_path, days=10))
+    gw.write_config()
+    res = doctor(gw.config_path, "--json")
+    checks = by_name(res.stdout)
+    assert checks["mqtt certificate"]["status"] == "warn", checks["mqtt certificate"]
+    assert "expires in" in checks["mqtt certificate"]["detail"]
+    assert res.returncode == 1, res.stdout
+
+
+def test_invalid_config_fails_first(tmp_path: Path) -> None:
+    """An invalid config is the one failure reported, with its problems and exit code 2."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(to_toml({"gateway": {"id": "gw", "colour": "red"}}))
+    res = doctor(cfg, "--json")
+    checks = json.loads(res.stdout)["checks"]
+    assert res.returncode == 2
+    assert [c["name"] for c in checks] == ["config"]
+    assert "gateway.colour: unknown key" in checks[0]["detail"]
+
+
+async def test_ble_adapter_powered_and_unpowered(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The BLE check passes with a powered adapter on BlueZ's D-Bus, fails when it is
+    unpowered, and fails when BlueZ is not on the bus at all."""
+    ble = BleConfig.model_validate({"sensors": [
+        {"name": "thermo", "address": "A4:C1:38:00:00:01", "decoder": "bthome"}]})
+    (tmp_path / "dbus").mkdir()
+    bus = PrivateSystemBus(tmp_path / "dbus")
+    await bus.start()
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus.address)
+    bluez = FakeBluez(bus.address)
+    try:
+        no_bluez = await check_ble(ble)
+        assert no_bluez.status is Status.FAIL and "bluetooth" in no_bluez.fix
+        await bluez.start()
+        ok = await check_ble(ble)
+        assert ok.status is Status.PASS, ok
+        assert "hci0" in ok.detail
+        bluez.power(False)
+        off = await check_ble(ble)
+        assert off.status is Status.FAIL and "power on" in off.fix, off
+        assert (await check_ble(None)).status is Status.SKIP
+    finally:
+        await bluez.stop()
+        await bus.stop()

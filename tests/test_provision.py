@@ -1,0 +1,99 @@
+"""`branch-agent provision --root DIR`: config, keys, CSR and unit on an empty root; idempotent."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from cryptography import x509
+
+from agent.keys import load_public_key
+from agent.protocol import kid_for
+
+AGENT = [sys.executable, "-m", "agent.cli"]
+
+
+def provision(root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*AGENT, "provision", "--root", str(root), "--gateway-id", "branch-0042",
+         "--broker", "mqtt.bank.example:8883", "--non-interactive", *extra],
+        capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL)
+
+
+def mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_provision_empty_root(tmp_path: Path) -> None:
+    """An empty root gets a config that passes check-config, keys with mode 0600, a CSR for the
+    gateway id, the unit (enabled, ExecStart rewritten) and the sysusers/tmpfiles snippets; the
+    registration details and a QR code are printed."""
+    root = tmp_path / "root"
+    res = provision(root, "--coap", "coap://coap.bank.example", "--exec-path", "/usr/bin/ba")
+    assert res.returncode == 0, res.stderr
+    etc = root / "etc" / "branch-agent"
+    cfg = etc / "agent.toml"
+    check = subprocess.run([*AGENT, "check-config", str(cfg)], capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert check.returncode == 0, check.stderr
+    assert "uplinks       mqtt, coap" in check.stdout
+    assert mode(etc / "keys" / "signing.key") == 0o600
+    assert mode(etc / "tls" / "client.key") == 0o600
+    csr = x509.load_pem_x509_csr((etc / "tls" / "client.csr").read_bytes())
+    assert csr.is_signature_valid
+    assert csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "branch-0042"
+    unit = root / "etc" / "systemd" / "system" / "branch-agent.service"
+    assert "ExecStart=/usr/bin/ba run --config /etc/branch-agent/agent.toml" in unit.read_text()
+    wants = unit.parent / "multi-user.target.wants" / "branch-agent.service"
+    assert wants.is_symlink()
+    assert str(wants.readlink()) == "/etc/systemd/system/branch-agent.service"
+    assert (root / "usr/lib/sysusers.d/branch-agent.conf").exists()
+    assert (root / "usr/lib/tmpfiles.d/branch-agent.conf").exists()
+    assert (root / "var/lib/branch-agent").is_dir()
+    kid = kid_for(load_public_key(etc / "keys" / "signing.pub")).hex()
+    assert f"kid          {kid}" in res.stdout
+    assert "gateway id   branch-0042" in res.stdout
+    assert "fingerprint  SHA256:" in res.stdout
+    assert "█" in res.stdout  # the QR code
+
+
+def test_provision_twice_keeps_keys(tmp_path: Path) -> None:
+    """A second run keeps the signing key, the client key, the CSR and the config byte for byte
+    and prints the same kid."""
+    root = tmp_path / "root"
+    first = provision(root, "--no-qr")
+    assert first.returncode == 0, first.stderr
+    files = ["keys/signing.key", "keys/signing.pub", "tls/client.key", "tls/client.csr",
+             "agent.toml"]
+    before = {f: (root / "etc/branch-agent" / f).read_bytes() for f in files}
+    second = provision(root, "--no-qr")
+    assert second.returncode == 0, second.stderr
+    after = {f: (root / "etc/branch-agent" / f).read_bytes() for f in files}
+    assert after == before
+    assert "created" not in second.stdout
+    kid_line = [ln for ln in first.stdout.splitlines() if ln.strip().startswith("kid")]
+    assert kid_line and kid_line[0] in second.stdout
+
+
+def test_provision_refuses_bad_input(tmp_path: Path) -> None:
+    """A bad gateway id or broker is refused before anything is written; a missing option
+    without a terminal is an error, not a prompt."""
+    root = tmp_path / "root"
+    bad = subprocess.run(
+        [*AGENT, "provision", "--root", str(root), "--gateway-id", "bad id!", "--broker",
+         "mqtt.bank.example", "--non-interactive"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2
+    assert "gateway.id" in bad.stderr
+    assert not root.exists()
+    missing = subprocess.run([*AGENT, "provision", "--root", str(root), "--gateway-id", "gw1"],
+                             capture_output=True, text=True, timeout=60, check=False,
+                             stdin=subprocess.DEVNULL)
+    assert missing.returncode == 2 and "--broker" in missing.stderr
+    port = subprocess.run(
+        [*AGENT, "provision", "--root", str(root), "--gateway-id", "gw1", "--broker",
+         "host:99999", "--non-interactive"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert port.returncode == 1 and "HOST:PORT" in port.stderr

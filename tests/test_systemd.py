@@ -1,0 +1,89 @@
+"""The shipped unit, sysusers and tmpfiles files, checked with systemd's own tools."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+UNIT = ROOT / "systemd" / "branch-agent.service"
+SYSUSERS = ROOT / "systemd" / "sysusers.d" / "branch-agent.conf"
+TMPFILES = ROOT / "systemd" / "tmpfiles.d" / "branch-agent.conf"
+EXEC = "/opt/branch-agent/bin/branch-agent"
+MAX_EXPOSURE = 2.0
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (make sysdeps)"
+)
+
+
+def _unit_with_exec(tmp_path: Path) -> Path:
+    """The unit with ExecStart/ExecStartPre pointing at an executable that exists here."""
+    exe = tmp_path / "branch-agent"
+    exe.write_text("#!/bin/sh\nexit 0\n")
+    exe.chmod(0o755)
+    unit = tmp_path / "branch-agent.service"
+    unit.write_text(UNIT.read_text().replace(EXEC, str(exe)))
+    return unit
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_unit_verifies(tmp_path: Path) -> None:
+    """`systemd-analyze verify` accepts the unit without a single warning."""
+    res = _run("systemd-analyze", "verify", str(_unit_with_exec(tmp_path)))
+    assert res.returncode == 0, res.stderr
+    own = [ln for ln in res.stderr.splitlines() if "branch-agent.service" in ln]
+    assert own == [], own
+
+
+def test_security_exposure_at_most_2(tmp_path: Path) -> None:
+    """`systemd-analyze security --offline=true` rates the unit's exposure at 2.0 or less."""
+    res = _run("systemd-analyze", "security", "--offline=true", "--no-pager",
+               str(_unit_with_exec(tmp_path)))
+    m = re.search(r"Overall exposure level for branch-agent\.service: (\d+\.\d+)", res.stdout)
+    assert m, res.stdout + res.stderr
+    exposure = float(m.group(1))
+    assert exposure <= MAX_EXPOSURE, res.stdout
+    doc = (ROOT / "docs" / "OPERATIONS.md").read_text()
+    assert f"exposure level {exposure}" in doc, "docs/OPERATIONS.md must state the current figure"
+
+
+def test_unit_has_the_service_contract() -> None:
+    """The unit is Type=notify with a watchdog, restarts always, and runs as its own user."""
+    text = UNIT.read_text()
+    for line in ("Type=notify", "WatchdogSec=30", "Restart=always", "User=branch-agent",
+                 "SupplementaryGroups=gpio dialout bluetooth", "StateDirectory=branch-agent",
+                 "ConfigurationDirectory=branch-agent", "CapabilityBoundingSet=\n",
+                 "DevicePolicy=closed", "UMask=0077", "NoNewPrivileges=yes",
+                 "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_BLUETOOTH AF_NETLINK",
+                 "SystemCallFilter=@system-service", "StartLimitBurst="):
+        assert line in text, line
+
+
+def test_sysusers_and_tmpfiles_apply_to_an_image_root(tmp_path: Path) -> None:
+    """systemd-sysusers and systemd-tmpfiles with --root create the user, groups and dirs."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    for src, sub in ((SYSUSERS, "sysusers.d"), (TMPFILES, "tmpfiles.d")):
+        dest = root / "usr" / "lib" / sub
+        dest.mkdir(parents=True)
+        shutil.copy(src, dest / src.name)
+    res = _run("systemd-sysusers", f"--root={root}")
+    assert res.returncode == 0, res.stderr
+    passwd = (root / "etc" / "passwd").read_text()
+    group = (root / "etc" / "group").read_text()
+    assert re.search(r"^branch-agent:x:\d+:\d+:.*:/usr/sbin/nologin$", passwd, re.M), passwd
+    for g in ("gpio", "dialout", "bluetooth"):
+        assert re.search(rf"^{g}:x:\d+:branch-agent$", group, re.M), group
+    res = _run("systemd-tmpfiles", f"--root={root}", "--create")
+    assert res.returncode == 0, res.stderr
+    state = root / "var" / "lib" / "branch-agent"
+    assert state.is_dir() and (state.stat().st_mode & 0o777) == 0o700
+    assert (root / "etc" / "branch-agent" / "keys").stat().st_mode & 0o007 == 0
