@@ -135,6 +135,14 @@ class PrivacyConfig(StrictModel):
     pseudonymise_attrs: list[str] = Field(default_factory=list)
 
 
+class MetricsConfig(StrictModel):
+    """Optional Prometheus endpoint; off unless enabled, and on localhost unless told."""
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = Field(default=9108, ge=1, le=65535)
+
+
 class SourcesConfig(StrictModel):
     synthetic: list[SyntheticConfig] = Field(default_factory=list)
     gpio: GpioConfig | None = None
@@ -156,6 +164,7 @@ class AgentConfig(StrictModel):
     sources: SourcesConfig = SourcesConfig()
     rules: list[RuleConfig] = Field(default_factory=list)
     privacy: PrivacyConfig = PrivacyConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def outbox_path(self) -> Path:

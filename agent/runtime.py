@@ -210,6 +210,13 @@ class Runtime:
             uplinks=[u.name for u in self.uplinks],
             kid=self.forwarder.signer.kid.hex(),
         )
+        metrics_server: Any = None
+        if self.cfg.metrics.enabled:
+            from agent.metrics import serve
+
+            metrics_server = serve(self.status_doc_sync, self.cfg.metrics.port,
+                                   self.cfg.metrics.bind)
+            log.info("metrics.listening", bind=self.cfg.metrics.bind, port=self.cfg.metrics.port)
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
@@ -229,6 +236,9 @@ class Runtime:
                 for t in tasks:
                     t.cancel()
         finally:
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
             if self.status_output is not None:
                 self.status_output.close()
             await self.outbox.close()
