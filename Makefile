@@ -18,7 +18,10 @@ venv: $(STAMP)
 
 # System packages the tests start for real: mosquitto (broker), dbus-daemon (fake BlueZ bus),
 # systemd-analyze (unit checks). Installed with apt-get when missing and running as root.
-SYSPKGS := mosquitto:/usr/sbin/mosquitto dbus-daemon:/usr/bin/dbus-daemon systemd:/usr/bin/systemd-analyze
+# libfaketime: the fault suite's clock-jump test (skipped, with the reason, without it).
+LIBFAKETIME := $(or $(wildcard /usr/lib/*/faketime/libfaketime.so.1),/usr/lib/faketime/libfaketime.so.1)
+SYSPKGS := mosquitto:/usr/sbin/mosquitto dbus-daemon:/usr/bin/dbus-daemon \
+           systemd:/usr/bin/systemd-analyze libfaketime:$(LIBFAKETIME) iproute2:/usr/bin/ss
 sysdeps:
 	@missing=""; for pair in $(SYSPKGS); do pkg=$${pair%%:*}; path=$${pair#*:}; \
 	  [ -x "$$path" ] || missing="$$missing $$([ $$pkg = dbus-daemon ] && echo dbus || echo $$pkg)"; done; \
@@ -37,8 +40,10 @@ lint: venv
 test: venv sysdeps lint
 	$(BIN)/pytest -q
 
+# The whole fault suite, slow runs included (50 kills, the 30-minute soak: FAULTS_SOAK_S,
+# FAULTS_KILLS to change them), with the summary table.
 faults: venv sysdeps
-	$(BIN)/pytest -q -m slow tests/faults
+	$(BIN)/pytest -q -o addopts=-ra tests/faults tests/test_faultproxy.py
 
 demo: venv
 	@command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || echo "(mosquitto not installed: the demo runs over CoAP)"

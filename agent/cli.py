@@ -64,10 +64,43 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _audit_operator(config: Path | None, command: str, **attrs: object) -> None:
+    """Operator commands go to the local audit log (IEC 62443-4-2 CR 2.8), with the invoking
+    user. Best effort: a command that cannot read the config or write the log still runs (the
+    agent raises audit.degraded itself when it cannot write)."""
+    from agent.audit import AuditLog, AuditWriteError
+
+    if config is None or not config.exists():
+        return
+    try:
+        cfg = load_config(config)
+        AuditLog.from_config(cfg.audit, cfg.gateway.state_dir).append(
+            "audit.operator_command", {"cmd": command, **attrs})
+    except (ConfigError, AuditWriteError, OSError) as exc:
+        structlog.get_logger(__name__).warning("audit.operator_not_recorded", cmd=command,
+                                               error=str(exc))
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from agent import audit
+
+    argv = [args.action]
+    path = args.file
+    if path is None:
+        cfg = load_config(Path(args.config))
+        path = cfg.audit.path or cfg.gateway.state_dir / "audit" / "audit.log"
+    argv += ["--file", str(path)]
+    if args.json:
+        argv.append("--json")
+    return audit.main(argv)
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from agent.keys import generate_keypair
 
     info = generate_keypair(Path(args.dir), force=args.force)
+    _audit_operator(Path(args.config) if args.config else None, "keygen",
+                    kid=info.kid.hex(), force=bool(args.force))
     print(f"private key   {Path(args.dir) / 'signing.key'} (mode 0600)")
     print(f"public key    {Path(args.dir) / 'signing.pub'}")
     print(f"kid           {info.kid.hex()}")
@@ -89,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        await Runtime(cfg).run(stop)
+        await Runtime(cfg, config_path=Path(args.config)).run(stop)
 
     asyncio.run(main())
     return EXIT_OK
@@ -120,6 +153,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
     gw = _ask("gateway-id", args.gateway_id, interactive)
     broker = _ask("broker", args.broker, interactive)
     res = provision(Path(args.root), gw, broker, args.coap, exec_path=args.exec_path)
+    _audit_operator(res.config, "provision",
+                    gateway=gw, root=str(args.root), kid=res.info.kid.hex())
     for p in res.created:
         print(f"created       {p}")
     for p in res.kept:
@@ -145,6 +180,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     checks = asyncio.run(doctor.run_checks(Path(args.config), args.timeout))
     code = doctor.exit_code(checks)
+    _audit_operator(Path(args.config), "doctor", exit=code)
     if args.json:
         print(json.dumps({"exit": code, "checks": [c.as_dict() for c in checks]}, indent=2))
         return code
@@ -225,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     kg = sub.add_parser("keygen", help="generate the gateway's Ed25519 signing key pair")
     kg.add_argument("--dir", required=True)
     kg.add_argument("--force", action="store_true", help="overwrite existing keys")
+    kg.add_argument("--config", default=None,
+                    help="the agent's config, for the audit record (default: none)")
     kg.set_defaults(func=cmd_keygen)
 
     pv = sub.add_parser("provision", help="config, keys, CSR and service for a new gateway")
@@ -257,12 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--bind", default="127.0.0.1", help="address to bind")
     mt.set_defaults(func=cmd_metrics)
 
+    au = sub.add_parser("audit", help="verify or export the local, hash-chained audit log")
+    au.add_argument("action", choices=["verify", "export"])
+    au.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    au.add_argument("--file", type=Path, default=None,
+                    help="the log (default: from the config's [audit] / state dir)")
+    au.add_argument("--json", action="store_true")
+    au.set_defaults(func=cmd_audit)
+
     dm = sub.add_parser("demo", help="simulator + agent + platform in one terminal")
     dm.add_argument("--duration", type=float, default=120.0, metavar="SECONDS")
     dm.add_argument("--headless", action="store_true", help="no live view; print the summary")
     dm.add_argument("--transport", choices=["auto", "mqtt", "coap"], default="auto")
     dm.add_argument("--workdir", metavar="DIR")
-    dm.add_argument("--speed", type=float, default=1.0, metavar="X")
+    dm.add_argument("--speed", type=float, default=None, metavar="X",
+                    help="scenario time compression (default: fit the scenario in the run)")
     dm.set_defaults(func=cmd_demo)
     return p
 

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from agent.audit import AuditConfig
+from agent.commands import CommandsConfig
 from agent.errors import ConfigError
 from agent.pipeline import Rule, Threshold
 from agent.uplink.coap import CoapUplinkConfig
@@ -165,6 +167,10 @@ class AgentConfig(StrictModel):
     rules: list[RuleConfig] = Field(default_factory=list)
     privacy: PrivacyConfig = PrivacyConfig()
     metrics: MetricsConfig = MetricsConfig()
+    audit: AuditConfig = AuditConfig()
+    commands: CommandsConfig | None = Field(
+        default=None, description="signed downlink commands; off unless this table is present"
+    )
 
     @property
     def outbox_path(self) -> Path:

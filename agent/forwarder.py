@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,12 @@ class Signer:
         self.gw = gw
         self._wall = wall
 
+    def rotate(self, new_key: Ed25519PrivateKey) -> None:
+        """Sign every batch built from now on with `new_key` (after its announcement, signed
+        with the old key, was acknowledged by the platform)."""
+        self._key = new_key
+        self.kid = protocol.kid_for(new_key.public_key())
+
     def build(self, seq: int, prev: bytes, bodies: list[bytes]) -> bytes:
         return protocol.build_batch(
             key=self._key,
@@ -66,6 +73,7 @@ class ForwarderStats:
     events_acked: int = 0
     rejections: dict[str, int] = field(default_factory=dict)
     active_uplink: str | None = None
+    active_transport: str | None = None  # "mqtt" / "coap": the kind of the active uplink
     last_ack_at: float | None = None
     last_acked_seq: int = 0
 
@@ -77,6 +85,7 @@ class ForwarderStats:
             "events_acked": self.events_acked,
             "rejections": dict(self.rejections),
             "active_uplink": self.active_uplink,
+            "active_transport": self.active_transport if self.active_uplink else None,
             "last_ack_at": self.last_ack_at,
             "last_acked_seq": self.last_acked_seq,
         }
@@ -148,6 +157,7 @@ class Forwarder:
         self._acks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10_000)
         self._active: Uplink | None = None
         self._idle = asyncio.Event()
+        self._rotation: tuple[Ed25519PrivateKey, int, Callable[[], Awaitable[None]]] | None = None
         outbox.on_commit(self._wake.set)
 
     # ------------------------------------------------------------------ public
@@ -167,6 +177,13 @@ class Forwarder:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def rotate_after(self, new_key: Ed25519PrivateKey, event_id: int,
+                     then: Callable[[], Awaitable[None]]) -> None:
+        """Switch the signing key once the batch holding event `event_id` (the announcement of
+        the new key, signed by the old one) is acked; then run `then` (install the key files,
+        audit). Batches already signed keep their signature: they are re-sent byte for byte."""
+        self._rotation = (new_key, event_id, then)
 
     @property
     def in_flight(self) -> int:
@@ -212,6 +229,7 @@ class Forwarder:
         while True:
             up = self._choose()
             if up is None:
+                self.stats.active_uplink = None
                 self._idle.clear()
                 await self._wait(1.0)
                 continue
@@ -219,8 +237,9 @@ class Forwarder:
                 if self._active is not None:
                     log.warning("forwarder.path_changed", old=self._active.name, new=up.name)
                 self._active = up
-                self.stats.active_uplink = up.name
                 self._requeue_all()
+            self.stats.active_uplink = up.name
+            self.stats.active_transport = up.name.split(":", 1)[0]
             self._requeue_expired()
             progressed = False
             while len(self._inflight) < self.window:
@@ -229,11 +248,16 @@ class Forwarder:
                     break
                 if batch.top_priority > ALARM:
                     await self._bucket.take(len(batch.data))
+                # In flight before the send: an uplink may hand over the ack inside send()
+                # (CoAP answers in the response), and that ack must find its batch.
+                if self.ack_mode != "broker":
+                    self._inflight[batch.seq] = _InFlight(batch, time.monotonic(), up.name)
                 try:
                     await up.send(batch.seq, batch.data)
                 except UplinkDownError as exc:
                     log.info("forwarder.send_failed", uplink=up.name, seq=batch.seq, error=str(exc))
-                    self._unsent.insert(0, batch)
+                    if self._inflight.pop(batch.seq, None) is not None or self.ack_mode == "broker":
+                        self._unsent.insert(0, batch)
                     self._up[up.name] = up.connected
                     if not up.connected:
                         self._down_since[up.name] = time.monotonic()
@@ -242,8 +266,6 @@ class Forwarder:
                 self.stats.batches_sent += 1
                 if self.ack_mode == "broker":
                     await self._acked(batch, via="broker")
-                else:
-                    self._inflight[batch.seq] = _InFlight(batch, time.monotonic(), up.name)
             if not self._inflight and not self._unsent and not progressed:
                 self._idle.set()
             else:
@@ -334,13 +356,35 @@ class Forwarder:
             self._wake.set()
 
     async def _acked(self, batch: PendingBatch, via: str) -> None:
-        if await self.outbox.ack_batch(batch.seq, batch.hash):
+        try:
+            deleted = await self.outbox.ack_batch(batch.seq, batch.hash)
+        except (sqlite3.Error, OSError) as exc:
+            # A full or read-only disk: the events stay stored; the batch is sent again and
+            # the platform's `replay` ack retries the delete. Never stop the agent for this.
+            log.error("forwarder.ack_store_failed", seq=batch.seq, error=str(exc))
+            if all(b.seq != batch.seq for b in self._unsent):
+                self._unsent = sorted([*self._unsent, batch], key=lambda b: b.seq)
+            return
+        if deleted:
             self.stats.batches_acked += 1
             self.stats.events_acked += batch.count
             self.stats.last_ack_at = time.time()
             self.stats.last_acked_seq = max(self.stats.last_acked_seq, batch.seq)
             log.debug("forwarder.acked", seq=batch.seq, events=batch.count, via=via)
+            if self._rotation is not None:
+                await self._maybe_rotate(batch)
         self._wake.set()
+
+    async def _maybe_rotate(self, batch: PendingBatch) -> None:
+        assert self._rotation is not None
+        new_key, event_id, then = self._rotation
+        ids = {e["id"] for e in protocol.decode_batch(batch.data)[0].events}
+        if event_id not in ids:
+            return
+        self._rotation = None
+        self.signer.rotate(new_key)
+        log.warning("forwarder.key_rotated", kid=self.signer.kid.hex(), announced_in=batch.seq)
+        await then()
 
     def _count(self, what: str) -> None:
         self.stats.rejections[what] = self.stats.rejections.get(what, 0) + 1

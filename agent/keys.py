@@ -29,6 +29,7 @@ __all__ = [
     "key_info",
     "load_private_key",
     "load_public_key",
+    "write_atomic",
 ]
 
 PRIVATE_NAME = "signing.key"
@@ -66,7 +67,7 @@ def key_info(public_key: Ed25519PublicKey) -> KeyInfo:
     return KeyInfo(kid_for(public_key), fingerprint(public_key), _public_pem(public_key))
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
     """Write to a temp file created with `mode` (O_EXCL, so never with wider permissions, not
     even for an instant), fsync, then rename over `path` and fsync the directory."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -107,8 +108,8 @@ def generate_keypair(dir: Path, force: bool = False) -> KeyInfo:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_atomic(priv_path, pem, 0o600)
-    _write_atomic(pub_path, _public_pem(key.public_key()), 0o644)
+    write_atomic(priv_path, pem, 0o600)
+    write_atomic(pub_path, _public_pem(key.public_key()), 0o644)
     return key_info(key.public_key())
 
 

@@ -184,6 +184,8 @@ class Outbox:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-db")
         self._conn: sqlite3.Connection | None = None
         self._queue: list[_Append] = []
+        self._queued = 0  # events in _queue
+        self._urgent = 0  # appends in _queue that hold an alarm
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
@@ -216,7 +218,11 @@ class Outbox:
             clock_time=clock_time,
         )
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(ob._executor, ob._open_sync)
+        try:
+            await loop.run_in_executor(ob._executor, ob._open_sync)
+        except BaseException:
+            ob._executor.shutdown(wait=False)
+            raise
         ob._writer = asyncio.create_task(ob._writer_loop(), name="outbox-writer")
         return ob
 
@@ -270,9 +276,29 @@ class Outbox:
             self.reset_info = {"reason": reason, "quarantined": quarantined}
         assert conn is not None
         self._conn = conn
+        self._check_writable(conn)
         self._load_state()
         if self.reset_info is not None:
             self._record_reset()
+
+    def _check_writable(self, conn: sqlite3.Connection) -> None:
+        """Refuse to start on a store that cannot be written (a failing SD card remounted
+        read-only): accepting readings that cannot be committed would be a lie. systemd
+        restarts the agent with its rate limit; doctor and the log say why."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("UPDATE meta SET value=value WHERE key='next_id'")
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            conn.close()
+            self._conn = None
+            raise StoreError(
+                f"the outbox {self.path} cannot be written: {exc} (read-only filesystem?)",
+                hint="check `findmnt -no OPTIONS` for the state dir and `dmesg` for SD card "
+                "errors; the agent will not accept readings it cannot store",
+            ) from None
 
     def _quarantine(self) -> str:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -388,7 +414,7 @@ class Outbox:
 
     async def append(self, event: Event) -> int:
         """Resolve with the event's id once it is committed; raise RefusedError if over quota."""
-        ids = await self.append_many([event])
+        ids = await self.append_many((event,))
         return ids[0]
 
     async def append_many(self, events: Sequence[Event]) -> list[int]:
@@ -398,57 +424,107 @@ class Outbox:
         if not events:
             return []
         fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Append(events, fut, any(e.prio == ALARM for e in events)))
+        urgent = any(e.prio == ALARM for e in events)
+        self._queue.append(_Append(events, fut, urgent))
+        self._queued += len(events)
+        self._urgent += urgent
         self._wake.set()
         return await fut
 
     async def _writer_loop(self) -> None:
+        """Group commit, pipelined: while one commit runs on the database thread, the next group
+        gathers on the loop and is handed over as soon as it is full or the running one ends;
+        at most two commits are queued for the thread. So under load the thread never waits
+        for the loop, and producers whose commit ended run while the next one is written
+        (the sqlite3 module releases the GIL inside SQLite). When the writer is idle, a new
+        group waits up to `commit_interval` for company, so a trickle shares one fsync."""
         loop = asyncio.get_running_loop()
+        running: list[asyncio.Task[None]] = []
         while True:
+            running = [t for t in running if not t.done()]
             if not self._queue:
                 if self._closed:
-                    return
-                await self._wake.wait()
-                if not self._queue:
-                    self._wake.clear()
-                    continue
-            # Group commit: give producers `commit_interval` to join, unless an alarm waits,
-            # enough is queued, or we are closing.
-            deadline = loop.time() + self.commit_interval
-            while not self._closed:
-                queued = sum(len(a.events) for a in self._queue)
-                if queued >= self.commit_max or any(a.urgent for a in self._queue):
-                    break
-                remaining = deadline - loop.time()
-                if remaining <= 0:
                     break
                 self._wake.clear()
-                # asyncio.timeout, not wait_for: on 3.11 a cancel racing wait_for can be lost.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(remaining):
-                        await self._wake.wait()
-            self._wake.clear()
+                await self._wait_for_wake(running, None)
+                continue
+            if running:
+                # A commit is running: gather until it ends, unless the group is full or an
+                # alarm waits (then it queues right behind the running commit).
+                while (running and not running[-1].done() and not self._closed
+                       and self._queued < self.commit_max and not self._urgent):
+                    self._wake.clear()
+                    await self._wait_for_wake(running, None)
+                if len(running) >= 2 and not running[0].done():
+                    await asyncio.wait([running[0]])
+            else:
+                # Idle: give producers `commit_interval` to join, unless an alarm waits, the
+                # group is full, or we are closing.
+                deadline = loop.time() + self.commit_interval
+                while not self._closed and self._queued < self.commit_max and not self._urgent:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    self._wake.clear()
+                    await self._wait_for_wake([], remaining)
+            taken = self._take()
+            if taken:
+                job = loop.run_in_executor(self._executor, self._commit_appends, taken)
+                running.append(asyncio.create_task(self._finish(job, taken),
+                                                   name="outbox-commit"))
+        if running:
+            await asyncio.wait(running)
+
+    async def _wait_for_wake(self, running: list[asyncio.Task[None]],
+                             seconds: float | None) -> None:
+        """Until an append arrives, the newest running commit ends, or `seconds` pass."""
+        # asyncio.timeout, not wait_for: on 3.11 a cancel racing wait_for can be lost.
+        waiter = asyncio.ensure_future(self._wake.wait())
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await asyncio.wait([waiter, *running[-1:]],
+                                       return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+
+    def _take(self) -> list[_Append]:
+        """The next group: whole appends up to `commit_max` events (at least one append), or
+        the whole queue when an alarm waits in it (the alarm commits at once, with company)."""
+        if self._urgent or self._closed or self._queued <= self.commit_max:
             taken, self._queue = self._queue, []
-            if not taken:
+        else:
+            n = count = 0
+            while n < len(self._queue) and (n == 0 or count + len(self._queue[n].events)
+                                            <= self.commit_max):
+                count += len(self._queue[n].events)
+                n += 1
+            taken, self._queue = self._queue[:n], self._queue[n:]
+        self._queued -= sum(len(a.events) for a in taken)
+        self._urgent -= sum(a.urgent for a in taken)
+        return taken
+
+    async def _finish(self, job: asyncio.Future[list[list[int] | BaseException]],
+                      taken: list[_Append]) -> None:
+        """Resolve the producers of one committed group (or fail them all)."""
+        try:
+            results = await job
+        except Exception as exc:  # the transaction failed: nobody's events are accepted
+            log.error("outbox.commit_failed", error=str(exc), events=len(taken))
+            err = exc if isinstance(exc, StoreError) else StoreError(f"commit failed: {exc}")
+            for a in taken:
+                if not a.future.done():
+                    a.future.set_exception(err)
+            return
+        for a, res in zip(taken, results, strict=True):
+            if a.future.done():
                 continue
-            try:
-                results = await loop.run_in_executor(self._executor, self._commit_appends, taken)
-            except Exception as exc:  # the transaction failed: nobody's events are accepted
-                log.error("outbox.commit_failed", error=str(exc), events=len(taken))
-                err = exc if isinstance(exc, StoreError) else StoreError(f"commit failed: {exc}")
-                for a in taken:
-                    if not a.future.done():
-                        a.future.set_exception(err)
-                continue
-            for a, res in zip(taken, results, strict=True):
-                if a.future.done():
-                    continue
-                if isinstance(res, BaseException):
-                    a.future.set_exception(res)
-                else:
-                    a.future.set_result(res)
-            for cb in self._listeners:
-                cb()
+            if isinstance(res, BaseException):
+                a.future.set_exception(res)
+            else:
+                a.future.set_result(res)
+        for cb in self._listeners:
+            cb()
 
     def _commit_appends(self, taken: list[_Append]) -> list[list[int] | BaseException]:
         """One transaction for every queued append. Appends the quota refuses get RefusedError."""
@@ -695,7 +771,11 @@ class Outbox:
                 conn.execute("ROLLBACK")
             raise
         self._bytes -= int(freed[0]) + int(freed[1]) * EVENT_OVERHEAD + int(row[1])
-        self._side.update(acked_seq=seq, acked_hash=h.hex())
+        try:
+            self._side.update(acked_seq=seq, acked_hash=h.hex())
+        except OSError as exc:
+            # Best effort: the delete has committed; the next ack rewrites the side file.
+            log.error("outbox.side_state_write_failed", error=str(exc))
         return True
 
     # ---------------------------------------------------------------- status

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import struct
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -94,20 +96,86 @@ def encode_event(
     u: str | None = None,
     attrs: Mapping[str, object] | None = None,
 ) -> bytes:
-    """Canonical CBOR (RFC 7049 §3.9: keys sorted length-first) of one event map."""
-    event: dict[str, object] = {"id": id, "t": float(t), "tq": tq, "src": src, "type": type,
-                                "v": v, "prio": prio}
+    """Canonical CBOR (RFC 7049 §3.9: keys sorted length-first) of one event map.
+
+    Assembled from pre-encoded keys in canonical order (t, u, v, id, tq, src, prio, type,
+    attrs): byte for byte what ``cbor2.dumps(event, canonical=True)`` gives (the test vectors
+    pin it), at a fraction of the cost; this runs once per event on the outbox's commit path.
+    """
+    parts = [_MAP_HEAD[7 + (u is not None) + (attrs is not None)], _K_T, _canonical(float(t))]
     if u is not None:
-        event["u"] = u
+        parts += (_K_U, _text(u))
+    parts += (
+        _K_VAL, _text(v) if isinstance(v, str) else _canonical(v),
+        _K_ID, _uint(id),
+        _K_TQ, _uint(tq),
+        _K_SRC, _text(src),
+        _K_PRIO, _uint(prio),
+        _K_TYPE, _text(type),
+    )
     if attrs is not None:
-        event["attrs"] = dict(attrs)
-    return cbor2.dumps(event, canonical=True)
+        parts += (_K_ATTRS, _canonical(dict(attrs)))
+    return b"".join(parts)
+
+
+_local = threading.local()
+
+
+def _canonical(value: object) -> bytes:
+    """``cbor2.dumps(value, canonical=True)`` with one encoder per thread: constructing a
+    CBOREncoder costs ~3 us, ten times the encoding of a small value (bench/outbox.py)."""
+    state: tuple[io.BytesIO, cbor2.CBOREncoder] | None = getattr(_local, "enc", None)
+    if state is None:
+        fp = io.BytesIO()
+        state = _local.enc = (fp, cbor2.CBOREncoder(fp, canonical=True))
+    fp, enc = state
+    fp.seek(0)
+    fp.truncate()
+    enc.encode(value)
+    return fp.getvalue()
 
 
 def _head(major: int, length: int) -> bytes:
-    buf = io.BytesIO()
-    cbor2.CBOREncoder(buf).encode_length(major, length)
-    return buf.getvalue()
+    """A CBOR initial byte and argument (RFC 8949 §3.1), shortest form."""
+    mt = major << 5
+    if length < 24:
+        return bytes((mt | length,))
+    if length < 0x100:
+        return bytes((mt | 24, length))
+    if length < 0x10000:
+        return struct.pack(">BH", mt | 25, length)
+    if length < 0x100000000:
+        return struct.pack(">BI", mt | 26, length)
+    return struct.pack(">BQ", mt | 27, length)
+
+
+def _uint(n: int) -> bytes:
+    if n.__class__ is int and 0 <= n < 2**64:
+        return _head(0, n)
+    return _canonical(n)  # bools, negatives: whatever cbor2 makes of them
+
+
+_TEXT_CACHE: dict[str, bytes] = {}
+
+
+def _text(s: str) -> bytes:
+    """Encoded text, cached: sources, types and units repeat on every event."""
+    out = _TEXT_CACHE.get(s)
+    if out is None:
+        if not isinstance(s, str):
+            return _canonical(s)
+        raw = s.encode()
+        out = _head(3, len(raw)) + raw
+        if len(_TEXT_CACHE) >= 4096:  # bounded: free-text values must not grow it forever
+            _TEXT_CACHE.clear()
+        _TEXT_CACHE[s] = out
+    return out
+
+
+_K_T, _K_U, _K_VAL, _K_ID, _K_TQ, _K_SRC, _K_PRIO, _K_TYPE, _K_ATTRS = (
+    cbor2.dumps(k) for k in ("t", "u", "v", "id", "tq", "src", "prio", "type", "attrs")
+)
+_MAP_HEAD = {n: _head(5, n) for n in (7, 8, 9)}
 
 
 # The payload map's keys in canonical order (length-first): v, gw, seq, prev, events, created.

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import __version__
+from agent import __version__, protocol
+from agent.audit import AuditLog, AuditTrail
 from agent.clock import make_clock
+from agent.commands import CommandProcessor
 from agent.config import AgentConfig
 from agent.events import Event
 from agent.forwarder import Forwarder, Signer
@@ -33,22 +36,32 @@ __all__ = ["PipelineSink", "Runtime", "build_sources", "build_uplinks"]
 log = structlog.get_logger(__name__)
 
 
+_INTEGRITY_REASONS = protocol.REASONS - {"gap", "replay"}
+
+
 class PipelineSink:
     """The Sink drivers see: readings through the pipeline into the outbox. `submit` returns
     after the commit, so a driver that acknowledges its device afterwards never acknowledges an
     unsaved reading."""
 
-    def __init__(self, pipeline: Pipeline, outbox: Outbox, monotonic: Callable[[], float]) -> None:
+    def __init__(self, pipeline: Pipeline, outbox: Outbox, monotonic: Callable[[], float],
+                 on_committed: Callable[[Sequence[Event]], None] | None = None) -> None:
         self.pipeline = pipeline
         self.outbox = outbox
         self._mono = monotonic
+        self._on_committed = on_committed
         self.accepted = 0
+
+    async def _commit(self, events: list[Event]) -> None:
+        await self.outbox.append_many(events)
+        self.accepted += len(events)
+        if self._on_committed is not None:
+            self._on_committed(events)
 
     async def submit(self, reading: Reading) -> None:
         events = self.pipeline.process(reading, self._mono())
         if events:
-            await self.outbox.append_many(events)
-            self.accepted += len(events)
+            await self._commit(events)
 
     async def submit_many(self, readings: Sequence[Reading]) -> None:
         now = self._mono()
@@ -56,14 +69,12 @@ class PipelineSink:
         for r in readings:
             events.extend(self.pipeline.process(r, now))
         if events:
-            await self.outbox.append_many(events)
-            self.accepted += len(events)
+            await self._commit(events)
 
     async def flush_due(self) -> None:
         events = self.pipeline.due(self._mono())
         if events:
-            await self.outbox.append_many(events)
-            self.accepted += len(events)
+            await self._commit(events)
 
 
 def build_sources(cfg: AgentConfig, ctx: SourceContext) -> list[Source]:
@@ -130,8 +141,10 @@ class Runtime:
         pin_factory: Any = None,
         notifier: Notifier | None = None,
         uplinks: Sequence[Uplink] | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.cfg = cfg
+        self.config_path = config_path
         self.clock = make_clock(cfg.gateway.time_sync)
         self.ctx = SourceContext(clock=self.clock, pin_factory=pin_factory,
                                  extra=dict(ctx_extra or {}))
@@ -145,6 +158,12 @@ class Runtime:
         self.started = time.time()
         self.ready = asyncio.Event()
         self.status_output: gpio.GpioStatusOutput | None = None
+        self.audit: AuditTrail | None = None
+        self.commands: CommandProcessor | None = None
+        self._key: Ed25519PrivateKey | None = None
+        self._seen_rejections: dict[str, int] = {}
+        self._seen_uplink_errors: dict[str, str | None] = {}
+        self._clock_ref: tuple[float, float] | None = None
 
     # ----------------------------------------------------------------- assembly
 
@@ -172,7 +191,14 @@ class Runtime:
             pseudonymise_attrs=cfg.privacy.pseudonymise_attrs,
             strip_attrs=cfg.privacy.strip_attrs,
         )
-        self.sink = PipelineSink(pipeline, self.outbox, self.clock.monotonic)
+        self._key = key
+        self.audit = AuditTrail(
+            AuditLog.from_config(cfg.audit, cfg.gateway.state_dir, self.clock.time),
+            self.outbox.append,
+            self.clock,
+        )
+        self.sink = PipelineSink(pipeline, self.outbox, self.clock.monotonic,
+                                 on_committed=self._observe)
         self.sources = build_sources(cfg, self.ctx)
         if cfg.sources.gpio is not None:
             self.status_output = gpio.build_status_output(cfg.sources.gpio, self.ctx)
@@ -196,6 +222,8 @@ class Runtime:
             status_interval_s=fw.status_interval_s,
             status_doc=self.status_doc_sync,
         )
+        if cfg.commands is not None:
+            self.commands = self._command_processor(cfg.commands, key)
 
     # ----------------------------------------------------------------- running
 
@@ -227,6 +255,10 @@ class Runtime:
                 tasks.append(tg.create_task(self._debounce_loop(), name="pipeline-due"))
                 tasks.append(tg.create_task(self._status_loop(), name="status"))
                 tasks.append(tg.create_task(self._watchdog_loop(), name="watchdog"))
+                if self.commands is not None:
+                    tasks.append(tg.create_task(self.commands.run(), name="commands"))
+                tasks.append(tg.create_task(self._audit_loop(), name="audit"))
+                await self._audit_start()
                 await self._sources_started(timeout=10.0)
                 self.notifier.ready(self.summary())
                 self.ready.set()
@@ -298,7 +330,12 @@ class Runtime:
         while True:
             await asyncio.sleep(2.0)
             self.outbox_stats = await self.outbox.stats() if self.outbox else None
-            self._write_status()
+            try:
+                self._write_status()
+            except OSError as exc:
+                # status.json is advisory: a full or read-only disk must not stop the agent
+                # (the outbox decides what is accepted; see tests/faults/test_disk.py).
+                log.warning("status.write_failed", error=str(exc))
             self.notifier.status(self.summary())
             if self.status_output is not None:
                 self.status_output.set_state(self.led_state())
@@ -314,6 +351,109 @@ class Runtime:
         if any(u.connected for u in self.uplinks):
             return "online"
         return "buffering"
+
+    # ----------------------------------------------------------------- audit and commands
+
+    def _observe(self, events: Sequence[Event]) -> None:
+        """Committed events the audit trail must also see (tamper contacts)."""
+        if self.audit is None:
+            return
+        for e in events:
+            if e.type == "tamper":
+                asyncio.get_running_loop().create_task(
+                    self.audit.record("audit.tamper_contact",
+                                      {"source": e.src, "state": str(e.v)}, actor="sensor"))
+
+    async def _audit_start(self) -> None:
+        assert self.audit is not None and self.outbox is not None
+        from agent.audit import config_digest
+
+        await self.audit.record(
+            "audit.config_loaded",
+            {"sha256": config_digest(self.cfg.model_dump(mode="json")),
+             "path": str(self.config_path) if self.config_path else None},
+            actor="agent",
+        )
+        if self.outbox.reset_info is not None:
+            await self.audit.record("audit.store_reset", dict(self.outbox.reset_info),
+                                    actor="agent")
+
+    async def _audit_loop(self) -> None:
+        """What is seen by polling: TLS/connection failures of the uplinks, batches the
+        platform rejects (integrity), and wall-clock jumps against the monotonic clock."""
+        assert self.audit is not None
+        while True:
+            await asyncio.sleep(1.0)
+            for up in self.uplinks:
+                err = getattr(up, "last_error", None)
+                if err != self._seen_uplink_errors.get(up.name):
+                    self._seen_uplink_errors[up.name] = err
+                    if err and "TLS" in err:
+                        await self.audit.record("audit.tls_failure",
+                                                {"uplink": up.name, "error": err}, actor="agent")
+            if self.forwarder is not None:
+                for reason, n in self.forwarder.stats.rejections.items():
+                    # Only the platform's verdicts on our batches; gap and replay are the
+                    # normal aftermath of an outage, late or unknown acks are bookkeeping.
+                    if reason not in _INTEGRITY_REASONS or n == self._seen_rejections.get(reason,
+                                                                                          0):
+                        continue
+                    self._seen_rejections[reason] = n
+                    await self.audit.record("audit.integrity_failure",
+                                            {"reason": reason, "count": n}, actor="agent")
+            wall, mono = self.clock.time(), self.clock.monotonic()
+            if self._clock_ref is not None:
+                jump = (wall - self._clock_ref[0]) - (mono - self._clock_ref[1])
+                if abs(jump) > 2.0:
+                    await self.audit.record("audit.clock_jump", {"seconds": round(jump, 3)},
+                                            actor="agent")
+            self._clock_ref = (wall, mono)
+
+    def _command_processor(self, cc: Any, key: Ed25519PrivateKey) -> CommandProcessor:
+        from agent.commands import CommandHooks, CommandProcessor, make_rotate_hook
+        from agent.keys import PUBLIC_NAME, load_public_key
+        from agent.log import configure_logging
+
+        assert self.outbox is not None and self.forwarder is not None
+        cfg = self.cfg
+        forwarder, audit = self.forwarder, self.audit
+        key_file = cfg.gateway.key_file
+
+        def announced(new_key: Ed25519PrivateKey, event_id: int) -> None:
+            async def install() -> None:
+                nxt = key_file.parent / "next"
+                os.replace(nxt / "signing.key", key_file)
+                os.replace(nxt / PUBLIC_NAME, key_file.with_name(PUBLIC_NAME))
+                if audit is not None:
+                    await audit.record("audit.key_rotated",
+                                       {"kid": forwarder.signer.kid.hex()}, actor="platform")
+
+            forwarder.rotate_after(new_key, event_id, install)
+
+        async def doctor() -> Mapping[str, Any]:
+            from agent.doctor import run_checks
+
+            if self.config_path is None:
+                return {"error": "no config file to check"}
+            return {"checks": [c.as_dict() for c in await run_checks(self.config_path)]}
+
+        hooks = CommandHooks(
+            status=self.status_doc_sync,
+            doctor=doctor,
+            set_log_level=lambda level: configure_logging(level, cfg.log.format),
+            default_log_level=cfg.log.level,
+            rotate_key=make_rotate_hook(key_file, self.outbox.append, self.clock, announced),
+        )
+        proc = CommandProcessor(cc, gw=cfg.gateway.id,
+                                platform_key=load_public_key(cc.platform_key), gateway_key=key,
+                                state_dir=cfg.gateway.state_dir, clock=self.clock, hooks=hooks,
+                                audit=self.audit)
+        for up in self.uplinks:
+            set_handler = getattr(up, "set_command_handler", None)
+            publish = getattr(up, "publish_command_ack", None)
+            if set_handler is not None and publish is not None:
+                set_handler(lambda raw, publish=publish: proc.submit(raw, publish))
+        return proc
 
     # ----------------------------------------------------------------- status
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import aiocoap
 import cbor2
 import pytest
-from branchsim.coapsensors import CoapSensorSim
 
+from branchsim.coapsensors import CoapSensorSim
 from drivers.base import ALARM, TELEMETRY, Reading, RefusedError, SourceContext, SystemClock
 from drivers.coap import (
     CF_SENML_CBOR,

@@ -12,14 +12,14 @@ from typing import Any
 import aiocoap
 import pydantic
 import pytest
-from branchsim.platform.coap_server import serve_coap
-from branchsim.platform.receiver import Receiver
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent.protocol import ZERO_HASH, batch_hash, build_batch, decode_ack, encode_event, kid_for
 from agent.uplink.base import Uplink, UplinkDownError
-from agent.uplink.coap import CoapUplink, CoapUplinkConfig
+from agent.uplink.coap import CoapUplink, CoapUplinkConfig, OscoreContextError, provision_oscore
+from branchsim.platform.coap_server import serve_coap, shutdown_coap
+from branchsim.platform.receiver import Receiver
 
 GW = "gw-test-1"
 
@@ -77,6 +77,7 @@ class Rig:
     receiver: Receiver
     port: int
     platform: aiocoap.Context | None
+    oscore: dict[str, Path] | None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def wait(self, cond: Any, limit: float = 10.0) -> None:
@@ -88,19 +89,26 @@ class Rig:
         await asyncio.wait_for(_w(), limit)
 
 
-@pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+@pytest.fixture(params=["plain", "oscore"])
+async def rig(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
+    """The uplink against the platform's endpoint, over plain CoAP and over OSCORE."""
     chain = Chain()
     receiver = Receiver(tmp_path / "platform.sqlite")
     receiver.register(GW, chain.pem())
     port = free_udp_port()
     statuses: dict[str, Any] = {}
-    platform = await serve_coap(receiver, "127.0.0.1", port, statuses=statuses)
+    oscore: dict[str, Path] | None = None
+    security: dict[str, Any] = {"insecure": True}
+    if request.param == "oscore":
+        provision_oscore(tmp_path / "gw-oscore", tmp_path / "platform-oscore")
+        oscore = {GW: tmp_path / "platform-oscore"}
+        security = {"oscore": {"context": tmp_path / "gw-oscore"}}
+    platform = await serve_coap(receiver, "127.0.0.1", port, statuses=statuses, oscore=oscore)
     cfg = CoapUplinkConfig(
-        base=f"coap://127.0.0.1:{port}", insecure=True, timeout=3.0, probe_interval=0.2
+        base=f"coap://127.0.0.1:{port}", timeout=3.0, probe_interval=0.2, **security
     )
     uplink = CoapUplink(cfg, GW)
-    r = Rig(uplink, chain, [], [], statuses, receiver, port, platform)
+    r = Rig(uplink, chain, [], [], statuses, receiver, port, platform, oscore)
 
     def on_ack(b: bytes) -> None:
         r.acks.append(b)
@@ -118,7 +126,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         with pytest.raises(asyncio.CancelledError):
             await task
         if r.platform is not None:
-            await r.platform.shutdown()
+            await shutdown_coap(r.platform)
         receiver.close()
 
 
@@ -158,12 +166,13 @@ async def test_platform_down_raises_then_recovers(rig: Rig) -> None:
     """With the platform gone, send raises UplinkDownError and state goes down; back, it resumes."""
     await rig.wait(lambda: rig.states == [True])
     assert rig.platform is not None
-    await rig.platform.shutdown()
+    await shutdown_coap(rig.platform)
     rig.platform = None
     with pytest.raises(UplinkDownError):
         await rig.uplink.send(1, rig.chain.batch(1))
     assert rig.states[-1] is False and not rig.uplink.connected
-    rig.platform = await serve_coap(rig.receiver, "127.0.0.1", rig.port, statuses=rig.statuses)
+    rig.platform = await serve_coap(rig.receiver, "127.0.0.1", rig.port, statuses=rig.statuses,
+                                    oscore=rig.oscore)
     await rig.wait(lambda: rig.states[-1] is True)  # the probe found it again
     # the identical bytes of batch 1 are sent again and acked
     rig.chain = Chain(key=rig.chain.key)
@@ -185,3 +194,60 @@ async def test_send_before_run_is_down() -> None:
     uplink = CoapUplink(CoapUplinkConfig(base="coap://127.0.0.1:9", insecure=True), GW)
     with pytest.raises(UplinkDownError):
         await uplink.send(1, b"x")
+
+
+async def test_oscore_platform_refuses_plain_and_foreign_requests(tmp_path: Path) -> None:
+    """An OSCORE platform answers 4.01 to a plain batch POST and to a gateway using another
+    gateway's context; nothing is stored."""
+    chain = Chain()
+    receiver = Receiver(tmp_path / "platform.sqlite")
+    receiver.register(GW, chain.pem())
+    provision_oscore(tmp_path / "gw", tmp_path / "pf")
+    provision_oscore(tmp_path / "other-gw", tmp_path / "other-pf")
+    port = free_udp_port()
+    platform = await serve_coap(receiver, "127.0.0.1", port,
+                                oscore={GW: tmp_path / "pf", "gw-other": tmp_path / "other-pf"})
+    client = await aiocoap.Context.create_client_context(transports=["oscore", "udp6"])
+    try:
+        data = chain.batch(1)
+        plain = aiocoap.Message(code=aiocoap.POST, uri=f"coap://127.0.0.1:{port}/b/{GW}",
+                                payload=data, content_format=18)
+        resp = await asyncio.wait_for(client.request(plain).response, 10)
+        assert resp.code == aiocoap.UNAUTHORIZED
+        # gw-other's context, speaking for GW
+        cfg = CoapUplinkConfig(base=f"coap://127.0.0.1:{port}", timeout=3.0,
+                               oscore={"context": tmp_path / "other-gw"})
+        uplink = CoapUplink(cfg, GW)
+        up = asyncio.Event()
+        task = asyncio.create_task(uplink.run(lambda _: None, lambda s: up.set() if s else None))
+        try:
+            await asyncio.wait_for(up.wait(), 10)  # its probe of /.well-known/core is fine
+            with pytest.raises(UplinkDownError, match=r"4\.01"):
+                await uplink.send(1, data)
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert receiver.events(GW) == []
+    finally:
+        await client.shutdown()
+        await shutdown_coap(platform)
+        receiver.close()
+
+
+def test_oscore_context_must_be_private_and_present(tmp_path: Path) -> None:
+    """A missing context, or a secret readable by others, is refused when the uplink is made;
+    provisioning refuses to overwrite an existing context."""
+    gw_dir = tmp_path / "gw"
+    cfg = CoapUplinkConfig(base="coap://127.0.0.1:9", oscore={"context": gw_dir})
+    with pytest.raises(OscoreContextError, match=r"cannot read secret\.json"):
+        CoapUplink(cfg, GW)
+    sender = provision_oscore(gw_dir, tmp_path / "pf")
+    assert len(sender) == 6
+    assert (gw_dir / "secret.json").stat().st_mode & 0o777 == 0o600
+    CoapUplink(cfg, GW)
+    (gw_dir / "secret.json").chmod(0o644)
+    with pytest.raises(OscoreContextError, match="chmod 600"):
+        CoapUplink(cfg, GW)
+    with pytest.raises(OscoreContextError, match="already holds"):
+        provision_oscore(gw_dir, tmp_path / "pf")

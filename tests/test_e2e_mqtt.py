@@ -64,16 +64,19 @@ def test_every_event_arrives_exactly_once(tmp_path: Path, broker: Mosquitto, pla
     platform.register(agent.gw, agent.pubkey.read_bytes())
     agent.start()
     try:
-        wait_until(lambda: len(platform.events(agent.gw)) >= n, 60, "all events at the platform",
-                   agent)
+        wait_until(lambda: len(platform.events(agent.gw)) >= n + 1, 60,
+                   "all events (and the audit record of the config) at the platform", agent)
         wait_until(lambda: agent.outbox_count() == 0, 30, "outbox drained", agent)
     finally:
         rc = agent.stop()
     assert rc == 0
     ids = ids_of(platform, agent.gw)
-    assert ids == list(range(1, n + 1))
-    values = sorted(e["v"] for e in platform.events(agent.gw))
+    assert ids == list(range(1, max(ids) + 1)), "ids complete: every id delivered once"
+    events = platform.events(agent.gw)
+    values = sorted(e["v"] for e in events if e["src"] == "synthetic.load")
     assert values == [float(i) for i in range(n)]
+    others = {e["type"] for e in events if e["src"] != "synthetic.load"}
+    assert others <= {"audit.config_loaded"}, others
     assert not platform.counters(), f"unexpected rejections: {platform.counters()}"
     assert platform.chain_head(agent.gw)[0] == platform.batch_count(agent.gw)
 
@@ -100,14 +103,19 @@ def test_broker_outage_loses_nothing(tmp_path: Path, broker: Mosquitto, platform
         delivered_before = len(platform.events(agent.gw))
         wait_until(lambda: agent.outbox_count() >= 500, 30, "events buffer while down", agent)
         broker.start()
-        wait_until(lambda: len(platform.events(agent.gw)) >= n, 90, "backlog delivered", agent)
+        wait_until(lambda: len([e for e in platform.events(agent.gw)
+                                if e["src"].startswith("synthetic.")]) >= n, 90,
+                   "backlog delivered", agent)
         wait_until(lambda: agent.outbox_count() == 0, 30, "outbox drained", agent)
     finally:
         rc = agent.stop()
     assert rc == 0
     assert delivered_before < n
     events = platform.events(agent.gw)
-    assert [int(e["id"]) for e in events] == list(range(1, n + 1))
+    ids = [int(e["id"]) for e in events]
+    assert ids == list(range(1, max(ids) + 1)), "ids complete: every id delivered once"
+    others = {e["type"] for e in events if not e["src"].startswith("synthetic.")}
+    assert others <= {"audit.config_loaded", "audit.clock_jump"}, others
     for src in ("synthetic.a", "synthetic.b"):
         mine = sorted((e for e in events if e["src"] == src), key=lambda e: (e["seq"], e["id"]))
         assert [e["v"] for e in mine] == [float(i) for i in range(n // 2)], src

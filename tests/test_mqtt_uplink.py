@@ -10,8 +10,6 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from branchsim.platform.mqtt_server import MqttPlatformServer, PlatformTls
-from branchsim.platform.receiver import Receiver
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
@@ -28,6 +26,8 @@ from agent.protocol import (
 )
 from agent.uplink.base import Uplink, UplinkDownError
 from agent.uplink.mqtt import MqttUplink, MqttUplinkConfig
+from branchsim.platform.mqtt_server import MqttPlatformServer, PlatformTls
+from branchsim.platform.receiver import Receiver
 from tests.support import broker as _broker
 from tests.support.broker import Mosquitto
 from tests.support.pki import Pki
@@ -43,7 +43,7 @@ GW = "gw-t1"
 async def wait_until(cond: Callable[[], bool], within: float = 15.0) -> None:
     """Poll a condition on the event loop until true or fail after `within` seconds."""
     async with asyncio.timeout(within):
-        while not cond():  # noqa: ASYNC110 (state set by paho callbacks and other processes)
+        while not cond():
             await asyncio.sleep(0.02)
 
 

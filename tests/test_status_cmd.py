@@ -82,7 +82,8 @@ def test_status_when_agent_is_not_running(agent: AgentProcess) -> None:
     doc = json.loads(res.stdout)
     assert doc["running"] is False and "is gone" in doc["reason"]
     assert doc["figures_from"] == "database"
-    assert doc["outbox"]["depth"] == {"telemetry": N}
+    # N readings, plus the audit record of the loaded config (an alert) that every start makes
+    assert doc["outbox"]["depth"] == {"telemetry": N, "alert": 1}
     table = status(agent)
     assert table.returncode == 3
     assert "NOT RUNNING" in table.stdout

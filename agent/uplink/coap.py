@@ -7,11 +7,17 @@ to ``on_ack`` before it returns. Status documents go to ``POST {base}/s/{gw}`` a
 effort. "Connected" means the last exchange with the platform succeeded; when idle the uplink
 probes ``GET {base}/.well-known/core`` every ``probe_interval`` seconds.
 
-Transport security: only plain CoAP (``coap://``) is implemented. Batches are still signed end to
-end (Ed25519 COSE_Sign1, hash chain), so the platform detects any change, loss, reordering or
-replay, but they are **not confidential** on the wire. The config therefore refuses ``coap://``
-unless ``insecure = true`` says the operator accepts that (e.g. a private APN on the cellular
-backup). OSCORE (aiocoap's ``oscore`` extra installs cleanly from PyPI) is the next step.
+Transport security: OSCORE (RFC 8613) with a pre-shared security context, made at provisioning by
+`provision_oscore` (``branch-platform oscore-pair``): the gateway's half is a directory holding
+``settings.json`` (ids, algorithm), ``secret.json`` (master secret and salt, 0600 like the signing
+key; loading refuses a group- or world-readable one) and ``sequence.json`` (sender sequence number
+and replay window, written by aiocoap ahead of use, so a SIGKILL never makes it reuse a nonce; a
+restarted server recovers its replay window with the Echo option). Every request to ``base``,
+the liveness probe included, is protected; the platform binds the context to the gateway id.
+Batches are signed end to end anyway (Ed25519 COSE_Sign1, hash chain): OSCORE adds
+confidentiality and hides the gateway's traffic from the path. Without ``[uplink.coap.oscore]``
+plain ``coap://`` is refused unless ``insecure = true`` says the operator accepts signed but not
+confidential batches (e.g. a private APN). ``coaps://`` (DTLS) is not supported.
 """
 
 from __future__ import annotations
@@ -19,7 +25,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import secrets
+import stat
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,10 +38,22 @@ import aiocoap.error
 import structlog
 from pydantic import Field, field_validator, model_validator
 
+from agent.errors import AgentError
+from agent.keys import write_atomic  # one atomic 0600 writer for secrets
 from agent.uplink.base import UplinkDownError
 from drivers.configbase import StrictModel
 
-__all__ = ["CF_COSE", "CoapUplink", "CoapUplinkConfig"]
+__all__ = [
+    "CF_COSE",
+    "CoapOscoreConfig",
+    "CoapUplink",
+    "CoapUplinkConfig",
+    "OscoreContextError",
+    "check_oscore_context",
+    "oscore_credentials",
+    "provision_oscore",
+    "release_oscore_contexts",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -39,18 +61,34 @@ CF_COSE = 18  # application/cose; cose-type="cose-sign1"
 CF_JSON = 50
 
 
+OSCORE_ALGORITHM = "AES-CCM-16-64-128"  # RFC 8613's mandatory-to-implement AEAD
+_OSCORE_ID_BYTES = 6  # the gateway's sender id: random, the platform finds its context by it
+
+
+class OscoreContextError(AgentError, ValueError):
+    """The OSCORE context directory is missing, unreadable, too open, or in use."""
+
+
+class CoapOscoreConfig(StrictModel):
+    """``[uplink.coap.oscore]``: the gateway's half of a pre-shared OSCORE context."""
+
+    context: Path  # directory from provisioning; the agent must be able to write sequence.json
+
+
 class CoapUplinkConfig(StrictModel):
     """TOML::
 
     [uplink.coap]
     base = "coap://platform.bank.example:5683"
-    insecure = true        # required for coap://: signed but not confidential
     timeout = 20.0         # seconds for one batch exchange (all blocks) before "down"
     probe_interval = 15.0  # idle liveness probe (GET /.well-known/core)
+    [uplink.coap.oscore]   # OSCORE (RFC 8613); without it `insecure = true` is required
+    context = "/var/lib/branch-agent/oscore"
     """
 
     base: str
     insecure: bool = False
+    oscore: CoapOscoreConfig | None = None
     timeout: float = Field(default=20.0, gt=0, le=300)
     probe_interval: float = Field(default=15.0, gt=0, le=3600)
 
@@ -68,15 +106,91 @@ class CoapUplinkConfig(StrictModel):
     def _security(self) -> CoapUplinkConfig:
         if self.base.startswith("coaps:"):
             raise ValueError(
-                "coaps:// (DTLS) is not supported on this platform yet: use coap:// with "
-                "insecure = true (batches stay signed end to end) or the MQTT uplink"
+                "coaps:// (DTLS) is not supported: use coap:// with an [uplink.coap.oscore] "
+                "context, or insecure = true (batches stay signed end to end)"
             )
-        if not self.insecure:
+        if self.oscore is None and not self.insecure:
             raise ValueError(
-                "plain coap:// carries signed but not confidential batches: set insecure = true "
-                "to accept that"
+                "plain coap:// carries signed but not confidential batches: give an "
+                "[uplink.coap.oscore] context, or set insecure = true to accept that"
             )
         return self
+
+
+# --- OSCORE contexts -----------------------------------------------------------------------
+
+
+def _write_context(dir: Path, sender: bytes, recipient: bytes, secret: bytes, salt: bytes,
+                   force: bool) -> None:
+    if dir.exists() and any(dir.iterdir()) and not force:
+        raise OscoreContextError(
+            f"{dir} already holds an OSCORE context; refusing to replace it",
+            hint="a replaced context must be replaced on both ends: pass force to do so",
+        )
+    dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # a new secret restarts the sequence numbers: the old sequence file must go with the old key
+    for stale in ("sequence.json", "lock"):
+        with contextlib.suppress(FileNotFoundError):
+            (dir / stale).unlink()
+    settings = {"sender-id_hex": sender.hex(), "recipient-id_hex": recipient.hex(),
+                "algorithm": OSCORE_ALGORITHM, "kdf-hashfun": "sha256"}
+    write_atomic(dir / "settings.json", json.dumps(settings, indent=1).encode(), 0o644)
+    keys = {"secret_hex": secret.hex(), "salt_hex": salt.hex()}
+    write_atomic(dir / "secret.json", json.dumps(keys, indent=1).encode(), 0o600)
+
+
+def provision_oscore(gateway_dir: Path, platform_dir: Path, *, force: bool = False) -> bytes:
+    """Create a matching pair of OSCORE contexts (fresh 32-byte master secret, 8-byte salt):
+    the gateway's (its sender id random, the platform's id empty) and the platform's mirror.
+    Returns the gateway's sender id. Move, never copy, each half to where it is used."""
+    secret, salt = secrets.token_bytes(32), secrets.token_bytes(8)
+    gw_id = secrets.token_bytes(_OSCORE_ID_BYTES)
+    _write_context(Path(gateway_dir), gw_id, b"", secret, salt, force)
+    _write_context(Path(platform_dir), b"", gw_id, secret, salt, force)
+    return gw_id
+
+
+def check_oscore_context(dir: Path) -> None:
+    """Refuse a context that is missing or whose secret others can read (as ssh does)."""
+    secret = Path(dir) / "secret.json"
+    try:
+        mode = secret.stat().st_mode
+    except OSError as exc:
+        raise OscoreContextError(
+            f"OSCORE context {dir}: cannot read {secret.name}: {exc.strerror}",
+            hint="provision one with `branch-platform oscore-pair`",
+        ) from None
+    if stat.S_IMODE(mode) & 0o077:
+        raise OscoreContextError(
+            f"OSCORE secret {secret} is readable by others (mode {stat.S_IMODE(mode):o})",
+            hint=f"chmod 600 {secret}",
+        )
+    if not os.access(dir, os.W_OK):
+        raise OscoreContextError(
+            f"OSCORE context {dir} is not writable: sequence numbers cannot be persisted",
+            hint="give the agent's user write access to the directory",
+        )
+
+
+def oscore_credentials(credentials: Any, key: str, dir: Path) -> None:
+    """Load the context at `dir` into an aiocoap CredentialsMap under `key` (a URI pattern on a
+    client, ``:name`` on a server). The context locks its directory while loaded."""
+    check_oscore_context(dir)
+    try:
+        credentials.load_from_dict({key: {"oscore": {"basedir": str(dir)}}})
+    except Exception as exc:  # aiocoap raises LoadError, filelock.Timeout, OSError, KeyError
+        hint = "is another process using this context?" if "lock" in repr(exc).lower() else None
+        raise OscoreContextError(f"OSCORE context {dir} cannot be loaded: {exc!r}",
+                                 hint=hint) from None
+
+
+def release_oscore_contexts(credentials: Any) -> None:
+    """Persist the sequence number and unlock every loaded context now, not at GC time."""
+    for item in list(credentials.values()):
+        if getattr(item, "lockfile", None) is not None:
+            # aiocoap 0.4.17 has no public release (its own FIXME); __del__ calls the same
+            item._destroy()
+    credentials.clear()
 
 
 class CoapUplink:
@@ -85,6 +199,8 @@ class CoapUplink:
     name = "coap"
 
     def __init__(self, cfg: CoapUplinkConfig, gateway_id: str) -> None:
+        if cfg.oscore is not None:
+            check_oscore_context(cfg.oscore.context)  # a clear error at startup, not at send
         self.cfg = cfg
         self.gateway_id = gateway_id
         self._batch_uri = f"{cfg.base}/b/{gateway_id}"
@@ -112,10 +228,19 @@ class CoapUplink:
     async def run(self, on_ack: Callable[[bytes], None], on_state: Callable[[bool], None]) -> None:
         self._on_ack, self._on_state = on_ack, on_state
         self._running = True
+        oscore = self.cfg.oscore
         try:
-            self._ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+            self._ctx = await aiocoap.Context.create_client_context(
+                transports=["udp6"] if oscore is None else ["oscore", "udp6"]
+            )
+            if oscore is not None:
+                oscore_credentials(self._ctx.client_credentials, f"{self.cfg.base}/*",
+                                   oscore.context)
         except BaseException:
             self._running = False
+            if self._ctx is not None:
+                await self._ctx.shutdown()
+                self._ctx = None
             raise
         self._ready.set()
         try:
@@ -135,6 +260,7 @@ class CoapUplink:
             ctx, self._ctx = self._ctx, None
             self._set_state(False)
             await ctx.shutdown()
+            release_oscore_contexts(ctx.client_credentials)
 
     async def _activity_within(self, seconds: float) -> bool:
         try:

@@ -12,6 +12,10 @@ thread; paho calls the socket callbacks from there, so they cross into the loop 
 The session is persistent (MQTT 5: clean_start=False + session expiry; 3.1.1: clean session
 off) under a stable client id, so acks published while the gateway was offline are delivered
 when it reconnects.
+
+Downlink commands (docs/COMMANDS.md): with a handler set (`set_command_handler`), the uplink
+also subscribes to `{prefix}/{gw}/cmd` (QoS 1) and hands each message's raw bytes to it; it does
+not interpret them (agent.commands verifies them). Answers go to `{prefix}/{gw}/cmd-ack`.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from drivers.configbase import StrictModel
 __all__ = ["MqttTlsConfig", "MqttUplink", "MqttUplinkConfig", "topics"]
 
 log = structlog.get_logger(__name__)
+
+MAX_COMMAND_BYTES = 64 * 1024  # a signed command is a few hundred bytes; never buffer floods
 
 
 class MqttTlsConfig(StrictModel):
@@ -84,7 +90,7 @@ class MqttUplinkConfig(StrictModel):
 
 def topics(prefix: str, gw: str) -> dict[str, str]:
     """The gateway's topics (docs/PROTOCOL.md, "MQTT binding")."""
-    return {k: f"{prefix}/{gw}/{k}" for k in ("batch", "ack", "status")}
+    return {k: f"{prefix}/{gw}/{k}" for k in ("batch", "ack", "status", "cmd", "cmd-ack")}
 
 
 class MqttConnectError(UplinkDownError):
@@ -146,6 +152,8 @@ class MqttUplink:
         self._connack: asyncio.Future[None] | None = None
         self._disconnected: asyncio.Future[None] | None = None
         self._on_ack: Callable[[bytes], None] = lambda _b: None
+        self._on_command: Callable[[bytes], None] | None = None
+        self.commands_dropped = 0  # oversized command messages, dropped unread
         self._fds: set[int] = set()
         self._connecting = False
 
@@ -207,6 +215,10 @@ class MqttUplink:
             self._loop.call_soon_threadsafe(fn, *args)
 
     def _on_socket_open(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        # Small packets (PUBACK, acks) must not wait for the peer's delayed ACK: without
+        # TCP_NODELAY each batch waited ~40 ms in Nagle's algorithm (bench/README.md).
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._in_loop(self._add_reader, sock.fileno())
 
     def _on_socket_close(self, client: paho.Client, _u: Any, sock: Any) -> None:
@@ -269,6 +281,8 @@ class MqttUplink:
                     "check the gateway certificate is registered with the broker"))
             return
         client.subscribe(self.topics["ack"], qos=1)
+        if self._on_command is not None:
+            client.subscribe(self.topics["cmd"], qos=1)
         client.publish(self.topics["status"], self._status_json({"state": "online"}), qos=1,
                        retain=True)
         self._log.info("mqtt.connected", session_present=bool(flags.session_present))
@@ -294,12 +308,26 @@ class MqttUplink:
             self._log.warning("mqtt.disconnected", reason=rc.getName())
 
     def _on_message(self, client: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        if msg.topic == self.topics["cmd"] and self._on_command is not None:
+            self._command(bytes(msg.payload))
+            return
         if msg.topic != self.topics["ack"]:
             return
         try:
             self._on_ack(bytes(msg.payload))
         except Exception:  # the forwarder's bug must not kill the network loop
             self._log.exception("mqtt.on_ack_failed")
+
+    def _command(self, payload: bytes) -> None:
+        if len(payload) > MAX_COMMAND_BYTES:
+            self.commands_dropped += 1
+            self._log.warning("mqtt.command_too_large", size=len(payload))
+            return
+        assert self._on_command is not None
+        try:
+            self._on_command(payload)
+        except Exception:  # the handler's bug must not kill the network loop
+            self._log.exception("mqtt.on_command_failed")
 
     def _on_publish(self, client: paho.Client, _u: Any, mid: int, rc: ReasonCode,
                     _p: Any) -> None:
@@ -315,6 +343,15 @@ class MqttUplink:
         return json.dumps({"gw": self.gw, "ts": time.time(), **doc}, default=str)
 
     # --- the Uplink API -------------------------------------------------------------------
+
+    def set_command_handler(self, on_command: Callable[[bytes], None]) -> None:
+        """Receive downlink commands (raw bytes, on the loop thread). Call before `run()`; the
+        subscription is made on every connect."""
+        self._on_command = on_command
+
+    async def publish_command_ack(self, data: bytes) -> None:
+        """Publish one command acknowledgement (QoS 1); returns on PUBACK."""
+        await self._publish(self.topics["cmd-ack"], data)
 
     async def run(self, on_ack: Callable[[bytes], None], on_state: Callable[[bool], None]) -> None:
         """Connect and stay connected until cancelled (see `agent.uplink.base.Uplink`)."""

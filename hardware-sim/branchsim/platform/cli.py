@@ -1,19 +1,22 @@
-"""`branch-platform`: the reference platform (serve, register, verify, events)."""
+"""`branch-platform`: the reference platform (serve, register, verify, events, oscore-pair)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import aiocoap
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.keys import KeyFileError, load_public_key
 from agent.protocol import ProtocolError, kid_for, verify_batch
+from agent.uplink.coap import OscoreContextError, provision_oscore
+from branchsim.platform.coap_server import serve_coap, shutdown_coap
 from branchsim.platform.mqtt_server import PlatformTls, serve_mqtt
 from branchsim.platform.receiver import Receiver
 
@@ -25,16 +28,33 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Reference platform for the branch gateway agent")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("serve", help="take batches from the MQTT broker and ack them")
+    s = sub.add_parser("serve", help="take batches over MQTT and CoAP, verify and ack them")
     s.add_argument("--db", type=Path, required=True)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8883)
+    s.add_argument("--host", default="127.0.0.1", help="the MQTT broker")
+    s.add_argument("--port", type=int, default=8883, help="the MQTT broker's port")
+    s.add_argument("--no-mqtt", action="store_true",
+                   help="no MQTT side (CoAP only; no broker needed)")
+    s.add_argument("--coap-host", default="127.0.0.1",
+                   help="address the CoAP endpoint binds to ('::' = every interface)")
+    s.add_argument("--coap-port", type=int, default=5683, help="UDP port of the CoAP endpoint")
+    s.add_argument("--no-coap", action="store_true", help="no CoAP endpoint (MQTT only)")
+    s.add_argument("--oscore", action="append", default=[], metavar="GW=DIR",
+                   help="require OSCORE from gateway GW with the platform's context in DIR "
+                        "(from `oscore-pair`); repeat per gateway")
     s.add_argument("--ca", type=Path)
     s.add_argument("--cert", type=Path)
     s.add_argument("--key", type=Path)
     s.add_argument("--insecure", action="store_true", help="plain TCP (local tests only)")
     s.add_argument("--prefix", default="bank/v1")
     s.add_argument("--shared", metavar="GROUP", help="MQTT 5 shared subscription group")
+
+    o = sub.add_parser("oscore-pair",
+                       help="provision a pre-shared OSCORE context pair for one gateway")
+    o.add_argument("--gateway-dir", type=Path, required=True,
+                   help="the gateway's half: move it to the gateway, [uplink.coap.oscore] context")
+    o.add_argument("--platform-dir", type=Path, required=True,
+                   help="the platform's half: `serve --oscore GW=DIR`")
+    o.add_argument("--force", action="store_true", help="replace existing contexts")
 
     r = sub.add_parser("register", help="bind a gateway id to its public key")
     r.add_argument("--db", type=Path, required=True)
@@ -53,16 +73,76 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.no_mqtt and args.no_coap:
+        print("branch-platform serve: --no-mqtt and --no-coap leave nothing to serve",
+              file=sys.stderr)
+        return 2
     tls: PlatformTls | None = None
-    if args.ca and args.cert and args.key:
+    if args.no_mqtt:
+        pass
+    elif args.ca and args.cert and args.key:
         tls = PlatformTls(args.ca, args.cert, args.key)
     elif not args.insecure:
         print("branch-platform serve: give --ca, --cert and --key (mutual TLS), "
-              "or --insecure for a local plain-TCP broker", file=sys.stderr)
+              "or --insecure for a local plain-TCP broker, or --no-mqtt", file=sys.stderr)
         return 2
     receiver = Receiver(args.db)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_mqtt(receiver, args.host, args.port, tls, args.prefix, args.shared))
+    try:
+        return asyncio.run(_serve_async(args, receiver, tls))
+    finally:
+        receiver.close()
+
+
+async def _serve_async(args: argparse.Namespace, receiver: Receiver,
+                       tls: PlatformTls | None) -> int:
+    """Serve until SIGTERM or SIGINT; both end it cleanly with exit code 0."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    coap_ctx: aiocoap.Context | None = None
+    if not args.no_coap:
+        oscore: dict[str, Path] = {}
+        for item in args.oscore:
+            gw, sep, path = item.partition("=")
+            if not (gw and sep and path):
+                print(f"branch-platform serve: --oscore {item!r}: expected GW=DIR",
+                      file=sys.stderr)
+                return 2
+            oscore[gw] = Path(path)
+        try:
+            coap_ctx = await serve_coap(receiver, args.coap_host, args.coap_port,
+                                        oscore=oscore or None)
+        except OscoreContextError as exc:
+            print(f"branch-platform serve: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"branch-platform serve: cannot bind CoAP {args.coap_host}:{args.coap_port}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 1
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [] if args.no_mqtt else [tg.create_task(
+                serve_mqtt(receiver, args.host, args.port, tls, args.prefix, args.shared),
+                name="platform-mqtt",
+            )]
+            await stop.wait()
+            for task in tasks:
+                task.cancel()
+    finally:
+        if coap_ctx is not None:
+            await shutdown_coap(coap_ctx)
+    return 0
+
+
+def _oscore_pair(args: argparse.Namespace) -> int:
+    try:
+        sender = provision_oscore(args.gateway_dir, args.platform_dir, force=args.force)
+    except (OscoreContextError, OSError) as exc:
+        print(f"branch-platform oscore-pair: {exc}", file=sys.stderr)
+        return 1
+    print(f"OSCORE context pair: gateway sender id {sender.hex()}; move {args.gateway_dir} to "
+          f"the gateway (secret.json stays 0600), serve with --oscore GW={args.platform_dir}")
     return 0
 
 
@@ -121,7 +201,8 @@ def _events(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"serve": _serve, "register": _register, "verify": _verify, "events": _events}
+    commands = {"serve": _serve, "register": _register, "verify": _verify, "events": _events,
+                "oscore-pair": _oscore_pair}
     return commands[args.cmd](args)
 
 

@@ -9,12 +9,15 @@ several platform instances share the batch subscription (`$share/{group}/...`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
 import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import paho.mqtt.client as paho
 import structlog
@@ -72,7 +75,14 @@ class MqttPlatformServer:
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
+        self._client.on_socket_open = self._on_socket_open
         self._client.reconnect_delay_set(1, 10)
+
+    @staticmethod
+    def _on_socket_open(client: paho.Client, _u: object, sock: Any) -> None:
+        # Acks are small: without TCP_NODELAY each waits for the delayed-ACK timer (~40 ms).
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _on_connect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode,
                     _p: object) -> None:

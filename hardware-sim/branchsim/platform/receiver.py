@@ -135,6 +135,41 @@ class Receiver:
                 "last_hash = excluded.last_hash",
                 (batch.gw, batch.seq, batch.hash),
             )
+            self._rotate_keys(batch)
+
+    def _rotate_keys(self, batch: Batch) -> None:
+        """Key rotation (docs/COMMANDS.md, rotate-key): a `gateway.key_rotated` event, in a batch
+        signed by a key registered to the gateway, registers the announced key beside the old
+        one (batches signed before the switch still verify); the first batch signed by the new
+        key retires the old ones. Runs inside _store's transaction."""
+        for ev in batch.events:
+            attrs = ev.get("attrs") or {}
+            if ev.get("type") != "gateway.key_rotated" or not isinstance(attrs, dict):
+                continue
+            try:
+                new = Ed25519PublicKey.from_public_bytes(bytes.fromhex(str(attrs.get("pub"))))
+            except ValueError:
+                log.warning("platform.bad_key_rotation", gw=batch.gw, seq=batch.seq)
+                continue
+            pem = new.public_bytes(serialization.Encoding.PEM,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+            self._db.execute("INSERT OR IGNORE INTO gateways (gw, kid, pubkey) VALUES (?, ?, ?)",
+                             (batch.gw, kid_for(new), pem))
+            log.info("platform.key_announced", gw=batch.gw, kid=kid_for(new).hex())
+        others = self._db.execute("SELECT COUNT(*) FROM gateways WHERE gw = ? AND kid != ?",
+                                  (batch.gw, batch.kid)).fetchone()[0]
+        if others and not any(e.get("type") == "gateway.key_rotated" for e in batch.events):
+            newest_announced = self._db.execute(
+                "SELECT rowid FROM gateways WHERE gw = ? AND kid = ?", (batch.gw, batch.kid)
+            ).fetchone()
+            older = self._db.execute(
+                "SELECT COUNT(*) FROM gateways WHERE gw = ? AND rowid < ?",
+                (batch.gw, newest_announced[0]),
+            ).fetchone()[0]
+            if older:  # signed by the newest key: the old ones are retired
+                self._db.execute("DELETE FROM gateways WHERE gw = ? AND rowid < ?",
+                                 (batch.gw, newest_announced[0]))
+                log.info("platform.key_retired", gw=batch.gw, kid=batch.kid.hex())
 
     def _unverified_seq_gw(self, data: bytes, topic_gw: str | None) -> tuple[int, str]:
         """For a rejection's ack and counter: the claimed seq and gw, if the bytes decode."""

@@ -12,8 +12,8 @@ __all__ = ["SCHEMA", "open_store"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS gateways (
-    gw TEXT PRIMARY KEY,
-    kid BLOB NOT NULL UNIQUE,
+    kid BLOB PRIMARY KEY,
+    gw TEXT NOT NULL,             -- one key per gateway, two during a key rotation
     pubkey BLOB NOT NULL          -- SPKI PEM
 );
 CREATE TABLE IF NOT EXISTS chain (

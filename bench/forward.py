@@ -1,0 +1,198 @@
+"""End-to-end delivery: events/s from outbox to platform-acked delete, beside raw paho QoS 1.
+
+    .venv/bin/python bench/forward.py [--events 100000] [--runs 3] [--quick] [--json PATH]
+    taskset -c 0 .venv/bin/python bench/forward.py         # everything on one core
+
+What runs where (measured honestly, nothing stubbed):
+
+* a real mosquitto (mutual TLS, persistence on, as in the tests) on a free port;
+* the reference platform as its own process (``branch-platform serve``): it verifies each
+  COSE_Sign1 batch, checks the hash chain, stores batch and events in its SQLite file (WAL,
+  FULL) and publishes the ack;
+* the agent's pieces in this process, on one event loop: `Outbox` (pre-filled before the
+  clock starts), `Forwarder` + `Signer` (claim 500 events, sign, store, send) and `MqttUplink`
+  (paho on the asyncio loop). The clock runs from the forwarder's start (it includes the TLS
+  connect) until every event was acknowledged and deleted from the outbox.
+
+Baseline in the same run: the same number of signed batches of the same size, published with
+a bare paho client (its own network thread, QoS 1, 8 in flight, same TLS) to a topic nobody
+reads; the clock stops at the last PUBACK. No signing, no SQLite, no platform.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import ssl
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from _common import Row, add_common_args, machine, print_table, summarise, write_json
+from _rig import Platform
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+)
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent import protocol
+from agent.events import TELEMETRY, Event
+from agent.forwarder import Forwarder, Signer
+from agent.log import configure_logging
+from agent.outbox import Outbox
+from agent.uplink.mqtt import MqttTlsConfig, MqttUplink, MqttUplinkConfig
+from branchsim.platform.receiver import Receiver
+from tests.support.broker import Mosquitto
+from tests.support.pki import Pki, make_pki
+
+TARGET = 30_000.0
+BATCH = 500
+GW = "bench-gw"
+
+
+def events_for(n: int, now: float) -> list[Event]:
+    return [Event(src=f"bench.s{i % 20}", type="temperature", v=20.0 + (i % 100) / 10, t=now,
+                  u="Cel", prio=TELEMETRY) for i in range(n)]
+
+
+async def agent_drain(work: Path, n: int, broker: Mosquitto, pki: Pki,
+                      key: Ed25519PrivateKey) -> float:
+    """Pre-fill a fresh outbox with n events, then forward them all: delivered events/s."""
+    ob = await Outbox.open(work / "outbox.db", quota_bytes=1 << 40)
+    try:
+        evs = events_for(n, time.time())
+        for i in range(0, n, 5000):
+            await ob.append_many(evs[i:i + 5000])
+        cfg = MqttUplinkConfig(host="127.0.0.1", port=broker.port,
+                               client_id=f"bench-agent-{os.getpid()}-{work.name}",
+                               tls=MqttTlsConfig(ca=pki.ca_cert, cert=pki.client_cert,
+                                                 key=pki.client_key))
+        fwd = Forwarder(ob, [MqttUplink(cfg, GW)], Signer(key, GW, time.time),
+                        batch_max_events=BATCH, drain_rate_bytes_per_s=0)
+        start = time.perf_counter()
+        task = asyncio.create_task(fwd.run())
+        try:
+            while fwd.stats.events_acked < n:
+                if task.done():
+                    task.result()
+                    raise RuntimeError("forwarder stopped")
+                await asyncio.sleep(0.005)  # polling interval of a condition wait
+            took = time.perf_counter() - start
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        stats = await ob.stats()
+        assert stats.unclaimed == 0 and stats.in_flight_batches == 0, stats
+        assert not fwd.stats.rejections, fwd.stats.rejections
+        return n / took
+    finally:
+        await ob.close()
+
+
+def sample_batches(n: int, key: Ed25519PrivateKey) -> list[bytes]:
+    """Signed batches of BATCH events each, as the signer makes them (same sizes)."""
+    signer = Signer(key, GW, time.time)
+    now = time.time()
+    out = []
+    prev = protocol.ZERO_HASH
+    for b in range(max(1, n // BATCH)):
+        bodies = [protocol.encode_event(id=b * BATCH + i + 1, t=now, tq=0, src=f"bench.s{i % 20}",
+                                        type="temperature", v=20.0 + (i % 100) / 10,
+                                        prio=TELEMETRY, u="Cel") for i in range(BATCH)]
+        data = signer.build(b + 1, prev, bodies)
+        prev = protocol.batch_hash(data)
+        out.append(data)
+    return out
+
+
+def raw_publish(batches: list[bytes], broker: Mosquitto, pki: Pki) -> float:
+    """Bare paho, QoS 1, same TLS: events/s until the last PUBACK."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-raw-{os.getpid()}",
+                         protocol=paho.MQTTv5)
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca_cert))
+    ctx.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    client.tls_set_context(ctx)
+    client.max_inflight_messages_set(8)
+    connected = threading.Event()
+    client.on_connect = lambda *_a: connected.set()
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        if not connected.wait(10):
+            raise RuntimeError("raw paho client did not connect")
+        start = time.perf_counter()
+        infos = [client.publish("bench/raw", data, qos=1) for data in batches]
+        for info in infos:
+            info.wait_for_publish(30)
+        took = time.perf_counter() - start
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return len(batches) * BATCH / took
+
+
+def measure(n: int, runs: int, tmp: Path) -> list[Row]:
+    pki = make_pki(tmp / "pki")
+    key = Ed25519PrivateKey.generate()
+    pem = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    batches = sample_batches(n, key)
+    agent_rates: list[float] = []
+    raw_rates: list[float] = []
+    for r in range(runs):
+        work = tmp / f"run{r}"
+        work.mkdir()
+        broker = Mosquitto(work / "broker", tls=pki).start()
+        try:
+            rx = Receiver(work / "platform.db")
+            rx.register(GW, pem)
+            rx.close()
+            platform = Platform(work / "platform.db", broker.port, pki, work / "platform.log")
+            try:
+                platform.wait_ready()
+                raw_rates.append(raw_publish(batches, broker, pki))
+                agent_rates.append(asyncio.run(agent_drain(work, n, broker, pki, key)))
+                cpu = platform.cpu_seconds()
+            finally:
+                platform.stop()
+            print(f"run {r + 1}: agent {agent_rates[-1]:,.0f} ev/s, raw paho "
+                  f"{raw_rates[-1]:,.0f} ev/s, platform process CPU {cpu:.2f} s", flush=True)
+            delivered = Receiver(work / "platform.db")
+            try:
+                got = len(delivered.events(GW))
+            finally:
+                delivered.close()
+            assert got == n, f"platform holds {got} of {n} events"
+        finally:
+            broker.stop()
+    med, spread = summarise(agent_rates)
+    raw_med, raw_spread = summarise(raw_rates)
+    return [Row(figure=f"end-to-end delivery ({BATCH}/batch, mTLS)", value=med, unit="ev/s",
+                spread=spread, baseline=raw_med, baseline_what="raw paho",
+                target=f">= {TARGET:,.0f} ev/s", met=med >= TARGET,
+                note=f"{n} events per run; raw paho spread {raw_spread or '-'}")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
+    ap.add_argument("--events", type=int, default=100_000)
+    args = ap.parse_args()
+    n = 2 * BATCH if args.quick else max(BATCH, args.events // BATCH * BATCH)
+    runs = args.runs or (1 if args.quick else 3)
+    configure_logging("warning")  # as in production: no per-batch lines
+    print(f"# bench/forward.py: {n} events per run, {runs} run(s); {machine()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-forward-") as d:
+        rows = measure(n, runs, Path(d))
+    print_table(rows)
+    write_json(args.json, rows)
+
+
+if __name__ == "__main__":
+    main()
