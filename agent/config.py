@@ -61,6 +61,11 @@ class OutboxConfig(StrictModel):
     low_watermark: float = Field(default=0.9, gt=0.1, lt=1.0)
     commit_interval_ms: float = Field(default=5.0, ge=0, le=1000)
     commit_max_events: int = Field(default=500, ge=1, le=100_000)
+    reserve_bytes: int = Field(
+        default=1024 * 1024, ge=0,
+        description="space kept allocated beside the store and released when the disk fills, "
+        "so alarms can still be committed; 0 = none",
+    )
 
 
 class ForwarderConfig(StrictModel):

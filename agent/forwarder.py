@@ -289,9 +289,17 @@ class Forwarder:
         if self._unsent:
             self.stats.batches_resent += 1
             return self._unsent.pop(0)
-        return await self.outbox.claim_batch(
-            self.batch_max_events, self.batch_max_bytes, self.signer.build
-        )
+        try:
+            return await self.outbox.claim_batch(
+                self.batch_max_events, self.batch_max_bytes, self.signer.build
+            )
+        except (sqlite3.Error, OSError) as exc:
+            # The store could not record a new batch (disk full even after the reserve):
+            # nothing was claimed; try again shortly rather than stop forwarding.
+            log.error("forwarder.claim_failed", error=str(exc))
+            self._count("claim_failed")
+            await asyncio.sleep(1.0)
+            return None
 
     def _requeue_all(self) -> None:
         if self._inflight:
@@ -364,6 +372,7 @@ class Forwarder:
             log.error("forwarder.ack_store_failed", seq=batch.seq, error=str(exc))
             if all(b.seq != batch.seq for b in self._unsent):
                 self._unsent = sorted([*self._unsent, batch], key=lambda b: b.seq)
+            await asyncio.sleep(1.0)  # not a busy loop of resends while the disk is unwritable
             return
         if deleted:
             self.stats.batches_acked += 1

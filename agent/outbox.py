@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import sqlite3
@@ -34,7 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlite_utils
 import structlog
@@ -59,6 +60,7 @@ ID_BLOCK = 1_000_000  # ids reserved ahead in ids.floor; one fsync'd write per m
 BATCH_ENVELOPE = 200  # COSE envelope, header fields and signature, rounded up
 EVENT_OVERHEAD = 48  # bytes of row/index overhead counted per event against the quota
 BuildBatch = Callable[[int, bytes, list[bytes]], bytes]
+_R = TypeVar("_R")
 
 
 def id_ranges(ids: Iterable[int]) -> list[list[int]]:
@@ -98,6 +100,7 @@ class OutboxStats:
     last_acked_at: float | None = None
     dropped: dict[str, int] = field(default_factory=dict)
     refused: int = 0
+    disk_full: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -113,6 +116,7 @@ class OutboxStats:
             "last_acked_at": self.last_acked_at,
             "dropped": dict(self.dropped),
             "refused": self.refused,
+            "disk_full": self.disk_full,
         }
 
 
@@ -173,8 +177,12 @@ class Outbox:
         commit_max: int,
         low_watermark: float,
         clock_time: Callable[[], float],
+        reserve_bytes: int = 1024 * 1024,
     ) -> None:
         self.path = path
+        self.reserve_bytes = reserve_bytes
+        self._disk_full = False
+        self._disk_checked = 0.0
         self.quota_bytes = quota_bytes
         self.commit_interval = commit_interval
         self.commit_max = commit_max
@@ -208,6 +216,7 @@ class Outbox:
         commit_max: int = 500,
         low_watermark: float = 0.9,
         clock_time: Callable[[], float] = time.time,
+        reserve_bytes: int = 1024 * 1024,
     ) -> Outbox:
         ob = cls(
             path,
@@ -216,6 +225,7 @@ class Outbox:
             commit_max=commit_max,
             low_watermark=low_watermark,
             clock_time=clock_time,
+            reserve_bytes=reserve_bytes,
         )
         loop = asyncio.get_running_loop()
         try:
@@ -248,6 +258,11 @@ class Outbox:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
+        # Keep the WAL small: checkpoint every 256 pages (1 MiB) and truncate it back to 1 MiB
+        # after a checkpoint. SQLite's default (1000 pages, never truncated) lets the WAL alone
+        # take 4 MiB, all of a small SD partition's headroom, and hides a full disk until late.
+        conn.execute("PRAGMA wal_autocheckpoint=256")
+        conn.execute("PRAGMA journal_size_limit=1048576")
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("PRAGMA busy_timeout=5000")
         return conn
@@ -278,6 +293,9 @@ class Outbox:
         self._conn = conn
         self._check_writable(conn)
         self._load_state()
+        if not self._ensure_reserve():
+            self._disk_full = True
+            self._disk_checked = time.monotonic()
         if self.reset_info is not None:
             self._record_reset()
 
@@ -527,6 +545,54 @@ class Outbox:
             cb()
 
     def _commit_appends(self, taken: list[_Append]) -> list[list[int] | BaseException]:
+        """Commit a group; on a full disk, alarms and alerts still commit (the reserve is
+        released for them) and telemetry and diagnostics are refused until space returns."""
+        self._check_space_back()
+        if self._disk_full:
+            return self._commit_urgent_only(taken)
+        try:
+            return self._commit_group(taken)
+        except (sqlite3.OperationalError, OSError) as exc:
+            if not self._is_disk_full(exc):
+                raise
+            self._enter_disk_full(str(exc))
+            return self._commit_urgent_only(taken)
+
+    def _commit_urgent_only(self, taken: list[_Append]) -> list[list[int] | BaseException]:
+        keep = [a for a in taken if max(e.prio for e in a.events) <= ALERT]
+        done: list[list[int] | BaseException] = []
+        if keep:
+            try:
+                done = self._commit_group(keep)
+            except (sqlite3.OperationalError, OSError) as exc:
+                if not self._is_disk_full(exc):
+                    raise
+                # Something else took the space the reserve gave back. Make the write need no
+                # new space: restart the WAL (its file is then reused from the start, not
+                # grown) and free pages inside the store by evicting telemetry (recorded).
+                self._restart_wal()
+                try:
+                    done = self._commit_group(keep)
+                except (sqlite3.OperationalError, OSError) as again:
+                    if not self._is_disk_full(again):
+                        raise
+                    with contextlib.suppress(sqlite3.Error, OSError):
+                        self._evict(max(64 * 1024, self._bytes // 20), TELEMETRY, "disk_full")
+                    self._restart_wal()
+                    done = self._commit_group(keep)
+        results = dict(zip(map(id, keep), done, strict=True))
+        out: list[list[int] | BaseException] = []
+        for a in taken:
+            if id(a) in results:
+                out.append(results[id(a)])
+            else:
+                self._refused += len(a.events)
+                out.append(RefusedError("disk full: only alarms and alerts are accepted",
+                                        priority=max(e.prio for e in a.events),
+                                        retry_after=60.0))
+        return out
+
+    def _commit_group(self, taken: list[_Append]) -> list[list[int] | BaseException]:
         """One transaction for every queued append. Appends the quota refuses get RefusedError."""
         accepted: list[Event] = []
         plan: list[tuple[int, int] | BaseException] = []
@@ -564,7 +630,13 @@ class Outbox:
                 out.append(ids[start : start + n])
         return out
 
-    def _commit_sync(self, events: Sequence[Event]) -> list[int]:
+    def _commit_sync(
+        self,
+        events: Sequence[Event],
+        extra: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> list[int]:
+        """Insert `events` (ids assigned here) in one transaction; `extra` runs inside the same
+        transaction first (an eviction and its drop record commit together or not at all)."""
         conn = self._conn
         assert conn is not None
         first = self._next_id
@@ -591,6 +663,8 @@ class Outbox:
             added += len(body) + EVENT_OVERHEAD
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if extra is not None:
+                extra(conn)
             conn.executemany(
                 "INSERT INTO events(id, prio, t, size, body) VALUES (?, ?, ?, ?, ?)", rows
             )
@@ -622,10 +696,10 @@ class Outbox:
         least_urgent = max(e.prio for e in incoming)
         return least_urgent if least_urgent >= TELEMETRY else None
 
-    def _evict(self, want: int, floor_prio: int) -> list[int]:
+    def _evict(self, want: int, floor_prio: int, reason: str = "quota") -> list[int]:
         """Delete unclaimed events, priority 3 then 2 (not below `floor_prio`), oldest first,
-        until `want` bytes are freed; never alarms or alerts. One gateway.dropped record per
-        priority evicted names every id that went."""
+        until `want` bytes are freed; never alarms or alerts. Per priority, the delete and the
+        gateway.dropped record naming every id that went commit in one transaction."""
         conn = self._conn
         assert conn is not None
         freed_total = 0
@@ -649,31 +723,107 @@ class Outbox:
             drop = Event(
                 src="gateway",
                 type="gateway.dropped",
-                v={"reason": "quota", "priority": prio, "count": len(ids), "ids": ranges},
+                v={"reason": reason, "priority": prio, "count": len(ids), "ids": ranges},
                 t=self._time(),
                 prio=ALERT,
             )
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany("DELETE FROM events WHERE id=?", [(i,) for i in ids])
+
+            def delete(c: sqlite3.Connection, ids: list[int] = ids) -> None:
+                c.executemany("DELETE FROM events WHERE id=?", [(i,) for i in ids])
                 dropped = json.loads(self._meta("dropped") or "{}")
-                dropped["quota"] = int(dropped.get("quota", 0)) + len(ids)
+                dropped[reason] = int(dropped.get(reason, 0)) + len(ids)
                 self._set_meta("dropped", json.dumps(dropped))
-                conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
+
+            self._commit_sync([drop], extra=delete)
             self._bytes -= freed
             freed_total += freed
-            # The drop record commits right after the delete; a crash in between loses the
-            # record but not the evidence: ids are never reused, so the gap stays visible.
-            self._commit_sync([drop])
-            log.warning("outbox.evicted", priority=prio, count=len(ids), ids=ranges[:8])
+            log.warning("outbox.evicted", reason=reason, priority=prio, count=len(ids),
+                        ids=ranges[:8])
             all_ids.extend(ids)
         return all_ids
 
+    # ---------------------------------------------------------------- a full disk
+
+    def _ensure_reserve(self) -> bool:
+        """Keep `reserve_bytes` allocated beside the store. When the disk fills, releasing it
+        is what lets alarms still commit (and acks still delete). True when it is in place."""
+        if self.reserve_bytes <= 0:
+            return True
+        path = self.path.with_name(self.path.name + ".reserve")
+        try:
+            if path.exists() and path.stat().st_size >= self.reserve_bytes:
+                return True
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.reserve_bytes)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            log.warning("outbox.reserve_unavailable", error=str(exc))
+            return False
+        return True
+
+    def _restart_wal(self) -> None:
+        """Checkpoint the WAL into the store and restart it: the next transactions overwrite
+        the WAL file from its start instead of growing it, so they need no free disk space."""
+        assert self._conn is not None
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("PRAGMA wal_checkpoint(RESTART)")
+
+    def _release_reserve(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.with_name(self.path.name + ".reserve").unlink()
+
+    @staticmethod
+    def _is_disk_full(exc: BaseException) -> bool:
+        if isinstance(exc, sqlite3.OperationalError):
+            return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or (
+                "disk is full" in str(exc)
+            )
+        return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+
+    def _enter_disk_full(self, error: str) -> None:
+        """The disk is full: release the reserve and accept only alarms and alerts until space
+        returns (a commit that still fails then evicts telemetry: `_commit_urgent_only`)."""
+        first = not self._disk_full
+        self._disk_full = True
+        self._disk_checked = time.monotonic()
+        self._release_reserve()
+        self._restart_wal()
+        if first:
+            log.error("outbox.disk_full", error=error, advice="free space on the state dir's "
+                      "filesystem; alarms and alerts are still accepted meanwhile")
+        if first:
+            with contextlib.suppress(sqlite3.Error, OSError):
+                self._commit_sync([Event(src="gateway", type="gateway.disk_full",
+                                         v={"error": error}, t=self._time(), prio=ALERT)])
+
+    def _check_space_back(self) -> None:
+        """While the disk is full, retry the reserve every 10 s; once it fits, telemetry is
+        accepted again and a gateway.disk_ok alert says so."""
+        if not self._disk_full or time.monotonic() - self._disk_checked < 10.0:
+            return
+        self._disk_checked = time.monotonic()
+        if self._ensure_reserve():
+            self._disk_full = False
+            log.warning("outbox.disk_ok")
+            with contextlib.suppress(sqlite3.Error, OSError):
+                self._commit_sync([Event(src="gateway", type="gateway.disk_ok", v=None,
+                                         t=self._time(), prio=ALERT)])
+
     # ---------------------------------------------------------------- batches
+
+    def _retry_on_full(self, fn: Callable[[], _R]) -> _R:
+        """Run a write; on a full disk release the reserve (and evict) and run it once more."""
+        try:
+            return fn()
+        except (sqlite3.OperationalError, OSError) as exc:
+            if not self._is_disk_full(exc):
+                raise
+            self._enter_disk_full(str(exc))
+            return fn()
 
     async def claim_batch(
         self, max_events: int, max_bytes: int, build: BuildBatch
@@ -683,7 +833,8 @@ class Outbox:
         that marks the events as claimed. None when there is nothing to send."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._executor, self._claim_sync, max_events, max_bytes, build
+            self._executor,
+            lambda: self._retry_on_full(lambda: self._claim_sync(max_events, max_bytes, build)),
         )
 
     def _claim_sync(
@@ -746,7 +897,9 @@ class Outbox:
         """The platform verified batch `seq` with hash `h`: its events leave the store.
         False (and nothing changes) if no stored batch has that seq and hash."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._ack_sync, seq, h)
+        return await loop.run_in_executor(
+            self._executor, lambda: self._retry_on_full(lambda: self._ack_sync(seq, h))
+        )
 
     def _ack_sync(self, seq: int, h: bytes) -> bool:
         conn = self._conn
@@ -787,7 +940,8 @@ class Outbox:
     def _stats_sync(self) -> OutboxStats:
         conn = self._conn
         assert conn is not None
-        st = OutboxStats(bytes=self._bytes, quota_bytes=self.quota_bytes, refused=self._refused)
+        st = OutboxStats(bytes=self._bytes, quota_bytes=self.quota_bytes, refused=self._refused,
+                         disk_full=self._disk_full)
         for prio, n in conn.execute("SELECT prio, COUNT(*) FROM events GROUP BY prio"):
             st.depth[int(prio)] = int(n)
         st.unclaimed = int(

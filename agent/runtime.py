@@ -181,6 +181,7 @@ class Runtime:
             commit_max=ob.commit_max_events,
             low_watermark=ob.low_watermark,
             clock_time=self.clock.time,
+            reserve_bytes=ob.reserve_bytes,
         )
         pkey = _pseudonym_key(cfg.gateway.state_dir) if cfg.privacy.pseudonymise_attrs else None
         pipeline = Pipeline(
@@ -262,6 +263,7 @@ class Runtime:
                 await self._sources_started(timeout=10.0)
                 self.notifier.ready(self.summary())
                 self.ready.set()
+                log.info("agent.ready")
                 await stop.wait()
                 log.info("agent.stopping")
                 self.notifier.stopping()

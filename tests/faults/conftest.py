@@ -108,8 +108,9 @@ class Chain:
             assert self.agent.stop() == 0
         at = len(self.agent.log_text())
         self.start_agent()
-        # SIGTERM before the handlers are installed would kill it: wait until it runs.
-        self.agent.wait_log('"agent.started"', after=at)
+        # SIGTERM before the handlers are installed would kill it, and the start's own audit
+        # record must be in the outbox before "drained" means anything: wait until READY.
+        self.agent.wait_log('"agent.ready"', after=at)
 
         def drained() -> bool:
             snap = read_outbox(self.ledger.db)
