@@ -18,10 +18,10 @@ from agent.audit import AuditConfig
 from agent.commands import CommandsConfig
 from agent.errors import ConfigError
 from agent.pipeline import Rule, Threshold
-from agent.uplink.coap import CoapUplinkConfig
+from agent.uplink.coap_config import CoapUplinkConfig
 from agent.uplink.mqtt import MqttUplinkConfig
 from drivers.ble import BleConfig
-from drivers.coap import CoapIngestConfig
+from drivers.coap_config import CoapIngestConfig
 from drivers.configbase import StrictModel
 from drivers.gpio import GpioConfig
 from drivers.serial import SerialConfig

@@ -12,7 +12,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -28,7 +28,10 @@ from agent.outbox import Outbox
 from agent.pipeline import Pipeline
 from agent.sdnotify import Notifier, watchdog_interval
 from agent.uplink.base import Uplink
-from drivers import ble, coap, gpio, serial, synthetic
+
+if TYPE_CHECKING:
+    from drivers.gpio import GpioStatusOutput, StatusState
+from drivers import synthetic
 from drivers.base import Backoff, Reading, Source, SourceContext, SourceState
 
 __all__ = ["PipelineSink", "Runtime", "build_sources", "build_uplinks"]
@@ -78,15 +81,25 @@ class PipelineSink:
 
 
 def build_sources(cfg: AgentConfig, ctx: SourceContext) -> list[Source]:
-    """Every configured source, each from its own driver's factory."""
+    """Every configured source, each from its own driver's factory. A driver module (and its
+    libraries: gpiozero, pyserial, bleak, aiocoap) is imported only when it is configured."""
     sources: list[Source] = []
     sources.extend(synthetic.build_sources(cfg.sources.synthetic, ctx))
     if cfg.sources.gpio is not None:
+        from drivers import gpio
+
         sources.extend(gpio.build_sources(cfg.sources.gpio, ctx))
-    sources.extend(serial.build_sources(cfg.sources.serial, ctx))
+    if any((cfg.sources.serial.ups, cfg.sources.serial.modbus, cfg.sources.serial.line)):
+        from drivers import serial
+
+        sources.extend(serial.build_sources(cfg.sources.serial, ctx))
     if cfg.sources.coap is not None:
+        from drivers import coap
+
         sources.extend(coap.build_sources(cfg.sources.coap, ctx))
     if cfg.sources.ble is not None:
+        from drivers import ble
+
         sources.extend(ble.build_sources(cfg.sources.ble, ctx))
     return sources
 
@@ -157,7 +170,7 @@ class Runtime:
         self.uplinks: list[Uplink] = []
         self.started = time.time()
         self.ready = asyncio.Event()
-        self.status_output: gpio.GpioStatusOutput | None = None
+        self.status_output: GpioStatusOutput | None = None
         self.audit: AuditTrail | None = None
         self.commands: CommandProcessor | None = None
         self._key: Ed25519PrivateKey | None = None
@@ -202,7 +215,9 @@ class Runtime:
                                  on_committed=self._observe)
         self.sources = build_sources(cfg, self.ctx)
         if cfg.sources.gpio is not None:
-            self.status_output = gpio.build_status_output(cfg.sources.gpio, self.ctx)
+            from drivers.gpio import build_status_output
+
+            self.status_output = build_status_output(cfg.sources.gpio, self.ctx)
         self.uplinks = (
             list(self._uplinks_override)
             if self._uplinks_override is not None
@@ -342,7 +357,7 @@ class Runtime:
             if self.status_output is not None:
                 self.status_output.set_state(self.led_state())
 
-    def led_state(self) -> gpio.StatusState:
+    def led_state(self) -> StatusState:
         """online: an uplink is up; buffering: none is (events kept locally); fault: a source
         is offline or the platform rejects our batches."""
         fw = self.forwarder.stats if self.forwarder else None

@@ -325,3 +325,39 @@ def test_kill_between_claim_and_ack_reoffers_exactly_the_unacked(
         await ob.close()
 
     asyncio.run(check())
+
+
+async def test_stats_counters_match_the_table(tmp_path: Path) -> None:
+    """The in-memory figures of stats() (kept so it never scans the table) agree with the
+    table after appends, claims, acks, evictions and a reopen."""
+    db = tmp_path / "o.db"
+
+    def table_depth() -> dict[int, int]:
+        with sqlite3.connect(db) as c:
+            return {int(p): int(n) for p, n in
+                    c.execute("SELECT prio, COUNT(*) FROM events GROUP BY prio")}
+
+    ob = await Outbox.open(db, quota_bytes=64 * 1024, commit_interval=0)
+    refused = 0
+    for i in range(900):
+        try:
+            await ob.append(ev(v=f"{i:040d}", prio=(3, 2, 1, 0)[i % 4]))
+        except RefusedError:
+            refused += 1
+    assert (await ob.stats()).dropped.get("quota"), "the quota must have evicted something"
+    b1 = await ob.claim_batch(50, 1 << 20, build)
+    b2 = await ob.claim_batch(50, 1 << 20, build)
+    assert b1 is not None and b2 is not None
+    assert await ob.ack_batch(b1.seq, b1.hash)
+    st = await ob.stats()
+    assert st.depth == table_depth()
+    assert st.in_flight_batches == 1
+    with sqlite3.connect(db) as c:
+        assert st.unclaimed == c.execute(
+            "SELECT COUNT(*) FROM events WHERE batch IS NULL").fetchone()[0]
+    await ob.close()
+    ob = await Outbox.open(db, quota_bytes=64 * 1024)
+    again = await ob.stats()
+    assert (again.depth, again.unclaimed, again.in_flight_batches) == (
+        st.depth, st.unclaimed, st.in_flight_batches)
+    await ob.close()

@@ -31,17 +31,15 @@ import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiocoap
 import aiocoap.error
 import structlog
-from pydantic import Field, field_validator, model_validator
 
 from agent.errors import AgentError
 from agent.keys import write_atomic  # one atomic 0600 writer for secrets
 from agent.uplink.base import UplinkDownError
-from drivers.configbase import StrictModel
+from agent.uplink.coap_config import CoapOscoreConfig, CoapUplinkConfig
 
 __all__ = [
     "CF_COSE",
@@ -67,54 +65,6 @@ _OSCORE_ID_BYTES = 6  # the gateway's sender id: random, the platform finds its 
 
 class OscoreContextError(AgentError, ValueError):
     """The OSCORE context directory is missing, unreadable, too open, or in use."""
-
-
-class CoapOscoreConfig(StrictModel):
-    """``[uplink.coap.oscore]``: the gateway's half of a pre-shared OSCORE context."""
-
-    context: Path  # directory from provisioning; the agent must be able to write sequence.json
-
-
-class CoapUplinkConfig(StrictModel):
-    """TOML::
-
-    [uplink.coap]
-    base = "coap://platform.bank.example:5683"
-    timeout = 20.0         # seconds for one batch exchange (all blocks) before "down"
-    probe_interval = 15.0  # idle liveness probe (GET /.well-known/core)
-    [uplink.coap.oscore]   # OSCORE (RFC 8613); without it `insecure = true` is required
-    context = "/var/lib/branch-agent/oscore"
-    """
-
-    base: str
-    insecure: bool = False
-    oscore: CoapOscoreConfig | None = None
-    timeout: float = Field(default=20.0, gt=0, le=300)
-    probe_interval: float = Field(default=15.0, gt=0, le=3600)
-
-    @field_validator("base")
-    @classmethod
-    def _base(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("coap", "coaps") or not parts.hostname:
-            raise ValueError("base must look like coap://host[:port][/path]")
-        if parts.query or parts.fragment:
-            raise ValueError("base takes no query or fragment")
-        return v.rstrip("/")
-
-    @model_validator(mode="after")
-    def _security(self) -> CoapUplinkConfig:
-        if self.base.startswith("coaps:"):
-            raise ValueError(
-                "coaps:// (DTLS) is not supported: use coap:// with an [uplink.coap.oscore] "
-                "context, or insecure = true (batches stay signed end to end)"
-            )
-        if self.oscore is None and not self.insecure:
-            raise ValueError(
-                "plain coap:// carries signed but not confidential batches: give an "
-                "[uplink.coap.oscore] context, or set insecure = true to accept that"
-            )
-        return self
 
 
 # --- OSCORE contexts -----------------------------------------------------------------------

@@ -12,22 +12,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
-from pymodbus.client import AsyncModbusSerialClient
-from pymodbus.exceptions import ModbusException
 
 from drivers.base import TELEMETRY, Clock, Reading
 from drivers.configbase import StrictModel
 from drivers.serial.port import PortSource, PortUnavailable, SerialPortConfig
+
+if TYPE_CHECKING:
+    from pymodbus.client import AsyncModbusSerialClient
 
 __all__ = ["ModbusConfig", "ModbusRegister", "ModbusSource", "decode_registers", "plan_reads"]
 
 RegisterType = Literal["int16", "uint16", "int32", "uint32", "float32"]
 MAX_READ = 125  # registers per read request (Modbus application protocol, 6.3)
 WIDTH: dict[str, int] = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "float32": 2}
-DATATYPES = AsyncModbusSerialClient.DATATYPE
 
 
 class ModbusRegister(StrictModel):
@@ -94,14 +94,17 @@ def decode_registers(
     block: ReadBlock, words: Sequence[int], source: str, ts: float | None
 ) -> list[Reading]:
     """Pure: the words of one block -> one reading per register (short replies skip)."""
+    # pymodbus (~10 MB) is imported when a Modbus device is polled, not when a config is read.
+    from pymodbus.client import AsyncModbusSerialClient as client_cls
+
     readings: list[Reading] = []
     for reg in block.registers:
         offset = reg.address - block.address
         chunk = list(words[offset : offset + WIDTH[reg.type]])
         if len(chunk) != WIDTH[reg.type]:
             continue
-        raw = AsyncModbusSerialClient.convert_from_registers(
-            chunk, DATATYPES[reg.type.upper()], word_order=reg.word_order
+        raw = client_cls.convert_from_registers(
+            chunk, client_cls.DATATYPE[reg.type.upper()], word_order=reg.word_order
         )
         assert isinstance(raw, int | float)  # scalar types only (RegisterType)
         value = raw * reg.scale if reg.scale != 1.0 else raw
@@ -117,11 +120,16 @@ class ModbusSource(PortSource):
     kind = "modbus"
 
     def __init__(self, cfg: ModbusConfig, clock: Clock) -> None:
+        from pymodbus.exceptions import ModbusException
+
         super().__init__(cfg, clock)
+        self._modbus_errors = ModbusException
         self.mb_cfg = cfg
         self.blocks = plan_reads(cfg.registers)
 
     async def session(self) -> None:
+        from pymodbus.client import AsyncModbusSerialClient
+
         client = AsyncModbusSerialClient(
             self.cfg.port,
             baudrate=self.cfg.baudrate,
@@ -154,7 +162,7 @@ class ModbusSource(PortSource):
         )
         try:
             reply = await read(block.address, count=block.count, device_id=self.mb_cfg.unit_id)
-        except (ModbusException, OSError) as exc:
+        except (self._modbus_errors, OSError) as exc:
             self.health.count("no_answer")
             raise PortUnavailable(f"{block.function} read at {block.address}: {exc}") from exc
         if reply.isError():
