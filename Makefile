@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv sysdeps test lint demo bench faults clean
+.PHONY: all venv sysdeps test lint demo bench faults sbom audit-deps clean
 
 all: test
 
@@ -52,5 +52,20 @@ demo: venv
 bench: venv sysdeps
 	$(BIN)/python bench/run_all.py
 
+# Supply chain: a CycloneDX SBOM of the installed environment, and a vulnerability audit of the
+# dependencies. The tools live in their own venv so that .venv holds only what the agent needs.
+# pip-audit needs an advisory source (PyPI's JSON API or OSV); where none is reachable it says
+# so (docs/SECURITY.md).
+SBOMVENV := .venv-sbom
+$(SBOMVENV)/.ok:
+	$(PYTHON) -m venv $(SBOMVENV) && $(SBOMVENV)/bin/pip install --quiet cyclonedx-bom pip-audit && touch $@
+
+sbom: venv $(SBOMVENV)/.ok
+	$(SBOMVENV)/bin/cyclonedx-py environment --of JSON -o sbom.cdx.json $(BIN)/python
+	@echo "wrote sbom.cdx.json"
+
+audit-deps: venv $(SBOMVENV)/.ok
+	$(SBOMVENV)/bin/pip-audit --path $$($(BIN)/python -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])') --progress-spinner off
+
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(SBOMVENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache sbom.cdx.json

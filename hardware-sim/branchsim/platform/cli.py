@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="branch-platform",
                                 description="Reference platform for the branch gateway agent")
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("command", help="sign and send a command to a gateway (see docs/COMMANDS.md)",
+                   add_help=False)
 
     s = sub.add_parser("serve", help="take batches over MQTT and CoAP, verify and ack them")
     s.add_argument("--db", type=Path, required=True)
@@ -200,6 +202,12 @@ def _events(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "command":
+        # `branch-platform command GW CMD ...`: sign and send a command (docs/COMMANDS.md)
+        from branchsim.platform.commands import main_command
+
+        return main_command(argv[1:])
     args = _parser().parse_args(argv)
     commands = {"serve": _serve, "register": _register, "verify": _verify, "events": _events,
                 "oscore-pair": _oscore_pair}

@@ -1,0 +1,107 @@
+"""Key rotation end to end: a signed rotate-key command through a real mosquitto makes the agent
+announce its next key in a batch signed by the current one; once that batch is acked the agent
+signs with the new key, the platform accepts it (and retires the old), and the key files are
+replaced on disk. Also: ping and status through the real agent process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from agent import protocol
+from agent.keys import load_public_key
+from branchsim.broker import Mosquitto
+from branchsim.platform.commands import make_command, send_command
+from branchsim.platform.mqtt_server import MqttPlatformServer
+from branchsim.platform.receiver import Receiver
+from tests.support.agentproc import AgentProcess, mqtt_uplink, wait_until
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    m = Mosquitto(tmp_path / "broker").start()
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+@pytest.fixture
+def platform(tmp_path: Path, broker: Mosquitto) -> Iterator[Receiver]:
+    rx = Receiver(tmp_path / "platform.db")
+    server = MqttPlatformServer(rx, "127.0.0.1", broker.port, client_id="platform-rot")
+    server.start()
+    try:
+        assert server.ready.wait(10)
+        yield rx
+    finally:
+        server.stop()
+        rx.close()
+
+
+def kids(rx: Receiver, gw: str) -> list[bytes]:
+    with rx._lock:  # the reference platform's own table; read-only here
+        return [bytes(r[0]) for r in rx._db.execute("SELECT kid FROM gateways WHERE gw=?",
+                                                    (gw,))]
+
+
+def test_rotate_key_command_switches_the_signing_key(tmp_path: Path, broker: Mosquitto,
+                                                     platform: Receiver) -> None:
+    """ping and status answer; rotate-key announces the new key (signed by the old), the
+    agent switches after the ack, later batches verify under the new kid, the old kid is
+    retired at the platform, and keys/signing.key holds the new key (mode 0600)."""
+    cmd_key = Ed25519PrivateKey.generate()
+    cmd_pub = tmp_path / "platform-cmd.pub"
+    cmd_pub.write_bytes(cmd_key.public_key().public_bytes(Encoding.PEM,
+                                                          PublicFormat.SubjectPublicKeyInfo))
+    agent = AgentProcess(
+        tmp_path / "gw",
+        uplink={"order": ["mqtt"], "mqtt": mqtt_uplink(broker.port, None)},
+        sources={"synthetic": [{"name": "load", "rate_hz": 50.0, "waveform": "counter"}]},
+        commands={"platform_key": str(cmd_pub)},
+    )
+    platform.register(agent.gw, agent.pubkey.read_bytes())
+    old_kid = protocol.kid_for(load_public_key(agent.pubkey))
+    agent.start()
+    try:
+        wait_until(lambda: len(platform.events(agent.gw)) >= 20, 30, "first events", agent)
+        gw_pub = load_public_key(agent.pubkey)
+        seq = 1
+
+        def command(cmd: str) -> dict:  # type: ignore[type-arg]
+            nonlocal seq
+            seq += 1
+            ack = send_command("127.0.0.1", broker.port, agent.gw,
+                               make_command(cmd_key, agent.gw, cmd, seq=seq),
+                               gateway_key=gw_pub, timeout=15)
+            assert ack.ok, (cmd, ack)
+            return dict(ack.result or {})
+
+        command("ping")
+        status = command("status")
+        assert status.get("gateway") == agent.gw
+        rotated = command("rotate-key")
+        new_kid = bytes.fromhex(rotated["kid"])
+        assert new_kid != old_kid
+
+        def signed_by_new_key() -> bool:
+            return new_kid in kids(platform, agent.gw) and old_kid not in kids(platform,
+                                                                                agent.gw)
+
+        wait_until(signed_by_new_key, 30, "old kid retired after a batch signed by the new", agent)
+        n = len(platform.events(agent.gw))
+        wait_until(lambda: len(platform.events(agent.gw)) >= n + 50, 30,
+                   "events keep arriving under the new key", agent)
+    finally:
+        assert agent.stop() == 0
+    announce = [e for e in platform.events(agent.gw) if e["type"] == "gateway.key_rotated"]
+    assert len(announce) == 1 and announce[0]["attrs"]["kid"] == new_kid.hex()
+    assert protocol.kid_for(load_public_key(agent.pubkey)) == new_kid
+    assert (agent.keys / "signing.key").stat().st_mode & 0o777 == 0o600
+    assert not [r for r in platform.counters() if r[1] not in ("replay",)], platform.counters()
+    audit = (agent.state / "audit" / "audit.log").read_text()
+    assert "audit.key_rotated" in audit
