@@ -55,7 +55,8 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+INGEST_KEY_TTL = 600.0  # s: longer than CoAP's EXCHANGE_LIFETIME (247 s), retransmits included
 ID_BLOCK = 1_000_000  # ids reserved ahead in ids.floor; one fsync'd write per million
 BATCH_ENVELOPE = 200  # COSE envelope, header fields and signature, rounded up
 SIDE_STATE_INTERVAL = 2.0  # seconds between writes of the acked chain head to chain.json
@@ -126,6 +127,7 @@ class _Append:
     events: Sequence[Event]
     future: asyncio.Future[list[int]]
     urgent: bool
+    key: str | None = None
 
 
 class _SideState:
@@ -208,6 +210,7 @@ class Outbox:
         self._unclaimed = 0
         self._batches = 0
         self._side_written = 0.0
+        self._keys_pruned = 0.0
         self._acked_head: tuple[int, bytes] | None = None
         self.reset_info: dict[str, Any] | None = None
         self._listeners: list[Callable[[], None]] = []
@@ -391,6 +394,16 @@ class Outbox:
             )
             conn.execute("PRAGMA user_version=1")
             conn.execute("COMMIT")
+            version = 1
+        if version < 2:
+            # v2: idempotency keys of ingest requests (see append_many).
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "CREATE TABLE ingest_keys "
+                "(key TEXT PRIMARY KEY, t REAL NOT NULL, ids TEXT NOT NULL)"
+            )
+            conn.execute("PRAGMA user_version=2")
+            conn.execute("COMMIT")
 
     def _meta(self, key: str) -> str:
         assert self._conn is not None
@@ -450,15 +463,20 @@ class Outbox:
         ids = await self.append_many((event,))
         return ids[0]
 
-    async def append_many(self, events: Sequence[Event]) -> list[int]:
-        """Commit all of `events` in one transaction (or none); resolve with their ids."""
+    async def append_many(self, events: Sequence[Event], key: str | None = None) -> list[int]:
+        """Commit all of `events` in one transaction (or none); resolve with their ids.
+
+        `key` makes the append idempotent across crashes: a key already committed (within
+        INGEST_KEY_TTL) commits nothing and resolves with the ids it got the first time. CoAP
+        ingest passes the request's identity, so a retransmission that reaches a restarted
+        agent is not stored twice."""
         if self._closed:
             raise StoreError("outbox is closed")
         if not events:
             return []
         fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         urgent = any(e.prio == ALARM for e in events)
-        self._queue.append(_Append(events, fut, urgent))
+        self._queue.append(_Append(events, fut, urgent, key))
         self._queued += len(events)
         self._urgent += urgent
         self._wake.set()
@@ -610,7 +628,7 @@ class Outbox:
     def _commit_group(self, taken: list[_Append]) -> list[list[int] | BaseException]:
         """One transaction for every queued append. Appends the quota refuses get RefusedError."""
         accepted: list[Event] = []
-        plan: list[tuple[int, int] | BaseException] = []
+        plan: list[tuple[int, int] | list[int] | BaseException] = []
         for a in taken:
             plan.append((len(accepted), len(a.events)))
             accepted.extend(a.events)
@@ -618,7 +636,7 @@ class Outbox:
         if refused:
             # Refuse whole appends that hold a refused event (a request is accepted as a unit).
             keep: list[Event] = []
-            new_plan: list[tuple[int, int] | BaseException] = []
+            new_plan: list[tuple[int, int] | list[int] | BaseException] = []
             for a, p in zip(taken, plan, strict=True):
                 assert isinstance(p, tuple)
                 if not a.urgent and any(e.prio >= refused for e in a.events):
@@ -635,15 +653,66 @@ class Outbox:
                     new_plan.append((len(keep), len(a.events)))
                     keep.extend(a.events)
             accepted, plan = keep, new_plan
-        ids = self._commit_sync(accepted) if accepted else []
+        known = self._known_keys([a.key for a in taken if a.key is not None])
+        if known:
+            # Already committed under this key (before a crash, or twice in this group):
+            # take nothing new, answer with the first commit's ids.
+            keep = []
+            new_plan = []
+            for a, p in zip(taken, plan, strict=True):
+                if isinstance(p, tuple) and a.key in known:
+                    new_plan.append(known[a.key])
+                elif isinstance(p, tuple):
+                    new_plan.append((len(keep), p[1]))
+                    keep.extend(a.events)
+                else:
+                    new_plan.append(p)
+            accepted, plan = keep, new_plan
+        first = self._next_id
+        key_rows = [
+            (a.key, self._time(), json.dumps([first + p[0], p[1]]))
+            for a, p in zip(taken, plan, strict=True)
+            if a.key is not None and isinstance(p, tuple)
+        ]
+
+        def keys(c: sqlite3.Connection) -> None:
+            c.executemany("INSERT OR IGNORE INTO ingest_keys(key, t, ids) VALUES (?, ?, ?)",
+                          key_rows)
+
+        ids = self._commit_sync(accepted, extra=keys if key_rows else None) if accepted else []
         out: list[list[int] | BaseException] = []
         for p in plan:
-            if isinstance(p, BaseException):
-                out.append(p)
-            else:
+            if isinstance(p, tuple):
                 start, n = p
                 out.append(ids[start : start + n])
+            else:
+                out.append(p)  # a refusal, or the ids of an earlier commit under the same key
+        self._prune_keys()
         return out
+
+    def _known_keys(self, keys: list[str]) -> dict[str, list[int]]:
+        """Keys already committed, with their ids. (A key twice in one uncommitted group is not
+        looked for: aiocoap already drops retransmissions while the first is in process.)"""
+        if not keys:
+            return {}
+        assert self._conn is not None
+        found: dict[str, list[int]] = {}
+        for k in set(keys):
+            row = self._conn.execute("SELECT ids FROM ingest_keys WHERE key=?", (k,)).fetchone()
+            if row is not None:
+                start, n = json.loads(row[0])
+                found[k] = list(range(int(start), int(start) + int(n)))
+        return found
+
+    def _prune_keys(self) -> None:
+        now = time.monotonic()
+        if now - self._keys_pruned < 60.0:
+            return
+        self._keys_pruned = now
+        assert self._conn is not None
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("DELETE FROM ingest_keys WHERE t < ?",
+                               (self._time() - INGEST_KEY_TTL,))
 
     def _commit_sync(
         self,

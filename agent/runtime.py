@@ -55,8 +55,8 @@ class PipelineSink:
         self._on_committed = on_committed
         self.accepted = 0
 
-    async def _commit(self, events: list[Event]) -> None:
-        await self.outbox.append_many(events)
+    async def _commit(self, events: list[Event], key: str | None = None) -> None:
+        await self.outbox.append_many(events, key=key)
         self.accepted += len(events)
         if self._on_committed is not None:
             self._on_committed(events)
@@ -66,13 +66,13 @@ class PipelineSink:
         if events:
             await self._commit(events)
 
-    async def submit_many(self, readings: Sequence[Reading]) -> None:
+    async def submit_many(self, readings: Sequence[Reading], key: str | None = None) -> None:
         now = self._mono()
         events: list[Event] = []
         for r in readings:
             events.extend(self.pipeline.process(r, now))
         if events:
-            await self._commit(events)
+            await self._commit(events, key)
 
     async def flush_due(self) -> None:
         events = self.pipeline.due(self._mono())

@@ -87,7 +87,10 @@ class Sink(Protocol):
 
     async def submit(self, reading: Reading) -> None: ...
 
-    async def submit_many(self, readings: Sequence[Reading]) -> None: ...
+    async def submit_many(self, readings: Sequence[Reading], key: str | None = None) -> None:
+        """`key`, when given, makes the submission idempotent across agent crashes: readings
+        already committed under that key (e.g. a CoAP request retransmitted to a restarted
+        agent) are not stored again."""
 
 
 class Clock(Protocol):

@@ -361,3 +361,36 @@ async def test_stats_counters_match_the_table(tmp_path: Path) -> None:
     assert (again.depth, again.unclaimed, again.in_flight_batches) == (
         st.depth, st.unclaimed, st.in_flight_batches)
     await ob.close()
+
+
+async def test_keyed_append_is_idempotent_across_a_restart(tmp_path: Path) -> None:
+    """An append under a key already committed (a CoAP retransmission reaching a restarted
+    agent) stores nothing new and answers with the first commit's ids; other keys commit."""
+    db = tmp_path / "o.db"
+    ob = await Outbox.open(db)
+    first = await ob.append_many([ev(1), ev(2)], key="coap:atm1:10.0.0.5:4711:ab")
+    await ob.close()
+    ob = await Outbox.open(db)
+    again = await ob.append_many([ev(1), ev(2)], key="coap:atm1:10.0.0.5:4711:ab")
+    other = await ob.append_many([ev(3)], key="coap:atm1:10.0.0.5:4712:ac")
+    assert again == first
+    assert other == [first[-1] + 1]
+    assert [r[0] for r in rows(db)] == [*first, *other]
+    await ob.close()
+
+
+async def test_v1_store_is_migrated(tmp_path: Path) -> None:
+    """A store written with schema 1 opens under schema 2 with its events intact."""
+    db = tmp_path / "o.db"
+    ob = await Outbox.open(db)
+    ids = await ob.append_many([ev(i) for i in range(5)])
+    await ob.close()
+    with sqlite3.connect(db) as c:  # make it a v1 file again
+        c.execute("DROP TABLE ingest_keys")
+        c.execute("PRAGMA user_version=1")
+    ob = await Outbox.open(db)
+    assert [r[0] for r in rows(db)] == ids
+    assert await ob.append_many([ev(9)], key="k") == [ids[-1] + 1]
+    await ob.close()
+    with sqlite3.connect(db) as c:
+        assert c.execute("PRAGMA user_version").fetchone()[0] == 2

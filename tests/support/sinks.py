@@ -13,13 +13,16 @@ class CollectingSink:
 
     def __init__(self) -> None:
         self.readings: list[Reading] = []
+        self.keys: list[str] = []
         self._changed = asyncio.Event()
 
     async def submit(self, reading: Reading) -> None:
         self.readings.append(reading)
         self._changed.set()
 
-    async def submit_many(self, readings: Sequence[Reading]) -> None:
+    async def submit_many(self, readings: Sequence[Reading], key: str | None = None) -> None:
+        if key is not None:
+            self.keys.append(key)
         self.readings.extend(readings)
         self._changed.set()
 
