@@ -238,6 +238,9 @@ class AuditLog:
                     self._rotate()  # we hold the lock on the old inode: writers wait for us
                     os.close(fd)
                     fd = self._locked_fd()
+                    # Another writer may have taken the new file's lock first and appended:
+                    # the head must be read again under the lock we now hold.
+                    n, prev = self._head(fd)
                 body: dict[str, Any] = {
                         "n": n + 1 if n >= 0 else 0, "t": self._wall(), "type": type,
                         "actor": actor or current_actor(), "pid": os.getpid(),

@@ -20,6 +20,10 @@ class Notifier:
         if addr:
             self._addr = "\0" + addr[1:] if addr.startswith("@") else addr
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Never block the event loop on the notify socket: a reader that stops reading
+            # (a stuck supervisor, a test harness) would otherwise freeze the agent in sendto()
+            # once the socket's queue is full. A dropped STATUS= or WATCHDOG=1 is harmless.
+            self._sock.setblocking(False)
 
     @property
     def enabled(self) -> bool:
@@ -31,7 +35,8 @@ class Notifier:
         try:
             self._sock.sendto(message.encode(), self._addr)
         except OSError:
-            return False  # systemd gone (shutdown) or socket not there: nothing to tell
+            # systemd gone (shutdown), socket not there, or its queue full (EAGAIN): drop it
+            return False
         return True
 
     def ready(self, status: str = "") -> None:
