@@ -11,12 +11,14 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from agent.errors import AgentError, ConfigError
+from agent.integrity import MANIFEST_PATH
 from agent.log import configure_logging
 
 __all__ = ["main"]
@@ -146,19 +148,57 @@ def _ask(option: str, value: str | None, interactive: bool) -> str:
     return answer
 
 
+def _renew(args: argparse.Namespace) -> int:
+    from agent.provision import renew
+
+    cfg_path = Path(args.config)
+    res = renew(load_config(cfg_path))
+    _audit_operator(cfg_path, "renew", kid=res.kid, new_key=res.new_key, csr=str(res.csr))
+    print(f"{'created' if res.new_key else 'kept   '}       {res.key} (mode 0600)")
+    print(f"csr           {res.csr}")
+    print(f"csr auth      {res.auth} (COSE_Sign1 by signing key kid {res.kid})")
+    print("Send both files to the bank's CA; install the certificate it returns with "
+          "`branch-agent provision --install-cert CERT`. Until then the current key and "
+          "certificate stay in use.")
+    return EXIT_OK
+
+
+def _install_cert(args: argparse.Namespace) -> int:
+    from agent.provision import install_cert
+
+    cfg_path = Path(args.config)
+    res = install_cert(load_config(cfg_path), Path(args.install_cert))
+    _audit_operator(cfg_path, "install_cert", subject=res.subject, serial=res.serial,
+                    not_after=res.not_after, sha256=res.sha256)
+    print(f"installed     {res.cert}: {res.subject}, serial {res.serial}, "
+          f"valid until {res.not_after}")
+    for p in res.kept_prev:
+        print(f"previous      {p}")
+    print("The agent uses it from its next connection; to switch now: "
+          "`systemctl restart branch-agent`, then `branch-agent doctor`.")
+    return EXIT_OK
+
+
 def cmd_provision(args: argparse.Namespace) -> int:
     from agent.provision import provision, registration_text
 
+    if args.renew:
+        return _renew(args)
+    if args.install_cert:
+        return _install_cert(args)
     interactive = not args.non_interactive and sys.stdin.isatty()
     gw = _ask("gateway-id", args.gateway_id, interactive)
     broker = _ask("broker", args.broker, interactive)
-    res = provision(Path(args.root), gw, broker, args.coap, exec_path=args.exec_path)
+    res = provision(Path(args.root), gw, broker, args.coap, exec_path=args.exec_path,
+                    allow_ips=args.allow_ip)
     _audit_operator(res.config, "provision",
                     gateway=gw, root=str(args.root), kid=res.info.kid.hex())
     for p in res.created:
         print(f"created       {p}")
     for p in res.kept:
         print(f"kept          {p}")
+    for w in res.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     print()
     print("Register this gateway with the platform:")
     print(f"  gateway id   {res.gateway_id}")
@@ -175,12 +215,84 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_wipe(args: argparse.Namespace) -> int:
+    from agent.audit import AuditLog
+    from agent.provision import agent_pid, wipe
+
+    cfg_path = Path(args.config)
+    cfg = load_config(cfg_path)
+    gw = cfg.gateway.id
+    pid = agent_pid(cfg)
+    if pid is not None:
+        print(f"error: the agent is running (pid {pid}): `systemctl stop branch-agent` first",
+              file=sys.stderr)
+        return EXIT_FAIL
+    answer = args.yes_i_am_sure
+    if answer is None:
+        if not sys.stdin.isatty():
+            print("error: no terminal to confirm on: pass --yes-i-am-sure GATEWAY_ID",
+                  file=sys.stderr)
+            return EXIT_FAIL
+        print(f"This removes the keys, state (unsent events too) and config of gateway {gw}.")
+        answer = input("type the gateway id to confirm: ").strip()
+    if answer != gw:
+        print(f"error: confirmation {answer!r} is not the gateway id; nothing removed",
+              file=sys.stderr)
+        return EXIT_FAIL
+    keep = Path(args.keep_audit) if args.keep_audit else None
+    # Recorded before anything goes; no record, no wipe (the auditor must see every wipe).
+    audit = AuditLog.from_config(cfg.audit, cfg.gateway.state_dir)
+    audit.append("audit.operator_command", {"cmd": "wipe", "gateway": gw,
+                                            "keep_audit": str(keep) if keep else None})
+    res = wipe(cfg, cfg_path, keep)
+    if res.audit_kept is not None:
+        audit.append("audit.operator_command", {"cmd": "wipe", "done": True,
+                                                "removed": len(res.removed)})
+    for p in res.removed:
+        print(f"removed       {p}")
+    if res.audit_export is not None:
+        print(f"audit log     exported to {res.audit_export}, then removed")
+    elif res.audit_kept is not None:
+        print(f"audit log     kept: {res.audit_kept}")
+    return EXIT_OK
+
+
+def _redacted(cfg: AgentConfig) -> dict[str, Any]:
+    """The effective config as plain data. Secrets are pydantic SecretStr fields (the BTHome
+    bindkeys), which `mode="json"` dumps as "**********"; key files appear as paths only."""
+    return cfg.model_dump(mode="json")
+
+
+def _drop_none(v: Any) -> Any:
+    """TOML has no null: unset optional keys are left out."""
+    if isinstance(v, dict):
+        return {k: _drop_none(x) for k, x in v.items() if x is not None}
+    if isinstance(v, list):
+        return [_drop_none(x) for x in v]
+    return v
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = load_config(Path(args.config))
+    doc = _redacted(cfg)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    import tomli_w
+
+    print(f"# effective configuration of {args.config}: defaults filled in, secrets redacted")
+    print(tomli_w.dumps(_drop_none(doc)), end="")
+    return EXIT_OK
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from agent import doctor
 
-    checks = asyncio.run(doctor.run_checks(Path(args.config), args.timeout))
+    checks = asyncio.run(doctor.run_checks(Path(args.config), args.timeout,
+                                           Path(args.manifest)))
     code = doctor.exit_code(checks)
-    _audit_operator(Path(args.config), "doctor", exit=code)
+    integrity = next((str(c.status) for c in checks if c.name == "integrity"), None)
+    _audit_operator(Path(args.config), "doctor", exit=code, integrity=integrity)
     if args.json:
         print(json.dumps({"exit": code, "checks": [c.as_dict() for c in checks]}, indent=2))
         return code
@@ -274,12 +386,39 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where branch-agent is installed on the gateway (the unit's ExecStart)")
     pv.add_argument("--non-interactive", action="store_true", help="never prompt")
     pv.add_argument("--no-qr", action="store_true", help="do not print the QR code")
+    pv.add_argument("--allow-ip", action="append", default=[], metavar="ADDR[/PREFIX]",
+                    help="also allow this address or network in the egress drop-in (repeat)")
+    life = pv.add_mutually_exclusive_group()
+    life.add_argument("--renew", action="store_true",
+                      help="new MQTT client key + CSR (authenticated by the signing key) in "
+                      "tls/next/")
+    life.add_argument("--install-cert", metavar="CERT",
+                      help="check CERT against the pending key and the CA, then switch over")
+    pv.add_argument("--config", default=default_cfg,
+                    help="the gateway's config (for --renew / --install-cert)")
     pv.set_defaults(func=cmd_provision)
+
+    wp = sub.add_parser("wipe", help="remove keys, state and config (decommissioning)")
+    wp.add_argument("--config", default=default_cfg)
+    wp.add_argument("--yes-i-am-sure", metavar="GATEWAY_ID",
+                    help="confirm without a prompt (scripts): the gateway's id")
+    wp.add_argument("--keep-audit", metavar="PATH",
+                    help="export the audit log to PATH, then remove it too (default: keep it "
+                    "in place)")
+    wp.set_defaults(func=cmd_wipe)
+
+    cf = sub.add_parser("config", help="show the effective config (secrets redacted)")
+    cf.add_argument("action", choices=["show"])
+    cf.add_argument("--config", default=default_cfg)
+    cf.add_argument("--json", action="store_true", help="JSON instead of TOML")
+    cf.set_defaults(func=cmd_config)
 
     dr = sub.add_parser("doctor", help="check that everything is right on this gateway")
     dr.add_argument("--config", default=default_cfg)
     dr.add_argument("--json", action="store_true", help="machine-readable output")
     dr.add_argument("--timeout", type=float, default=5.0, help="seconds per network check")
+    dr.add_argument("--manifest", default=str(MANIFEST_PATH),
+                    help="the integrity manifest written by provision")
     dr.set_defaults(func=cmd_doctor)
 
     st = sub.add_parser("status", help="what the agent is doing")

@@ -5,8 +5,10 @@ Checks, in order: the config is valid; the signing key is there with mode 0600; 
 writable with free space above the outbox quota; the clock is synchronised; the GPIO chip is
 accessible; each configured serial port is present and opens (pyserial); the BLE adapter is
 present and powered (BlueZ over D-Bus); the MQTT broker is reachable, the TLS handshake succeeds
-with the configured CA and client certificate, the certificate is in date, and an MQTT CONNECT is
-answered; the CoAP platform answers a probe. Exit code: 0 all pass, 1 warnings, 2 failures.
+with the configured CA and client certificate, the certificate is in date (a warning 30 days
+before it expires, and while a renewal waits in tls/next/), and an MQTT CONNECT is answered; the
+CoAP platform answers a probe; the installed files match the integrity manifest written at
+provisioning (agent.integrity). Exit code: 0 all pass, 1 warnings, 2 failures.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import datetime as dt
 import enum
 import glob
+import json
 import os
 import shutil
 import socket
@@ -32,14 +35,18 @@ import structlog
 from agent.clock import sync_probe
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError
+from agent.integrity import MANIFEST_PATH, verify_manifest
 
 __all__ = [
+    "CERT_WARN_DAYS",
     "Check",
     "Status",
     "check_ble",
+    "check_certificate",
     "check_clock",
     "check_coap",
     "check_gpio",
+    "check_integrity",
     "check_mqtt",
     "check_serial",
     "check_signing_key",
@@ -51,6 +58,8 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 CERT_WARN_DAYS = 30
+RENEW_FIX = ("`branch-agent provision --renew`, then send tls/next/client.csr and "
+             "client.csr.cose to the bank's CA (docs/OPERATIONS.md, certificate renewal)")
 BLUEZ = "org.bluez"
 ADAPTER_IFACE = "org.bluez.Adapter1"
 
@@ -286,7 +295,9 @@ def _tls_context(tls: Any) -> ssl.SSLContext:
     return ctx
 
 
-def _cert_checks(tls: Any, now: dt.datetime) -> list[Check]:
+def check_certificate(tls: Any, now: dt.datetime) -> list[Check]:
+    """The TLS files exist, the key is private, the certificate is for the key and in date
+    (warning CERT_WARN_DAYS before expiry), and no renewal waits in tls/next/."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
@@ -316,13 +327,18 @@ def _cert_checks(tls: Any, now: dt.datetime) -> list[Check]:
                             "the clock is wrong, or the CA post-dated it: check `timedatectl`"))
     elif left.total_seconds() <= 0:
         checks.append(_fail(name, f"{subject} expired on {cert.not_valid_after_utc:%Y-%m-%d}",
-                            "send tls/client.csr to the bank's CA for a new certificate"))
+                            RENEW_FIX))
     elif left.days < CERT_WARN_DAYS:
-        checks.append(_warn(name, f"{subject} expires in {left.days} days",
-                            "send tls/client.csr to the bank's CA for a new certificate"))
+        checks.append(_warn(name, f"{subject} expires in {left.days} days", RENEW_FIX))
     else:
         checks.append(_ok(name, f"{subject} valid until {cert.not_valid_after_utc:%Y-%m-%d} "
                           f"({left.days} days)"))
+    pending = Path(tls.key).parent / "next" / "client.key"
+    if pending.exists():
+        checks.append(_warn("mqtt renewal", f"a renewed key waits in {pending.parent}",
+                            "install the certificate the CA issued for "
+                            f"{pending.parent / 'client.csr'}: `branch-agent provision "
+                            "--install-cert CERT`"))
     return checks
 
 
@@ -366,7 +382,7 @@ def check_mqtt(cfg: AgentConfig, timeout: float = 5.0) -> list[Check]:
     checks: list[Check] = []
     ctx: ssl.SSLContext | None = None
     if mq.tls is not None:
-        checks += _cert_checks(mq.tls, dt.datetime.now(dt.UTC))
+        checks += check_certificate(mq.tls, dt.datetime.now(dt.UTC))
         if any(c.status is Status.FAIL and c.name.startswith("mqtt tls") for c in checks):
             return checks
         try:
@@ -437,15 +453,46 @@ async def check_coap(cfg: AgentConfig, limit: float = 5.0) -> list[Check]:
     return [_ok(name, f"{co.base} answers ({resp.code})")]
 
 
+# --------------------------------------------------------------------------- integrity
+
+
+def check_integrity(manifest: Path = MANIFEST_PATH, limit: int = 5) -> Check:
+    """The installed files match the manifest written by `branch-agent provision`."""
+    name = "integrity"
+    reinstall = ("reinstall the release (`pip install --force-reinstall` into /opt/branch-agent) "
+                 "and re-run `branch-agent provision`; report an unexplained change to security")
+    try:
+        doc = json.loads(manifest.read_text())
+    except FileNotFoundError:
+        return _warn(name, f"no integrity manifest at {manifest}",
+                     "run `branch-agent provision` (it writes the manifest)")
+    except (OSError, ValueError) as exc:
+        return _fail(name, f"cannot read the manifest {manifest}: {exc}", reinstall)
+    try:
+        rep = verify_manifest(doc)
+    except (OSError, ValueError) as exc:
+        return _fail(name, f"{manifest}: {exc}", reinstall)
+    if rep.ok:
+        return _ok(name, f"{rep.checked} files match {manifest} (version {doc.get('version')})")
+    parts = []
+    for what, paths in (("edited", rep.edited), ("missing", rep.missing), ("extra", rep.extra)):
+        if paths:
+            more = f" (+{len(paths) - limit} more)" if len(paths) > limit else ""
+            parts.append(f"{what}: {', '.join(paths[:limit])}{more}")
+    return _fail(name, "; ".join(parts), reinstall)
+
+
 # --------------------------------------------------------------------------- all
 
 
-async def run_checks(config_path: Path, limit: float = 5.0) -> list[Check]:
+async def run_checks(config_path: Path, limit: float = 5.0,
+                     manifest: Path = MANIFEST_PATH) -> list[Check]:
     first, cfg = check_config(config_path)
     if cfg is None:
         return [first]
     checks = [first, check_signing_key(cfg), check_state_dir(cfg), check_clock(cfg),
               check_gpio(cfg)]
+    checks.append(await asyncio.to_thread(check_integrity, manifest))
     checks += await asyncio.to_thread(check_serial, cfg)
     checks.append(await check_ble(getattr(cfg.sources, "ble", None), limit))
     checks += await asyncio.to_thread(check_mqtt, cfg, limit)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import stat
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
+from agent.config import load_config, parse_config
 from tests.support.agentproc import to_toml
 
 AGENT = [sys.executable, "-m", "agent.cli"]
@@ -19,11 +22,12 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_help_lists_every_command() -> None:
-    """`--help` names run, check-config, keygen, provision, doctor, status, metrics and demo."""
+    """`--help` names every command (run, check-config, keygen, provision, doctor, status,
+    metrics, demo, wipe, config, audit)."""
     res = cli("--help")
     assert res.returncode == 0
     for cmd in ("run", "check-config", "keygen", "provision", "doctor", "status", "metrics",
-                "demo"):
+                "demo", "wipe", "config", "audit"):
         assert cmd in res.stdout
     run_help = cli("run", "--help").stdout
     assert "--sim SCENARIO" in run_help and "--sim-speed X" in run_help
@@ -70,3 +74,29 @@ def test_keygen_writes_0600_and_refuses_to_overwrite(tmp_path: Path) -> None:
     forced = cli("keygen", "--dir", str(tmp_path), "--force")
     assert forced.returncode == 0
     assert (tmp_path / "signing.key").read_bytes() != key
+
+
+BINDKEY = "231d39c1d7cc1ab1aee224cd096db932"
+
+
+def test_config_show_prints_the_effective_config_redacted(tmp_path: Path) -> None:
+    """`config show` prints the effective config (defaults filled in) as TOML that loads back to
+    the same config, and as JSON with --json; a BTHome bindkey is redacted in both."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(to_toml({
+        "gateway": {"id": "gw-show", "state_dir": str(tmp_path / "state")},
+        "uplink": {"order": ["mqtt"], "mqtt": {"host": "127.0.0.1", "insecure": True}},
+        "sources": {"ble": {"sensors": [{"name": "thermo", "address": "A4:C1:38:00:00:01",
+                                         "decoder": "bthome", "bindkey": BINDKEY}]}},
+    }))
+    res = cli("config", "show", "--config", str(cfg))
+    assert res.returncode == 0, res.stderr
+    assert BINDKEY not in res.stdout and "**********" in res.stdout
+    shown = tomllib.loads(res.stdout)
+    assert shown["outbox"]["quota_bytes"] == 256 * 1024 * 1024  # a default, filled in
+    sensor = shown["sources"]["ble"]["sensors"][0]
+    sensor["bindkey"] = BINDKEY  # put the secret back: the rest is the same config
+    assert parse_config(shown) == load_config(cfg)
+    as_json = cli("config", "show", "--config", str(cfg), "--json")
+    assert as_json.returncode == 0 and BINDKEY not in as_json.stdout
+    assert json.loads(as_json.stdout)["gateway"]["id"] == "gw-show"

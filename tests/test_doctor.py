@@ -17,7 +17,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.doctor import Status, check_ble
+from agent.doctor import CERT_WARN_DAYS, Status, check_ble, check_certificate
+from agent.integrity import build_manifest, installed_trees, write_manifest
+from agent.uplink.mqtt import MqttTlsConfig
 from branchsim.bluez import FakeBluez, PrivateSystemBus
 from drivers.ble import BleConfig
 from tests.support.agentproc import AgentProcess, mqtt_uplink, to_toml
@@ -89,13 +91,16 @@ def by_name(out: str) -> dict[str, dict[str, str]]:
 
 def test_healthy_gateway_passes(tmp_path: Path, broker: Mosquitto, pki: Pki,
                                 pty_port: str) -> None:
-    """Every check passes (or does not apply) on a healthy setup; exit code 0."""
+    """Every check passes (or does not apply) on a healthy setup, the installed files matching
+    their manifest; exit code 0."""
     gw = gateway(tmp_path / "gw", broker, pki, pty_port)
-    res = doctor(gw.config_path, "--json")
+    manifest = tmp_path / "manifest.json"
+    write_manifest(manifest, build_manifest(installed_trees()))
+    res = doctor(gw.config_path, "--json", "--manifest", str(manifest))
     checks = by_name(res.stdout)
     assert res.returncode == 0, res.stdout + res.stderr
     assert {c["status"] for c in checks.values()} <= {"pass", "skip"}
-    for name in ("config", "signing key", "state dir", "clock", "serial ups.main",
+    for name in ("config", "signing key", "state dir", "clock", "serial ups.main", "integrity",
                  "mqtt certificate", "mqtt broker", "mqtt tls handshake", "mqtt connect"):
         assert checks[name]["status"] == "pass", checks[name]
     assert "CONNACK" in checks["mqtt connect"]["detail"]
@@ -138,6 +143,27 @@ def test_warning_gives_exit_code_1(tmp_path: Path, broker: Mosquitto, pki: Pki,
     assert checks["mqtt certificate"]["status"] == "warn", checks["mqtt certificate"]
     assert "expires in" in checks["mqtt certificate"]["detail"]
     assert res.returncode == 1, res.stdout
+
+
+def test_certificate_warning_starts_30_days_before_expiry(tmp_path: Path, pki: Pki) -> None:
+    """The certificate check passes 31 days before expiry, warns 29 days before (fix: renew),
+    fails once expired, and warns while a renewed key waits in tls/next/."""
+    cert_path = client_cert(pki, tmp_path, days=365)
+    end = x509.load_pem_x509_certificate(cert_path.read_bytes()).not_valid_after_utc
+    tls = MqttTlsConfig(ca=pki.ca_cert, cert=cert_path, key=pki.client_key)
+
+    def at(days_left: float) -> dict[str, Any]:
+        return {c.name: c for c in check_certificate(tls, end - dt.timedelta(days=days_left))}
+    assert CERT_WARN_DAYS == 30
+    assert at(31)["mqtt certificate"].status is Status.PASS
+    warn = at(29)["mqtt certificate"]
+    assert warn.status is Status.WARN and "expires in 29 days" in warn.detail
+    assert "provision --renew" in warn.fix
+    assert at(-1)["mqtt certificate"].status is Status.FAIL
+    (pki.client_key.parent / "next").mkdir()
+    (pki.client_key.parent / "next" / "client.key").write_bytes(b"pending")
+    pending = at(31)["mqtt renewal"]
+    assert pending.status is Status.WARN and "--install-cert" in pending.fix
 
 
 def test_invalid_config_fails_first(tmp_path: Path) -> None:

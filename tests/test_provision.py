@@ -97,3 +97,38 @@ def test_provision_refuses_bad_input(tmp_path: Path) -> None:
          "host:99999", "--non-interactive"],
         capture_output=True, text=True, timeout=60, check=False)
     assert port.returncode == 1 and "HOST:PORT" in port.stderr
+
+
+def test_egress_dropin_follows_the_config(tmp_path: Path) -> None:
+    """The egress drop-in denies everything but loopback, the resolved broker, the DNS servers
+    of the image, --allow-ip and, once configured, the CoAP sensors' networks; a name that does
+    not resolve is a warning and a comment, never an allowed address; the manifest is kept
+    when nothing changed."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/resolv.conf").write_text("nameserver 127.0.0.53\nnameserver 192.0.2.53\n")
+    first = provision(root, "--no-qr", "--allow-ip", "198.51.100.0/24")  # mqtt.bank.example
+    assert first.returncode == 0, first.stderr
+    assert "could not resolve mqtt.bank.example" in first.stderr
+    dropin = root / "etc/systemd/system/branch-agent.service.d/10-egress.conf"
+    allowed = [ln.split("=", 1)[1] for ln in dropin.read_text().splitlines()
+               if ln.startswith("IPAddressAllow=")]
+    assert allowed == ["localhost", "192.0.2.53", "198.51.100.0/24"]
+    assert "IPAddressDeny=any" in dropin.read_text()
+    assert "NOT RESOLVED at provisioning: mqtt.bank.example" in dropin.read_text()
+
+    cfg = root / "etc/branch-agent/agent.toml"
+    text = cfg.read_text().replace('host = "mqtt.bank.example"', 'host = "127.0.0.1"')
+    text += ('\n[sources.coap]\nbind = "192.168.10.1"\n[[sources.coap.sensors]]\n'
+             'name = "atm1"\nallow = ["192.168.10.20", "fd00:10::/64"]\n')
+    cfg.write_text(text)
+    second = provision(root, "--no-qr")
+    assert second.returncode == 0, second.stderr
+    assert "could not resolve" not in second.stderr
+    allowed = [ln.split("=", 1)[1] for ln in dropin.read_text().splitlines()
+               if ln.startswith("IPAddressAllow=")]
+    assert allowed == ["localhost", "127.0.0.1", "192.0.2.53", "192.168.10.20/32",
+                       "fd00:10::/64"]
+    assert f"created       {dropin}" in second.stdout
+    third = provision(root, "--no-qr")
+    assert "created" not in third.stdout  # drop-in and manifest unchanged

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from branchsim.platform.mqtt_server import MqttPlatformServer, PlatformTls
 from branchsim.platform.receiver import Receiver
-from tests.support.agentproc import AGENT, AgentProcess, mqtt_uplink, wait_until
+from tests.support.agentproc import AGENT, AgentProcess, mqtt_uplink, to_toml, wait_until
 from tests.support.broker import Mosquitto, get_free_port
 from tests.support.pki import Pki, make_pki
 
@@ -89,8 +89,9 @@ def run_cli(*args: str) -> str:
 def test_no_key_material_in_logs_status_or_tools(tmp_path: Path, broker: Mosquitto,
                                                  platform: Receiver, tls_pki: Pki) -> None:
     """With debug logging, a TLS failure and a refused key file, neither the signing key, the
-    TLS client key nor the pseudonym key appears in the log, status.json, `status`, `doctor` or
-    `check-config` output."""
+    TLS client keys (current and renewed), the pseudonym key nor a BTHome bindkey appears in the
+    log, status.json, `status`, `doctor`, `check-config`, `config show` or `provision --renew`
+    output."""
     agent = AgentProcess(
         tmp_path / "gw",
         log={"level": "debug", "format": "json"},
@@ -121,6 +122,17 @@ def test_no_key_material_in_logs_status_or_tools(tmp_path: Path, broker: Mosquit
                    agent)
     finally:
         agent.stop()
+    # `config show` of the same config with a BTHome bindkey (a SecretStr), and a renewal,
+    # which writes a new TLS client key.
+    bindkey = "231d39c1d7cc1ab1aee224cd096db932"
+    shown = tmp_path / "shown.toml"
+    shown.write_text(to_toml({**agent.doc, "sources": {"ble": {"sensors": [
+        {"name": "thermo", "address": "A4:C1:38:00:00:01", "decoder": "bthome",
+         "bindkey": bindkey}]}}}))
+    outputs["config-show"] = run_cli("config", "show", "--config", str(shown))
+    outputs["config-show-json"] = run_cli("config", "show", "--config", str(shown), "--json")
+    outputs["renew"] = run_cli("provision", "--renew", "--config", str(agent.config_path))
+    renewed = tls_pki.client_key.parent / "next" / "client.key"
     (agent.keys / "signing.key").chmod(0o644)
     outputs["refused-key"] = run_cli("run", "--config", str(agent.config_path))
     assert "chmod 600" in outputs["refused-key"]
@@ -128,6 +140,8 @@ def test_no_key_material_in_logs_status_or_tools(tmp_path: Path, broker: Mosquit
     secrets = {
         "signing.key": secret_forms((agent.keys / "signing.key").read_bytes()),
         "tls client key": secret_forms(tls_pki.client_key.read_bytes()),
+        "renewed tls client key": secret_forms(renewed.read_bytes()),
+        "bthome bindkey": {bindkey, bindkey.upper()},
     }
     pseudonym = (agent.state / "pseudonym.key").read_bytes()
     secrets["pseudonym.key"] = {pseudonym.hex(), pseudonym.hex().upper(),
@@ -135,6 +149,7 @@ def test_no_key_material_in_logs_status_or_tools(tmp_path: Path, broker: Mosquit
     texts = {"agent log": agent.log_text(),
              "status.json": (agent.state / "status.json").read_text(), **outputs}
     assert "mqtt.connected" in texts["agent log"] and texts["doctor"].strip()  # not vacuous
+    assert "thermo" in texts["config-show"] and "csr auth" in texts["renew"]
     assert leaks(tls_pki.client_key.read_text(), secrets)  # the detector itself works
     found = {where: hit for where, text in texts.items() if (hit := leaks(text, secrets))}
     assert found == {}

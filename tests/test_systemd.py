@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,27 +44,32 @@ def test_unit_verifies(tmp_path: Path) -> None:
     assert own == [], own
 
 
-def test_security_exposure_at_most_2(tmp_path: Path) -> None:
-    """`systemd-analyze security --offline=true` rates the unit's exposure at 2.0 or less."""
-    res = _run("systemd-analyze", "security", "--offline=true", "--no-pager",
-               str(_unit_with_exec(tmp_path)))
+def _exposure(unit: Path) -> tuple[float, str]:
+    res = _run("systemd-analyze", "security", "--offline=true", "--no-pager", str(unit))
     m = re.search(r"Overall exposure level for branch-agent\.service: (\d+\.\d+)", res.stdout)
     assert m, res.stdout + res.stderr
-    exposure = float(m.group(1))
-    assert exposure <= MAX_EXPOSURE, res.stdout
+    return float(m.group(1)), res.stdout
+
+
+def test_security_exposure_at_most_2(tmp_path: Path) -> None:
+    """`systemd-analyze security --offline=true` rates the unit's exposure at 2.0 or less."""
+    exposure, out = _exposure(_unit_with_exec(tmp_path))
+    assert exposure <= MAX_EXPOSURE, out
     doc = (ROOT / "docs" / "OPERATIONS.md").read_text()
     assert f"exposure level {exposure}" in doc, "docs/OPERATIONS.md must state the current figure"
 
 
 def test_unit_has_the_service_contract() -> None:
-    """The unit is Type=notify with a watchdog, restarts always, and runs as its own user."""
+    """The unit is Type=notify with a watchdog, restarts always, runs as its own user and is
+    bounded in memory and tasks."""
     text = UNIT.read_text()
     for line in ("Type=notify", "WatchdogSec=30", "Restart=always", "User=branch-agent",
                  "SupplementaryGroups=gpio dialout bluetooth", "StateDirectory=branch-agent",
                  "ConfigurationDirectory=branch-agent", "CapabilityBoundingSet=\n",
                  "DevicePolicy=closed", "UMask=0077", "NoNewPrivileges=yes",
                  "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_BLUETOOTH AF_NETLINK",
-                 "SystemCallFilter=@system-service", "StartLimitBurst="):
+                 "SystemCallFilter=@system-service", "StartLimitBurst=", "MemoryMax=256M",
+                 "TasksMax=64"):
         assert line in text, line
 
 
@@ -87,3 +93,25 @@ def test_sysusers_and_tmpfiles_apply_to_an_image_root(tmp_path: Path) -> None:
     state = root / "var" / "lib" / "branch-agent"
     assert state.is_dir() and (state.stat().st_mode & 0o777) == 0o700
     assert (root / "etc" / "branch-agent" / "keys").stat().st_mode & 0o007 == 0
+
+
+def test_provisioned_unit_with_egress_dropin_verifies(tmp_path: Path) -> None:
+    """The unit as provisioned, with its generated egress drop-in (IPAddressDeny=any plus the
+    broker), passes `systemd-analyze verify` and keeps the exposure at 2.0 or less."""
+    root = tmp_path / "root"
+    res = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "provision", "--root", str(root), "--gateway-id",
+         "gw1", "--broker", "192.0.2.10:8883", "--non-interactive", "--no-qr"],
+        capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr
+    dropin = (root / "etc/systemd/system/branch-agent.service.d/10-egress.conf").read_text()
+    assert "IPAddressDeny=any" in dropin and "IPAddressAllow=192.0.2.10" in dropin
+    unit = _unit_with_exec(tmp_path)
+    # A drop-in's [Service] lines apply as if appended to the unit: analyse them together.
+    unit.write_text(unit.read_text() + "\n" + dropin)
+    verified = _run("systemd-analyze", "verify", str(unit))
+    assert verified.returncode == 0, verified.stderr
+    assert [ln for ln in verified.stderr.splitlines() if "branch-agent.service" in ln] == []
+    exposure, out = _exposure(unit)
+    assert exposure <= MAX_EXPOSURE, out
+    assert "Service defines IP address allow list" in out, out
