@@ -6,13 +6,28 @@ answered 2.04 only after `Sink.submit_many` returned, i.e. after every reading o
 durably committed by the outbox: a sensor that got 2.04 may forget its readings. Errors:
 
 =====  ==================================================================================
-4.00   malformed SenML (the payload says why); the whole request is rejected, nothing kept
+4.00   malformed SenML (the payload says why, in our words); nothing of the request is kept
 4.03   the sensor is not configured, or the source address is not in its allowlist
 4.13   payload larger than ``max_payload`` (also checked per block before reassembly) or
        more than ``max_records`` records; Size1 tells the limit
 4.15   any other content format
-5.03   the outbox refused that priority (quota); Max-Age = the outbox's retry hint
+4.29   Too Many Requests (RFC 8516): over the sensor's ``rate_limit_hz`` (checked after the
+       allowlist, before any decoding; each block of a block-wise post counts); Max-Age =
+       seconds until the sensor has a token again
+--     over the endpoint's ``global_rate_hz`` (every datagram, any peer): dropped unanswered
+       before aiocoap parses it (counted as ``flooded``): a flooder ignores Max-Age anyway, and
+       an answer would cost what the limit is there to save (see `_GatedUDP6`)
+5.03   ``max_concurrent`` requests already wait for the outbox (Max-Age 1), or the outbox
+       refused that priority (quota; Max-Age = the outbox's retry hint)
+5.00   an unexpected fault in the agent (logged with its traceback; the peer gets two words)
 =====  ==================================================================================
+
+Flood resistance: the ingest shares the event loop with the GPIO alarms, so a flood must cost
+O(1) per datagram. The token buckets are checked before any parsing of the payload, refused
+requests are answered from a constant, the requests waiting for the outbox are bounded, and
+rejections are logged at most once per `REJECT_LOG_INTERVAL` per kind (with how many were held
+back) so a flood is not turned into a log flood. Every rejection is counted in `health.errors`.
+Answers to peers are short fixed texts: never an exception text or a traceback.
 
 Transport security: this is plain CoAP on the branch LAN; sensors are identified by their
 source address only (the border router / VLAN is the trust boundary). OSCORE for ingest is not
@@ -27,11 +42,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import ipaddress
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +56,7 @@ import aiocoap.error
 import aiocoap.resource
 import cbor2
 import structlog
+from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
 from drivers.base import (
     ALERT,
@@ -54,10 +71,12 @@ from drivers.base import (
     Value,
 )
 from drivers.coap_config import CoapIngestConfig, CoapSensorConfig
+from drivers.ratelimit import LogGate, TokenBucket
 
 __all__ = [
     "CF_SENML_CBOR",
     "CF_SENML_JSON",
+    "REJECT_LOG_INTERVAL",
     "CoapIngestConfig",
     "CoapIngestSource",
     "CoapSensorConfig",
@@ -72,6 +91,9 @@ log = structlog.get_logger(__name__)
 
 CF_SENML_JSON = 110
 CF_SENML_CBOR = 112
+
+# Seconds between two log lines about the same kind of rejection (the counters count them all).
+REJECT_LOG_INTERVAL = 10.0
 
 # RFC 8428 section 4.5.1: a time below 2**28 is relative to "now".
 _RELATIVE_TIME_LIMIT = 2**28
@@ -163,7 +185,9 @@ def decode_senml(
         else:
             return _fail(f"unsupported content format {content_format}", payload)
     except (ValueError, UnicodeDecodeError, cbor2.CBORDecodeError, RecursionError) as exc:
-        return _fail(f"not valid {'JSON' if content_format == 110 else 'CBOR'}: {exc}", payload)
+        # the parser's own message goes to the log only: peers get our fixed words
+        log.debug("senml.undecodable", error=str(exc)[:200])
+        return _fail(f"not valid {'JSON' if content_format == 110 else 'CBOR'}", payload)
     if content_format == CF_SENML_CBOR and isinstance(pack, list):
         pack = [_relabel(r) for r in pack]
     result = resolve_senml(pack, now, max_records=max_records)
@@ -198,11 +222,11 @@ def resolve_senml(pack: object, now: float, max_records: int | None = None) -> S
             return _fail(f"record {i}: not a map")
         for key, val in rec.items():
             if not isinstance(key, str):
-                return _fail(f"record {i}: unknown label {key!r}")
+                return _fail(f"record {i}: unknown label")
             types = _FIELD_TYPES.get(key)
             if types is None:
                 if key.endswith("_"):
-                    return _fail(f"record {i}: must-understand field {key!r} not supported")
+                    return _fail(f"record {i}: must-understand field not supported")
                 continue  # RFC 8428 section 4.4: unknown fields are ignored
             if isinstance(val, bool) and bool not in types:
                 return _fail(f"record {i}: {key} has the wrong type")
@@ -217,7 +241,7 @@ def resolve_senml(pack: object, now: float, max_records: int | None = None) -> S
                 base[key] = rec[key]
         name = base.get("bn", "") + rec.get("n", "")
         if not _NAME_RE.match(name):
-            return _fail(f"record {i}: invalid name {name!r}")
+            return _fail(f"record {i}: invalid name")
         t = base.get("bt", 0) + rec.get("t", 0)
         if t < _RELATIVE_TIME_LIMIT:
             t = now + t
@@ -292,6 +316,15 @@ class _IngestResource(aiocoap.resource.Resource, aiocoap.resource.PathCapable): 
         ip = _remote_ip(request.remote)
         if ip is None or not any(ip in net for net in src.sensors[path[0]].allow):
             return src.reject("forbidden", aiocoap.FORBIDDEN, "address not allowed", request)
+        bucket = src.buckets[path[0]]
+        if not bucket.take():
+            return src.reject(
+                "rate_limited",
+                aiocoap.TOO_MANY_REQUESTS,
+                "too many requests",
+                request,
+                max_age=bucket.retry_after_s(),
+            )
         if request.code is not aiocoap.POST:
             return None  # the render method answers 4.05
         limit = src.cfg.max_payload
@@ -326,6 +359,34 @@ class _IngestResource(aiocoap.resource.Resource, aiocoap.resource.PathCapable): 
         return await self._src.ingest(request.opt.uri_path[0], request)
 
 
+class _GatedUDP6(MessageInterfaceUDP6):  # type: ignore[misc]  # aiocoap is untyped
+    """aiocoap's udp6 server transport with a gate in front of message parsing.
+
+    aiocoap keeps every request's message id and its response for EXCHANGE_LIFETIME (247 s) to
+    deduplicate retransmissions: measured here at ~3 KB per request, and with a few 10 000s of
+    them the cyclic garbage collector pauses the event loop (and so the GPIO alarms) for 50 to
+    100 ms at a time. A datagram over the endpoint-wide bucket is therefore dropped here, before
+    aiocoap parses or remembers it. Relies on aiocoap 0.4's `datagram_msg_received` (pinned < 0.5;
+    tests/test_coap_ingest.py checks it is still there).
+    """
+
+    admit: Callable[[], bool] | None = None
+
+    def datagram_msg_received(self, data: bytes, ancdata: Any, flags: int, address: Any) -> None:
+        if self.admit is not None and not self.admit():
+            return
+        super().datagram_msg_received(data, ancdata, flags, address)
+
+
+def _request_key(sensor: str, request: aiocoap.Message) -> str:
+    """The request's identity for the outbox's idempotency keys: a retransmission (same
+    message id and token, same bytes, from the same peer) that reaches the agent after a crash
+    and restart, when aiocoap's in-memory deduplication is gone, is not stored twice."""
+    digest = hashlib.sha256(request.payload).hexdigest()[:16]
+    token = request.token.hex() if request.token else "-"
+    return f"coap:{sensor}:{_remote_ip(request.remote)}:{request.mid}:{token}:{digest}"
+
+
 class CoapIngestSource:
     """The ingest endpoint as a `Source`: binds, serves until cancelled, re-binds with backoff."""
 
@@ -337,19 +398,93 @@ class CoapIngestSource:
         self.sensor_names = tuple(self.sensors)
         self.started = asyncio.Event()  # set while the socket is bound (tests and bench wait)
         self._clock = ctx.clock
+        mono = ctx.clock.monotonic
+        self.global_bucket = TokenBucket(cfg.global_rate_hz, cfg.global_burst, mono)
+        self.buckets = {
+            s.name: TokenBucket(
+                s.rate_limit_hz or cfg.rate_limit_hz, s.rate_burst or cfg.rate_burst, mono
+            )
+            for s in cfg.sensors
+        }
+        self.inflight = 0  # requests waiting for the outbox (bounded by cfg.max_concurrent)
+        self._gates: dict[str, LogGate] = {}
         self._sink: Sink | None = None
         self._log = log.bind(source=self.name)
+
+    def _admit_datagram(self) -> bool:
+        """The endpoint-wide bucket, per datagram, before aiocoap sees it."""
+        if self.global_bucket.take():
+            return True
+        self.health.count("flooded")
+        held = self._gate("flooded")
+        if held is not None:
+            self._log.warning(
+                "coap.flooded",
+                rate_hz=self.cfg.global_rate_hz,
+                not_logged_since_last=held,
+                total=self.health.errors["flooded"],
+            )
+        return False
+
+    async def _serve(self) -> aiocoap.Context:
+        """What `aiocoap.Context.create_server_context` does for udp6, with the gated transport."""
+        loop = asyncio.get_running_loop()
+        ctx = aiocoap.Context(loop=loop, serversite=self._site(), loggername="coap-server")
+
+        async def transport(mman: Any) -> _GatedUDP6:
+            proto: _GatedUDP6 = await _GatedUDP6.create_server_transport_endpoint(
+                mman, log=ctx.log, loop=loop, bind=(self.cfg.bind, self.cfg.port), multicast=[]
+            )
+            proto.admit = self._admit_datagram
+            return proto
+
+        try:
+            await ctx._append_tokenmanaged_messagemanaged_transport(transport)  # see _GatedUDP6
+        except BaseException:
+            await ctx.shutdown()
+            raise
+        return ctx
+
+    def _gate(self, what: str) -> int | None:
+        gate = self._gates.get(what)
+        if gate is None:
+            gate = self._gates[what] = LogGate(REJECT_LOG_INTERVAL, self._clock.monotonic)
+        return gate.open()
 
     def reject(
         self, what: str, code: Any, text: str, request: aiocoap.Message, **opts: Any
     ) -> aiocoap.Message:
+        """Count the rejection, log it unless one of its kind was logged lately, answer."""
         self.health.count(what)
-        self._log.info(
-            "coap.rejected", what=what, path=request.opt.uri_path, remote=str(request.remote)
-        )
+        held = self._gate(what)
+        if held is not None:
+            self._log.info(
+                "coap.rejected",
+                what=what,
+                path=request.opt.uri_path,
+                remote=str(request.remote),
+                not_logged_since_last=held,
+                total=self.health.errors[what],
+            )
         return _answer(code, text, **opts)
 
     async def ingest(self, sensor: str, request: aiocoap.Message) -> aiocoap.Message:
+        if self.inflight >= self.cfg.max_concurrent:
+            return self.reject(
+                "busy", aiocoap.SERVICE_UNAVAILABLE, "busy, retry later", request, max_age=1
+            )
+        self.inflight += 1
+        try:
+            return await self._ingest(sensor, request)
+        except Exception:  # a bug must not reach the peer: it gets 5.00 only
+            self.health.count("internal")
+            if self._gate("internal") is not None:
+                self._log.exception("coap.internal_error", sensor=sensor)
+            return _answer(aiocoap.INTERNAL_SERVER_ERROR, "internal error")
+        finally:
+            self.inflight -= 1
+
+    async def _ingest(self, sensor: str, request: aiocoap.Message) -> aiocoap.Message:
         cfg = self.sensors[sensor]
         result = decode_senml(
             request.payload,
@@ -366,10 +501,11 @@ class CoapIngestSource:
         readings = [_reading(f"coap.{sensor}", r, cfg.priority) for r in result.records]
         assert self._sink is not None  # the site is only served inside run()
         try:
-            await self._sink.submit_many(readings)
+            await self._sink.submit_many(readings, key=_request_key(sensor, request))
         except RefusedError as exc:
             self.health.count("refused")
-            self._log.warning("coap.refused", sensor=sensor, priority=exc.priority)
+            if self._gate("refused") is not None:
+                self._log.warning("coap.refused", sensor=sensor, priority=exc.priority)
             return _answer(
                 aiocoap.SERVICE_UNAVAILABLE,
                 "outbox full for this priority",
@@ -395,9 +531,7 @@ class CoapIngestSource:
         try:
             while True:
                 try:
-                    ctx = await aiocoap.Context.create_server_context(
-                        self._site(), bind=(self.cfg.bind, self.cfg.port), transports=["udp6"]
-                    )
+                    ctx = await self._serve()
                 except (OSError, aiocoap.error.Error) as exc:
                     # the LAN address may appear later (DHCP, interface still down)
                     self.health.count("bind")

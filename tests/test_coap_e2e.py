@@ -59,8 +59,11 @@ def coap_agent(dir: Path, platform_port: int, ingest_port: int,
         dir,
         uplink={"order": ["coap"], "coap": {"base": f"coap://127.0.0.1:{platform_port}",
                                             "timeout": 5.0, "probe_interval": 1.0, **security}},
+        # the sensor posts back to back, far above the production rate limits
         sources={"coap": {"name": "lan", "bind": "127.0.0.1", "port": ingest_port,
-                          "sensors": [{"name": "atm1", "allow": ["127.0.0.1"]}]}},
+                          "global_rate_hz": 10_000.0, "global_burst": 10_000,
+                          "sensors": [{"name": "atm1", "allow": ["127.0.0.1"],
+                                       "rate_limit_hz": 10_000.0, "rate_burst": 10_000}]}},
     )
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import aiocoap
 import cbor2
 import pytest
+from structlog.testing import capture_logs
 
 from branchsim.coapsensors import CoapSensorSim
 from drivers.base import ALARM, TELEMETRY, Reading, RefusedError, SourceContext, SystemClock
@@ -133,7 +134,7 @@ def free_udp_port() -> int:
 class RefusingSink(CollectingSink):
     """An outbox at quota for telemetry: refuses it, takes alarms."""
 
-    async def submit_many(self, readings: Sequence[Reading]) -> None:
+    async def submit_many(self, readings: Sequence[Reading], key: str | None = None) -> None:
         if any(r.priority >= TELEMETRY for r in readings):
             raise RefusedError("quota", priority=TELEMETRY, retry_after=42.5)
         await super().submit_many(readings)
@@ -302,3 +303,123 @@ async def test_simulated_sensor_every_answer(server: Server) -> None:
         "unsupported_format": 1,
         "forbidden": 1,
     }
+
+
+# --- flood resistance: rate limits, bounded work, generic answers ---------------------------
+
+
+class BlockingSink(CollectingSink):
+    """An outbox that commits only when the test says so (requests pile up waiting for it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def submit_many(self, readings: Sequence[Reading], key: str | None = None) -> None:
+        await self.release.wait()
+        await super().submit_many(readings)
+
+
+class BrokenSink(CollectingSink):
+    """A sink with a bug: it raises an unexpected exception whose text must not leak."""
+
+    async def submit_many(self, readings: Sequence[Reading], key: str | None = None) -> None:
+        raise RuntimeError("boom in /var/lib/branch-agent/keys/signing.key")
+
+
+async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait (polling the loop) until `cond` holds."""
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.005)  # condition poll interval, not a fixed delay
+
+
+def non_post(sensor: str, mid: int, payload: bytes) -> bytes:
+    msg = aiocoap.Message(
+        code=aiocoap.POST,
+        transport_tuning=aiocoap.Unreliable,
+        uri_path=("ingest", sensor),
+        content_format=CF_SENML_JSON,
+        payload=payload,
+    )
+    msg.mtype, msg.mid, msg.token = aiocoap.NON, mid, mid.to_bytes(2, "big")
+    return bytes(msg.encode())
+
+
+async def test_sensor_over_its_rate_gets_429_with_max_age() -> None:
+    """Past its burst a sensor gets 4.29 with Max-Age until its next token, before any
+    decoding (even malformed posts are 4.29), counted each time and logged once."""
+    ok = json.dumps([{"n": "x", "v": 1}]).encode()
+    with capture_logs() as logs:
+        async for s in _serve(CollectingSink(), rate_limit_hz=0.5, rate_burst=2):
+            assert (await s.post("/ingest/atm1", ok)).code == aiocoap.CHANGED
+            assert (await s.post("/ingest/atm1", ok)).code == aiocoap.CHANGED
+            for payload in (ok, b"{", ok):
+                resp = await s.post("/ingest/atm1", payload)
+                assert resp.code == aiocoap.TOO_MANY_REQUESTS
+                assert resp.opt.max_age == 2
+                assert resp.payload == b"too many requests"
+            # another sensor has its own bucket
+            assert (await s.post("/ingest/vault", ok)).code == aiocoap.CHANGED
+            assert s.source.health.errors == {"rate_limited": 3}
+            assert len(s.sink.readings) == 3
+    rejected = [e for e in logs if e["event"] == "coap.rejected"]
+    assert [(e["what"], e["total"]) for e in rejected] == [("rate_limited", 1)]
+
+
+async def test_flood_over_global_rate_is_dropped_unparsed() -> None:
+    """Datagrams over the endpoint-wide bucket are dropped before aiocoap parses them (no
+    answer, counted as flooded); the ones within it are served."""
+    async for s in _serve(CollectingSink(), global_rate_hz=0.01, global_burst=3):
+        port = s.source.cfg.port
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.connect(("127.0.0.1", port))
+            for mid in range(10):
+                sock.send(non_post("atm1", mid, json.dumps([{"n": "x", "v": mid}]).encode()))
+            await until(lambda src=s.source: src.health.errors.get("flooded", 0) == 7)
+            answers = [await asyncio.wait_for(loop.sock_recv(sock, 2048), 10) for _ in range(3)]
+        assert [a[1] for a in answers] == [int(aiocoap.CHANGED)] * 3
+        assert s.source.health.errors == {"flooded": 7}
+        assert len(s.sink.readings) == 3
+
+
+async def test_requests_waiting_for_the_outbox_are_bounded() -> None:
+    """With max_concurrent posts already waiting for the outbox, the next one gets 5.03 with
+    Max-Age 1 at once; the waiting ones get 2.04 when the outbox commits."""
+    ok = json.dumps([{"n": "x", "v": 1}]).encode()
+    sink = BlockingSink()
+    async for s in _serve(sink, max_concurrent=2):
+        waiting = [asyncio.create_task(s.post("/ingest/atm1", ok)) for _ in range(2)]
+        await until(lambda src=s.source: src.inflight == 2)
+        resp = await s.post("/ingest/vault", ok)
+        assert resp.code == aiocoap.SERVICE_UNAVAILABLE
+        assert resp.opt.max_age == 1
+        sink.release.set()
+        assert [(await w).code for w in waiting] == [aiocoap.CHANGED] * 2
+        assert s.source.inflight == 0
+        assert s.source.health.errors == {"busy": 1}
+
+
+async def test_answers_to_peers_are_generic() -> None:
+    """Error answers are short fixed texts: no parser message, no exception text, no
+    traceback; an unexpected fault in the agent is a bare 5.00 "internal error"."""
+    ok = json.dumps([{"n": "x", "v": 1}]).encode()
+    async for s in _serve(BrokenSink()):
+        resp = await s.post("/ingest/atm1", ok)
+        assert resp.code == aiocoap.INTERNAL_SERVER_ERROR
+        assert resp.payload == b"internal error"
+        assert s.source.health.errors == {"internal": 1}
+        answers = [
+            (await s.post("/ingest/atm1", b"{")).payload,
+            (await s.post("/ingest/atm1", b"\x9f\x01", CF_SENML_CBOR)).payload,
+            (await s.post("/ingest/atm1", b'[{"n":"<script>","v":1}]')).payload,
+            (await s.post("/ingest/atm1", b'[{"n":"x","v":1,"evil_":2}]')).payload,
+        ]
+    assert answers == [
+        b"not valid JSON",
+        b"not valid CBOR",
+        b"record 0: invalid name",
+        b"record 0: must-understand field not supported",
+    ]

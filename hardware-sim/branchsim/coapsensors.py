@@ -7,22 +7,34 @@ that is not on the agent's allowlist (it binds its socket to ``source_address``;
 
 Every answer is recorded in `results` (sequence number, response code) so a test or the demo can
 check what the agent promised: readings of a post answered 2.04 must reach the platform.
+
+`flood` is the misbehaving peer of the flood test: raw NON POSTs from a paced loop (aiocoap
+encodes the message once; only the message id changes), far more than any sensor sends. It is
+blocking and meant to run in its own process (``python -m branchsim.coapsensors flood ...``) so
+its CPU is not the agent's; it is bounded in rate and duration and only aims at loopback.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import ipaddress
 import json
 import random
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import select
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiocoap
 import aiocoap.error
 import structlog
 
-__all__ = ["CF_SENML_CBOR", "CF_SENML_JSON", "CoapSensorSim", "PostResult"]
+__all__ = ["CF_SENML_CBOR", "CF_SENML_JSON", "CoapSensorSim", "FloodStats", "PostResult", "flood"]
 
 log = structlog.get_logger(__name__)
 
@@ -139,3 +151,121 @@ class CoapSensorSim:
                 {"temperature": round(rng.uniform(18, 26), 2), "humidity": rng.randint(30, 60)}
             )
             await asyncio.sleep(interval)
+
+
+# --- the flood ------------------------------------------------------------------------------
+
+FLOOD_MAX_RATE = 100_000.0  # requests per second
+FLOOD_MAX_DURATION = 60.0  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class FloodStats:
+    """What a flood sent (handed to the kernel) and what came back: `answers` counts response
+    codes ("4.29": n)."""
+
+    sent: int
+    duration: float
+    answers: dict[str, int]
+
+    @property
+    def rate(self) -> float:
+        return self.sent / self.duration if self.duration > 0 else 0.0
+
+
+def _code(datagram: bytes) -> str:
+    if len(datagram) < 4:
+        return "short"
+    return f"{datagram[1] >> 5}.{datagram[1] & 31:02d}"
+
+
+def flood(
+    host: str,
+    port: int,
+    sensor: str,
+    rate: float,
+    duration: float,
+    *,
+    sockets: int = 8,
+    source_address: str = "127.0.0.1",
+    drain: float = 1.0,
+) -> FloodStats:
+    """Send NON ``POST /ingest/{sensor}`` (a valid one-record SenML JSON pack) at `rate` per
+    second for `duration` seconds, round robin over `sockets` source ports (so the server's
+    per-peer message-id deduplication does not absorb the flood), and count the answers; after
+    the last send, keep reading answers until none came for `drain` seconds. Blocking."""
+    if not ipaddress.ip_address(host).is_loopback:
+        raise ValueError("the flood generator only aims at loopback addresses")
+    if not (0 < rate <= FLOOD_MAX_RATE and 0 < duration <= FLOOD_MAX_DURATION):
+        raise ValueError(f"rate <= {FLOOD_MAX_RATE:g}/s and duration <= {FLOOD_MAX_DURATION:g} s")
+    msg = aiocoap.Message(
+        code=aiocoap.POST,
+        transport_tuning=aiocoap.Unreliable,
+        token=b"",
+        uri_path=("ingest", sensor),
+        content_format=CF_SENML_JSON,
+        payload=b'[{"n":"flood","v":1}]',
+    )
+    msg.mtype, msg.mid = aiocoap.NON, 0  # encoded once here; the loop rewrites the id bytes
+    template = bytearray(msg.encode())
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(sockets)]
+    answers: Counter[str] = Counter()
+
+    def read(timeout: float) -> bool:
+        ready, _, _ = select.select(socks, [], [], max(0.0, timeout))
+        for s in ready:
+            while True:
+                try:
+                    answers[_code(s.recv(2048))] += 1
+                except (BlockingIOError, ConnectionRefusedError):
+                    break  # nothing more queued (or an ICMP unreachable: the port is closed)
+        return bool(ready)
+
+    sent = lost = 0
+    try:
+        for s in socks:
+            s.bind((source_address, 0))
+            s.connect((host, port))
+            s.setblocking(False)
+        start = time.monotonic()
+        end = start + duration
+        while (now := time.monotonic()) < end:
+            due = min(int((now - start) * rate), int(duration * rate))
+            while sent < due:
+                template[2:4] = (sent & 0xFFFF).to_bytes(2, "big")
+                try:
+                    socks[sent % sockets].send(template)
+                except (BlockingIOError, ConnectionRefusedError):
+                    lost += 1  # socket buffer full or port closed: lost, as on a LAN
+                sent += 1
+            read(min(0.001, end - time.monotonic()))
+        elapsed = time.monotonic() - start
+        while read(drain):
+            pass
+    finally:
+        for s in socks:
+            s.close()
+    return FloodStats(sent=sent - lost, duration=elapsed, answers=dict(answers))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m branchsim.coapsensors flood HOST PORT SENSOR --rate R --duration D``: prints
+    the `FloodStats` as one JSON line."""
+    parser = argparse.ArgumentParser(prog="python -m branchsim.coapsensors")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    fl = sub.add_parser("flood", help="flood a CoAP ingest endpoint on loopback")
+    fl.add_argument("host")
+    fl.add_argument("port", type=int)
+    fl.add_argument("sensor")
+    fl.add_argument("--rate", type=float, default=10_000.0)
+    fl.add_argument("--duration", type=float, default=10.0)
+    fl.add_argument("--sockets", type=int, default=8)
+    args = parser.parse_args(argv)
+    stats = flood(args.host, args.port, args.sensor, args.rate, args.duration, sockets=args.sockets)
+    print(json.dumps({**asdict(stats), "rate": round(stats.rate, 1)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
