@@ -74,6 +74,10 @@ class ForwarderConfig(StrictModel):
     ack_mode: Literal["platform", "broker"] = "platform"
     ack_timeout_s: float = Field(default=15.0, gt=0)
     window: int = Field(default=4, ge=1, le=64, description="signed batches in flight at once")
+    batch_linger_ms: float = Field(
+        default=250.0, ge=0, le=60_000,
+        description="wait up to this long for a batch to fill; alarms never wait",
+    )
     drain_rate_bytes_per_s: int = Field(default=0, ge=0, description="0 = unlimited")
     status_interval_s: float = Field(default=30.0, gt=0)
 

@@ -130,6 +130,7 @@ class Forwarder:
         ack_timeout_s: float = 15.0,
         window: int = 4,
         drain_rate_bytes_per_s: int = 0,
+        batch_linger_s: float = 0.0,
         failover_after_s: float = 30.0,
         status_interval_s: float = 30.0,
         status_doc: Callable[[], Mapping[str, Any]] | None = None,
@@ -144,6 +145,7 @@ class Forwarder:
         self.ack_mode = ack_mode
         self.ack_timeout_s = ack_timeout_s
         self.window = window
+        self.batch_linger_s = batch_linger_s
         self.failover_after_s = failover_after_s
         self.status_interval_s = status_interval_s
         self._status_doc = status_doc
@@ -289,6 +291,11 @@ class Forwarder:
         if self._unsent:
             self.stats.batches_resent += 1
             return self._unsent.pop(0)
+        # Let the batch fill; an alarm or a full batch ends the wait at once (every commit
+        # wakes us, and linger_remaining is 0 then).
+        while (wait := self.outbox.linger_remaining(self.batch_linger_s,
+                                                    self.batch_max_events)) > 0:
+            await self._wait(wait)
         try:
             return await self.outbox.claim_batch(
                 self.batch_max_events, self.batch_max_bytes, self.signer.build

@@ -233,6 +233,7 @@ class Runtime:
             ack_mode=fw.ack_mode,
             ack_timeout_s=fw.ack_timeout_s,
             window=fw.window,
+            batch_linger_s=fw.batch_linger_ms / 1000.0,
             drain_rate_bytes_per_s=fw.drain_rate_bytes_per_s,
             failover_after_s=cfg.uplink.failover_after_s,
             status_interval_s=fw.status_interval_s,
