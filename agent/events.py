@@ -25,9 +25,13 @@ TQ_SYNCED = 0
 TQ_UNSYNCED = 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
-    """One event before commit. Field names follow the wire format (docs/PROTOCOL.md)."""
+    """One event before commit. Field names follow the wire format (docs/PROTOCOL.md).
+
+    Treated as immutable, but not declared frozen: a frozen dataclass's __init__ costs
+    0.7 us more per event (1.1 vs 0.4), a tenth of the whole durable-ingest path
+    (bench/outbox.py)."""
 
     src: str
     type: str
