@@ -244,7 +244,11 @@ class Forwarder:
             self.stats.active_transport = up.name.split(":", 1)[0]
             self._requeue_expired()
             progressed = False
-            while len(self._inflight) < self.window:
+            # One slot beyond the window is kept for alarms: an alarm's batch never waits for
+            # an ack of the backlog's batches (bench/README.md, alarm latency under load).
+            while len(self._inflight) < self.window or (
+                len(self._inflight) < self.window + 1 and self.outbox.unclaimed_alarms
+            ):
                 batch = await self._next_batch()
                 if batch is None:
                     break

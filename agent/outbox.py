@@ -912,6 +912,11 @@ class Outbox:
 
     # ---------------------------------------------------------------- batches
 
+    @property
+    def unclaimed_alarms(self) -> int:
+        """Alarms committed but not yet in a batch (the forwarder's alarm lane)."""
+        return self._unclaimed_alarms
+
     def linger_remaining(self, linger: float, batch_events: int) -> float:
         """How long the forwarder should still wait before claiming a batch, to fill it: 0
         when an alarm waits, a full batch is there, or the oldest unclaimed event has waited
