@@ -173,6 +173,7 @@ class Runtime:
         self.status_output: GpioStatusOutput | None = None
         self.audit: AuditTrail | None = None
         self.commands: CommandProcessor | None = None
+        self.pulse_outputs: Any = None
         self._key: Ed25519PrivateKey | None = None
         self._seen_rejections: dict[str, int] = {}
         self._seen_uplink_errors: dict[str, str | None] = {}
@@ -291,6 +292,8 @@ class Runtime:
                 metrics_server.server_close()
             if self.status_output is not None:
                 self.status_output.close()
+            if self.pulse_outputs is not None:
+                self.pulse_outputs.close()
             await self.outbox.close()
             with contextlib.suppress(OSError):
                 self._write_status()
@@ -455,7 +458,14 @@ class Runtime:
                 return {"error": "no config file to check"}
             return {"checks": [c.as_dict() for c in await run_checks(self.config_path)]}
 
+        pulse = None
+        if cfg.sources.gpio is not None and cfg.sources.gpio.outputs.pulse:
+            from drivers.gpio import GpioPulseOutputs
+
+            self.pulse_outputs = GpioPulseOutputs(cfg.sources.gpio, self.ctx)
+            pulse = self.pulse_outputs.pulse
         hooks = CommandHooks(
+            pulse=pulse,
             status=self.status_doc_sync,
             doctor=doctor,
             set_log_level=lambda level: configure_logging(level, cfg.log.format),

@@ -151,11 +151,14 @@ class GpioInputConfig(StrictModel):
 
 
 class GpioOutputConfig(StrictModel):
-    """``[sources.gpio.outputs]``: the status LED and an optional buzzer."""
+    """``[sources.gpio.outputs]``: the status LED, an optional buzzer, and named outputs the
+    platform may pulse with a signed command (e.g. ``pulse = { door_strike = 17 }``; the
+    command is refused unless ``[commands] allow_outputs`` also names the output)."""
 
     status_led: PinSpec | None = None
     buzzer: PinSpec | None = None
     active_high: bool = True
+    pulse: dict[str, PinSpec] = Field(default_factory=dict)
 
 
 class GpioConfig(StrictModel):
@@ -174,6 +177,7 @@ class GpioConfig(StrictModel):
         used = [(i.name, i.pin) for i in self.inputs]
         outs = (("status_led", self.outputs.status_led), ("buzzer", self.outputs.buzzer))
         used += [(f"outputs.{what}", pin) for what, pin in outs if pin is not None]
+        used += [(f"outputs.pulse.{what}", pin) for what, pin in self.outputs.pulse.items()]
         for i in self.inputs:
             if i.name in names:
                 raise ValueError(f"duplicate input name {i.name!r}")
@@ -520,3 +524,47 @@ def build_status_output(cfg: GpioConfig, ctx: SourceContext) -> GpioStatusOutput
         return None
     factory, own = resolve_pin_factory(cfg.pin_factory, ctx.pin_factory)
     return GpioStatusOutput(cfg.outputs, factory, owns_factory=own)
+
+
+class GpioPulseOutputs:
+    """Named outputs driven for a bounded time (a door strike, a siren relay) by the `pulse`
+    command. One at a time per output; the output is switched off again even if the pulse is
+    cancelled (the agent stopping)."""
+
+    def __init__(self, cfg: GpioConfig, ctx: SourceContext) -> None:
+        from gpiozero import DigitalOutputDevice
+
+        factory, self._own = resolve_pin_factory(cfg.pin_factory, ctx.pin_factory)
+        self._factory = factory
+        self._devices = {
+            name: DigitalOutputDevice(pin, active_high=cfg.outputs.active_high,
+                                      initial_value=False, pin_factory=factory)
+            for name, pin in cfg.outputs.pulse.items()
+        }
+        self._busy: set[str] = set()
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._devices)
+
+    async def pulse(self, name: str, seconds: float) -> None:
+        device = self._devices.get(name)
+        if device is None:
+            raise KeyError(f"no output named {name!r} in [sources.gpio.outputs.pulse]")
+        if name in self._busy:
+            raise RuntimeError(f"output {name!r} is already being pulsed")
+        self._busy.add(name)
+        try:
+            device.on()
+            await asyncio.sleep(seconds)
+        finally:
+            device.off()
+            self._busy.discard(name)
+
+    def close(self) -> None:
+        for device in self._devices.values():
+            device.close()
+        self._devices.clear()
+        if self._own and self._factory is not None:
+            self._factory.close()
+

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -105,3 +106,63 @@ def test_rotate_key_command_switches_the_signing_key(tmp_path: Path, broker: Mos
     assert not [r for r in platform.counters() if r[1] not in ("replay",)], platform.counters()
     audit = (agent.state / "audit" / "audit.log").read_text()
     assert "audit.key_rotated" in audit
+
+
+async def test_pulse_command_drives_a_configured_output(tmp_path: Path, broker: Mosquitto,
+                                                        platform: Receiver) -> None:
+    """A signed pulse command switches a configured GPIO output on for the asked time and off
+    again (seen on the pin's recorded states); an output the config does not allow is refused
+    and the pin never moves."""
+    import asyncio
+
+    from gpiozero.pins.mock import MockFactory
+
+    from agent.config import parse_config
+    from agent.keys import generate_keypair
+    from agent.runtime import Runtime
+
+    cmd_key = Ed25519PrivateKey.generate()
+    cmd_pub = tmp_path / "platform-cmd.pub"
+    cmd_pub.write_bytes(cmd_key.public_key().public_bytes(Encoding.PEM,
+                                                          PublicFormat.SubjectPublicKeyInfo))
+    info = generate_keypair(tmp_path / "keys")
+    gw = "gw-pulse"
+    platform.register(gw, info.public_pem)
+    cfg = parse_config({
+        "gateway": {"id": gw, "state_dir": str(tmp_path / "state"),
+                    "key_file": str(tmp_path / "keys" / "signing.key"), "time_sync": "synced"},
+        "uplink": {"order": ["mqtt"], "mqtt": mqtt_uplink(broker.port, None)},
+        "sources": {"gpio": {"pin_factory": "mock", "outputs": {
+            "pulse": {"door_strike": 17, "siren": 18}}}},
+        "commands": {"platform_key": str(cmd_pub), "allow_outputs": {"door_strike": 1.0}},
+    })
+    factory = MockFactory()
+    rt = Runtime(cfg, pin_factory=factory)
+    stop = asyncio.Event()
+    task = asyncio.create_task(rt.run(stop))
+    try:
+        async with asyncio.timeout(20):
+            await rt.ready.wait()
+            while not rt.uplinks[0].connected:
+                await asyncio.sleep(0.02)  # polling interval of a condition wait
+        gw_pub = info.public_pem
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        pub = load_pem_public_key(gw_pub)
+
+        def send(seq: int, output: str) -> Any:
+            return send_command("127.0.0.1", broker.port, gw,
+                                make_command(cmd_key, gw, "pulse",
+                                             {"output": output, "seconds": 0.3}, seq=seq),
+                                gateway_key=pub, timeout=15)  # type: ignore[arg-type]
+
+        ack = await asyncio.to_thread(send, 1, "door_strike")
+        assert ack.ok, ack
+        refused = await asyncio.to_thread(send, 2, "siren")
+        assert not refused.ok and refused.err == "not-allowed"
+    finally:
+        stop.set()
+        await task
+    strike = [s.state for s in factory.pin(17).states]
+    assert strike[-2:] == [True, False] and strike.count(True) == 1
+    assert all(not s.state for s in factory.pin(18).states)
