@@ -17,3 +17,8 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
         if p.poll() is None:
             p.kill()
         p.wait(timeout=10)
+
+
+# The WAN end (a plain mosquitto and the reference platform on it) for any test that asks for
+# `broker` / `platform`; modules that need TLS or another shape define their own.
+from tests.support.wan import broker, platform  # noqa: E402, F401 - fixtures, by name

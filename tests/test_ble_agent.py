@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from agent.keys import generate_keypair
 from agent.runtime import Runtime
 from branchsim.bluez import PhoneCrowd
 from branchsim.broker import Mosquitto
-from branchsim.platform.mqtt_server import MqttPlatformServer
 from branchsim.platform.receiver import Receiver
 from tests import test_ble_bluez as _bluez
 from tests.test_ble_bluez import FAST, RUUVI, THERMO, World, leaks
@@ -27,28 +25,6 @@ from tests.test_ble_bluez import FAST, RUUVI, THERMO, World, leaks
 world = _bluez.world  # the fake BlueZ world fixture (private dbus-daemon, advertisers)
 
 GW = "gw-ble"
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    m = Mosquitto(tmp_path / "broker").start()
-    try:
-        yield m
-    finally:
-        m.stop()
-
-
-@pytest.fixture
-def platform(tmp_path: Path, broker: Mosquitto) -> Iterator[Receiver]:
-    rx = Receiver(tmp_path / "platform.db")
-    server = MqttPlatformServer(rx, "127.0.0.1", broker.port, client_id="platform-ble")
-    server.start()
-    try:
-        assert server.ready.wait(10)
-        yield rx
-    finally:
-        server.stop()
-        rx.close()
 
 
 async def until(cond: Any, timeout: float) -> None:

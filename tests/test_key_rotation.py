@@ -5,11 +5,9 @@ replaced on disk. Also: ping and status through the real agent process."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -17,31 +15,8 @@ from agent import protocol
 from agent.keys import load_public_key
 from branchsim.broker import Mosquitto
 from branchsim.platform.commands import make_command, send_command
-from branchsim.platform.mqtt_server import MqttPlatformServer
 from branchsim.platform.receiver import Receiver
 from tests.support.agentproc import AgentProcess, mqtt_uplink, wait_until
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    m = Mosquitto(tmp_path / "broker").start()
-    try:
-        yield m
-    finally:
-        m.stop()
-
-
-@pytest.fixture
-def platform(tmp_path: Path, broker: Mosquitto) -> Iterator[Receiver]:
-    rx = Receiver(tmp_path / "platform.db")
-    server = MqttPlatformServer(rx, "127.0.0.1", broker.port, client_id="platform-rot")
-    server.start()
-    try:
-        assert server.ready.wait(10)
-        yield rx
-    finally:
-        server.stop()
-        rx.close()
 
 
 def kids(rx: Receiver, gw: str) -> list[bytes]:
