@@ -237,8 +237,9 @@ async def run_demo(duration: float, headless: bool, transport: str, workdir: Pat
             t0 = time.monotonic()
             cut_at, restore_at = duration * 0.4, duration * 0.6
             phase = "running"
+            # No live view without a terminal (CI logs, a pipe): periodic lines instead.
             live = (Live(console=console, refresh_per_second=4, transient=False)
-                    if not headless else None)
+                    if not headless and console.is_terminal else None)
             with live if live is not None else contextlib.nullcontext():
                 last_print = 0.0
                 while not stop.is_set():
