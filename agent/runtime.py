@@ -331,6 +331,8 @@ class Runtime:
 
     async def _debounce_loop(self) -> None:
         assert self.sink is not None
+        if not any(r.debounce_s > 0 for r in self.sink.pipeline.rules):
+            return  # nothing is ever held back: no need to wake 20 times a second (idle CPU)
         while True:
             deadline = self.sink.pipeline.next_deadline()
             delay = 0.05 if deadline is None else max(0.0, deadline - self.clock.monotonic())
