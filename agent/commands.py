@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import json
 import math
 import os
@@ -37,7 +36,14 @@ from pydantic import Field
 from agent.audit import AuditTrail
 from agent.events import ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
 from agent.keys import PRIVATE_NAME, generate_keypair, load_private_key
-from agent.protocol import ALG_EDDSA, COSE_SIGN1_TAG, kid_for
+from agent.protocol import (
+    ALG_EDDSA,
+    COSE_SIGN1_TAG,
+    ProtocolError,
+    kid_for,
+    loads_exact,
+    sig_structure,
+)
 from drivers.base import Clock
 from drivers.configbase import StrictModel
 
@@ -129,26 +135,19 @@ class CommandAck:
 # --- COSE_Sign1 -------------------------------------------------------------------------------
 
 
-def _sig_structure(protected: bytes, payload: bytes) -> bytes:
-    return cbor2.dumps(["Signature1", protected, b"", payload])
-
-
 def sign1(key: Ed25519PrivateKey, payload: bytes) -> bytes:
     """A tagged COSE_Sign1 (EdDSA) over `payload`, kid = `agent.protocol.kid_for`."""
     protected = cbor2.dumps({1: ALG_EDDSA, 4: kid_for(key.public_key())}, canonical=True)
-    signature = key.sign(_sig_structure(protected, payload))
+    signature = key.sign(sig_structure(protected, payload))
     return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
 
 
 def _loads_exact(data: bytes) -> Any:
-    fp = io.BytesIO(data)
+    """One CBOR item spanning all of `data` (agent.protocol's decoder), as a CommandError."""
     try:
-        value = cbor2.CBORDecoder(fp).decode()
-    except Exception:  # cbor2 raises many types (and RecursionError) on hostile input
-        raise CommandError("malformed", "cbor") from None
-    if fp.tell() != len(data):
-        raise CommandError("malformed", "trailing bytes")
-    return value
+        return loads_exact(data, "command")
+    except ProtocolError as exc:
+        raise CommandError("malformed", exc.detail) from None
 
 
 def _open_sign1(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | None]
@@ -176,7 +175,7 @@ def _open_sign1(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | N
     if key is None:
         raise CommandError("unknown-key", kid.hex())
     try:
-        key.verify(signature, _sig_structure(protected, payload))
+        key.verify(signature, sig_structure(protected, payload))
     except InvalidSignature:
         raise CommandError("bad-signature", kid.hex()) from None
     return kid, payload

@@ -40,6 +40,8 @@ __all__ = [
     "encode_ack",
     "encode_event",
     "kid_for",
+    "loads_exact",
+    "sig_structure",
     "verify_batch",
 ]
 
@@ -189,7 +191,8 @@ def _protected(kid: bytes) -> bytes:
     return cbor2.dumps({1: ALG_EDDSA, 4: kid}, canonical=True)
 
 
-def _sig_structure(protected: bytes, payload: bytes) -> bytes:
+def sig_structure(protected: bytes, payload: bytes) -> bytes:
+    """The COSE Sig_structure a COSE_Sign1 signs (RFC 9052 §4.4); shared with agent.commands."""
     return cbor2.dumps(["Signature1", protected, b"", payload])
 
 
@@ -220,7 +223,7 @@ def build_batch(
         )
     )
     protected = _protected(kid)
-    signature = key.sign(_sig_structure(protected, payload))
+    signature = key.sign(sig_structure(protected, payload))
     return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
 
 
@@ -250,7 +253,7 @@ class Ack:
 # --- decoding untrusted bytes: everything below raises ProtocolError and nothing else ---------
 
 
-def _loads_exact(data: bytes, what: str) -> Any:
+def loads_exact(data: bytes, what: str) -> Any:
     """Decode one CBOR item that must span all of `data` (trailing bytes are malformed)."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError("malformed", f"{what}: not bytes")
@@ -310,7 +313,7 @@ def _check_event(ev: object) -> dict[str, Any]:
 
 def _decode_envelope(data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     """COSE_Sign1 structure -> (protected, kid, payload, signature)."""
-    msg = _loads_exact(data, "cose")
+    msg = loads_exact(data, "cose")
     if not isinstance(msg, cbor2.CBORTag) or msg.tag != COSE_SIGN1_TAG:
         raise ProtocolError("malformed", "not a tagged COSE_Sign1")
     parts = msg.value
@@ -323,7 +326,7 @@ def _decode_envelope(data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
         and len(signature) == SIG_LEN
     ):
         raise ProtocolError("malformed", "COSE_Sign1 field types")
-    header = _loads_exact(protected, "protected header")
+    header = loads_exact(protected, "protected header")
     if not isinstance(header, dict) or set(header) != {1, 4}:
         raise ProtocolError("malformed", "protected header keys")
     kid = header[4]
@@ -333,7 +336,7 @@ def _decode_envelope(data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
 
 
 def _decode_payload(payload: bytes, kid: bytes, digest: bytes) -> Batch:
-    body = _loads_exact(payload, "payload")
+    body = loads_exact(payload, "payload")
     if not isinstance(body, dict):
         raise ProtocolError("malformed", "payload is not a map")
     if "v" in body and body["v"] != FORMAT_VERSION:
@@ -380,7 +383,7 @@ def verify_batch(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | 
         if key is None:
             raise ProtocolError("unknown-key", kid.hex())
         try:
-            key.verify(signature, _sig_structure(protected, payload))
+            key.verify(signature, sig_structure(protected, payload))
         except InvalidSignature:
             raise ProtocolError("bad-signature", kid.hex()) from None
         return _decode_payload(payload, kid, batch_hash(bytes(data)))
@@ -398,7 +401,7 @@ def encode_ack(ack: Ack) -> bytes:
 
 def decode_ack(data: bytes) -> Ack:
     """Decode an ack from the platform; anything unexpected is ProtocolError("malformed")."""
-    doc = _loads_exact(data, "ack")
+    doc = loads_exact(data, "ack")
     if not isinstance(doc, dict):
         raise ProtocolError("malformed", "ack is not a map")
     ok = doc.get("ok")

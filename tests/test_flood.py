@@ -10,13 +10,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from branchsim.platform.mqtt_server import MqttPlatformServer
 from branchsim.platform.receiver import Receiver
 from tests.support.agentproc import AgentProcess, mqtt_uplink, wait_until
 from tests.support.broker import Mosquitto
@@ -26,28 +22,6 @@ ALARM_HZ = 5.0
 FLOOD_RATE = 10_000.0
 FLOOD_SECONDS = 10.0
 BASELINE_ALARMS = 15
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    m = Mosquitto(tmp_path / "broker").start()
-    try:
-        yield m
-    finally:
-        m.stop()
-
-
-@pytest.fixture
-def platform(tmp_path: Path, broker: Mosquitto) -> Iterator[Receiver]:
-    rx = Receiver(tmp_path / "platform.db")
-    server = MqttPlatformServer(rx, "127.0.0.1", broker.port, client_id="platform-flood")
-    server.start()
-    try:
-        assert server.ready.wait(10), "platform never subscribed"
-        yield rx
-    finally:
-        server.stop()
-        rx.close()
 
 
 def alarms(rx: Receiver, gw: str) -> list[tuple[float, float, float]]:
