@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,13 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent.protocol import ZERO_HASH, batch_hash, build_batch, decode_ack, encode_event, kid_for
 from agent.uplink.base import Uplink, UplinkDownError
-from agent.uplink.coap import CoapUplink, CoapUplinkConfig, OscoreContextError, provision_oscore
+from agent.uplink.coap import (
+    CoapUplink,
+    CoapUplinkConfig,
+    OscoreContextError,
+    provision_oscore,
+    shutdown_client_context,
+)
 from branchsim.platform.coap_server import serve_coap, shutdown_coap
 from branchsim.platform.receiver import Receiver
 
@@ -187,6 +193,62 @@ async def test_publish_status_reaches_platform(rig: Rig) -> None:
     await rig.wait(lambda: rig.states == [True])
     await rig.uplink.publish_status({"gw": GW, "uplink": "coap", "backlog": 3})
     assert rig.statuses[GW] == {"gw": GW, "uplink": "coap", "backlog": 3}
+
+
+async def test_stop_while_requests_are_in_flight_is_clean() -> None:
+    """Cancelling the uplink (the agent stopping) while a probe is unanswered and a block-wise
+    batch waits behind it ends it with CancelledError only, nothing else."""
+    hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a platform that never answers
+    hole.bind(("127.0.0.1", 0))
+    hole.setblocking(False)
+    port = hole.getsockname()[1]
+    loop = asyncio.get_running_loop()
+    try:
+        uplink = CoapUplink(CoapUplinkConfig(base=f"coap://127.0.0.1:{port}", insecure=True,
+                                             timeout=30.0, probe_interval=30.0), GW)
+        run = asyncio.create_task(uplink.run(lambda _: None, lambda _: None))
+        await asyncio.wait_for(loop.sock_recv(hole, 2048), 10)  # the probe is on the wire
+        # a batch queued behind it (aiocoap sends one request at a time to a peer)
+        send = asyncio.create_task(uplink.send(1, Chain().batch(300)))
+        await asyncio.sleep(0)  # one loop turn: the send task starts and waits its turn
+        send.cancel()
+        run.cancel()
+        results = await asyncio.gather(send, run, return_exceptions=True)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+    finally:
+        hole.close()
+
+
+async def test_shutdown_survives_aiocoap_cancellation_race() -> None:
+    """aiocoap 0.4 tidies up a cancelled request in a callback that runs a loop turn later; a
+    context shutdown that gets in between fails with InvalidStateError (this made the agent
+    exit 1 on SIGTERM in CI). The race is set up exactly here: first that plain
+    `ctx.shutdown()` does fail (so the test cannot pass vacuously), then that
+    `shutdown_client_context` does not."""
+    hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a peer that never answers
+    hole.bind(("127.0.0.1", 0))
+    hole.setblocking(False)
+    uri = f"coap://127.0.0.1:{hole.getsockname()[1]}/x"
+    loop = asyncio.get_running_loop()
+
+    async def race(shutdown: Callable[[aiocoap.Context], Awaitable[None]]) -> BaseException | None:
+        ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+        req = ctx.request(aiocoap.Message(code=aiocoap.GET, uri=uri), handle_blockwise=False)
+        await asyncio.wait_for(loop.sock_recv(hole, 2048), 10)  # the request is on the wire
+        closing = asyncio.create_task(shutdown(ctx))
+        await asyncio.sleep(0)  # one turn: the shutdown has queued its per-interface tasks
+        req.response.cancel()  # its clean-up callback now runs after them
+        try:
+            await closing
+        except BaseException as exc:  # the outcome is what is tested
+            return exc
+        return None
+
+    try:
+        assert isinstance(await race(lambda c: c.shutdown()), asyncio.InvalidStateError)
+        assert await race(shutdown_client_context) is None
+    finally:
+        hole.close()
 
 
 async def test_send_before_run_is_down() -> None:

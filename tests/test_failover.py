@@ -138,7 +138,7 @@ async def test_mqtt_outage_fails_over_to_coap_and_back(tmp_path: Path, platform:
         await until(lambda: agent.outbox_count() == 0, 20, "outbox drained", agent)
     finally:
         rc = agent.stop()
-    assert rc == 0
+    assert rc == 0, agent.log_text()[-6000:]
     assert failover_s <= FAILOVER_AFTER_S + STATUS_PERIOD_S + 4
     # back on MQTT, CoAP carries at most the in-flight batches that were already under way
     assert platform.coap.handled - coap_after_return <= 8

@@ -51,6 +51,7 @@ __all__ = [
     "oscore_credentials",
     "provision_oscore",
     "release_oscore_contexts",
+    "shutdown_client_context",
 ]
 
 log = structlog.get_logger(__name__)
@@ -134,6 +135,25 @@ def oscore_credentials(credentials: Any, key: str, dir: Path) -> None:
                                  hint=hint) from None
 
 
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Retrieve a left-behind future's outcome so asyncio does not log it as never retrieved."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+async def shutdown_client_context(ctx: aiocoap.Context) -> None:
+    """`ctx.shutdown()` that cannot fail the agent's exit: aiocoap 0.4 can raise
+    InvalidStateError when a request was cancelled just before (its clean-up callbacks had not
+    run yet). Then the clean-up is let run and the shutdown finished, once."""
+    try:
+        await ctx.shutdown()
+    except asyncio.InvalidStateError as exc:
+        log.debug("coap.shutdown_race", error=repr(exc))
+        await asyncio.sleep(0)  # one loop turn: the pending clean-up callbacks run
+        with contextlib.suppress(asyncio.InvalidStateError):
+            await ctx.shutdown()
+
+
 def release_oscore_contexts(credentials: Any) -> None:
     """Persist the sequence number and unlock every loaded context now, not at GC time."""
     for item in list(credentials.values()):
@@ -189,7 +209,7 @@ class CoapUplink:
         except BaseException:
             self._running = False
             if self._ctx is not None:
-                await self._ctx.shutdown()
+                await shutdown_client_context(self._ctx)
                 self._ctx = None
             raise
         self._ready.set()
@@ -209,7 +229,7 @@ class CoapUplink:
             self._ready.clear()
             ctx, self._ctx = self._ctx, None
             self._set_state(False)
-            await ctx.shutdown()
+            await shutdown_client_context(ctx)
             release_oscore_contexts(ctx.client_credentials)
 
     async def _activity_within(self, seconds: float) -> bool:
@@ -224,12 +244,28 @@ class CoapUplink:
         """One request/response; success sets connected, failure clears it and raises."""
         if not self._running:
             raise UplinkDownError("CoAP uplink not running")
+        response: asyncio.Future[aiocoap.Message] | None = None
         try:
             async with asyncio.timeout(limit):
                 await self._ready.wait()  # run() is creating the client context
                 assert self._ctx is not None
-                resp: aiocoap.Message = await self._ctx.request(msg).response
-        except (TimeoutError, aiocoap.error.Error, OSError) as exc:
+                response = self._ctx.request(msg).response
+                # Shielded: a cancelled caller (the agent stopping) must not cancel aiocoap's
+                # future. aiocoap 0.4 tidies a cancelled request up in callbacks that run a few
+                # loop turns later; a Context.shutdown() in between sets an exception on the
+                # cancelled future and fails with InvalidStateError (seen as exit code 1 on
+                # SIGTERM). Left pending, the request is ended cleanly by shutdown instead.
+                resp: aiocoap.Message = await asyncio.shield(response)
+        except TimeoutError as exc:
+            if response is not None:
+                response.cancel()  # our deadline passed: stop aiocoap's retransmissions
+            self._set_state(False)
+            raise UplinkDownError(f"CoAP {msg.code} {msg.get_request_uri()}: {exc!r}") from exc
+        except asyncio.CancelledError:
+            if response is not None:
+                response.add_done_callback(_consume)
+            raise
+        except (aiocoap.error.Error, OSError) as exc:
             self._set_state(False)
             raise UplinkDownError(f"CoAP {msg.code} {msg.get_request_uri()}: {exc!r}") from exc
         if resp.code.class_ == 5:  # 5.xx: the platform is there but cannot take it now
