@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--key", type=Path)
     s.add_argument("--insecure", action="store_true", help="plain TCP (local tests only)")
     s.add_argument("--prefix", default="bank/v1")
-    s.add_argument("--shared", metavar="GROUP", help="MQTT 5 shared subscription group")
+    s.add_argument("--shared", metavar="GROUP",
+                   help="MQTT 5 shared subscription group; every instance of a group serves "
+                        "the same --db file (one host)")
 
     o = sub.add_parser("oscore-pair",
                        help="provision a pre-shared OSCORE context pair for one gateway")

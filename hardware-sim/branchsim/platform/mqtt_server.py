@@ -3,7 +3,9 @@
 
 paho runs its own network thread here (`loop_start`): the Receiver is thread-safe and this is
 the simulator, not the gateway, so the simplest correct thing is fine. With `shared_group`,
-several platform instances share the batch subscription (`$share/{group}/...`).
+several platform instances share the batch subscription (`$share/{group}/...`). They must share
+one store file too (`--db`, on one host: SQLite's WAL needs shared memory): the hash chain is per
+gateway, and the broker hands a gateway's in-flight batches to the instances in turn.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ __all__ = ["MqttPlatformServer", "PlatformTls", "serve_mqtt"]
 
 log = structlog.get_logger(__name__)
 
+# With a shared subscription, a batch may overtake its predecessor, which another instance is
+# storing: wait for it rather than answer `gap` (the gateway would resend its whole window).
+# Well under the gateway's ack timeout (15 s by default); a predecessor really lost still ends
+# in a `gap` ack.
+SHARED_GAP_WAIT_S = 5.0
+
 
 @dataclass(frozen=True)
 class PlatformTls:
@@ -58,8 +66,10 @@ class MqttPlatformServer:
         self.receiver = receiver
         self.host, self.port, self.prefix = host, port, prefix
         self.batch_filter = f"{prefix}/+/batch"
+        self.gap_wait_s = 0.0
         if shared_group:
             self.batch_filter = f"$share/{shared_group}/{self.batch_filter}"
+            self.gap_wait_s = SHARED_GAP_WAIT_S
         self.ready = threading.Event()  # set once the batch subscription is granted
         self.handled = 0
         self._client = paho.Client(
@@ -103,7 +113,8 @@ class MqttPlatformServer:
         parts = msg.topic.split("/")
         topic_gw = parts[-2] if len(parts) >= 2 else ""
         try:
-            ack = self.receiver.handle_batch(bytes(msg.payload), topic_gw=topic_gw)
+            ack = self.receiver.handle_batch(bytes(msg.payload), topic_gw=topic_gw,
+                                             gap_wait_s=self.gap_wait_s)
         except Exception:  # a bug here must not stop the platform; the batch stays unacked
             log.exception("platform.mqtt.handle_failed", topic=msg.topic)
             return

@@ -3,7 +3,9 @@
 Every check of docs/PROTOCOL.md ("Platform rules") happens here, in this order: decode and
 verify the signature with the registered key, bind the key to its gateway (and to the topic the
 batch came on), check the hash chain (replay, fork, gap), then store the batch, its events and
-the new chain head in one transaction. Nothing of a rejected batch is stored; the rejection is
+the new chain head. The checks and the store are one write transaction, so several receivers
+(processes) on one store file see one chain head: of two copies of a batch handled at once, one
+is stored and the other is a replay. Nothing of a rejected batch is stored; the rejection is
 counted. Thread-safe (one lock; the MQTT server calls it from paho's thread, CoAP from asyncio).
 """
 
@@ -33,6 +35,8 @@ from branchsim.platform.store import event_row, open_store, row_event
 __all__ = ["Receiver"]
 
 log = structlog.get_logger(__name__)
+
+GAP_POLL_S = 0.005  # how often a batch waiting for its predecessor looks at the chain head again
 
 
 class Receiver:
@@ -71,21 +75,46 @@ class Receiver:
 
     # --- batches --------------------------------------------------------------------------
 
-    def handle_batch(self, data: bytes, topic_gw: str | None = None) -> Ack:
-        """Verify and store one batch; the Ack says ok or why not (its `h` names `data`)."""
-        with self._lock:
-            h = batch_hash(data)
-            try:
-                batch = self._check(data, topic_gw)
-            except ProtocolError as exc:
-                seq, gw = self._unverified_seq_gw(data, topic_gw)
-                self._count(gw, exc.reason)
-                log.warning("platform.rejected", gw=gw, seq=seq, reason=exc.reason,
-                            detail=exc.detail, hash=h.hex()[:16])
-                return Ack(seq=seq, h=h, ok=False, err=exc.reason)
+    def handle_batch(self, data: bytes, topic_gw: str | None = None, *,
+                     gap_wait_s: float = 0.0) -> Ack:
+        """Verify and store one batch; the Ack says ok or why not (its `h` names `data`).
+
+        `gap_wait_s`: how long a batch ahead of the chain waits for its predecessor before it is
+        rejected as a gap. Receivers sharing a subscription get a gateway's in-flight batches
+        round-robin, so the predecessor is often being stored by another receiver right now.
+        """
+        h = batch_hash(data)
+        deadline = time.monotonic() + gap_wait_s
+        waiting = False
+        while True:
+            with self._lock:
+                try:
+                    batch = self._check_and_store(data, topic_gw)
+                except ProtocolError as exc:
+                    seq, gw = self._unverified_seq_gw(data, topic_gw)
+                    if exc.reason != "gap" or time.monotonic() >= deadline:
+                        self._count(gw, exc.reason)
+                        log.warning("platform.rejected", gw=gw, seq=seq, reason=exc.reason,
+                                    detail=exc.detail, hash=h.hex()[:16])
+                        return Ack(seq=seq, h=h, ok=False, err=exc.reason)
+                    if not waiting:
+                        waiting = True
+                        log.info("platform.gap_wait", gw=gw, seq=seq, detail=exc.detail)
+                else:
+                    log.info("platform.accepted", gw=batch.gw, seq=batch.seq,
+                             events=len(batch.events))
+                    return Ack(seq=batch.seq, h=h, ok=True)
+            # Polled: another process's commit to the store file sends no notification.
+            time.sleep(GAP_POLL_S)
+
+    def _check_and_store(self, data: bytes, topic_gw: str | None) -> Batch:
+        """One write transaction: BEGIN IMMEDIATE takes the store's write lock before the chain
+        head is read, so no other receiver on the file can move it between check and store."""
+        with self._db:  # commits, or rolls back when a check raises
+            self._db.execute("BEGIN IMMEDIATE")
+            batch = self._check(data, topic_gw)
             self._store(batch, data)
-            log.info("platform.accepted", gw=batch.gw, seq=batch.seq, events=len(batch.events))
-            return Ack(seq=batch.seq, h=h, ok=True)
+        return batch
 
     def _check(self, data: bytes, topic_gw: str | None) -> Batch:
         registered: dict[bytes, str] = {}
@@ -117,31 +146,30 @@ class Receiver:
         return batch
 
     def _store(self, batch: Batch, data: bytes) -> None:
+        """Runs inside _check_and_store's transaction."""
         db = self._db
-        with db:
-            db.execute("BEGIN IMMEDIATE")
-            db.execute(
-                "INSERT INTO batches (gw, seq, hash, received_at, raw) VALUES (?, ?, ?, ?, ?)",
-                (batch.gw, batch.seq, batch.hash, time.time(), data),
-            )
-            db.executemany(
-                "INSERT OR IGNORE INTO events (gw, id, t, tq, src, type, v, u, prio, attrs, seq) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [event_row(batch.gw, batch.seq, ev) for ev in batch.events],
-            )
-            db.execute(
-                "INSERT INTO chain (gw, last_seq, last_hash) VALUES (?, ?, ?) "
-                "ON CONFLICT (gw) DO UPDATE SET last_seq = excluded.last_seq, "
-                "last_hash = excluded.last_hash",
-                (batch.gw, batch.seq, batch.hash),
-            )
-            self._rotate_keys(batch)
+        db.execute(
+            "INSERT INTO batches (gw, seq, hash, received_at, raw) VALUES (?, ?, ?, ?, ?)",
+            (batch.gw, batch.seq, batch.hash, time.time(), data),
+        )
+        db.executemany(
+            "INSERT OR IGNORE INTO events (gw, id, t, tq, src, type, v, u, prio, attrs, seq) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [event_row(batch.gw, batch.seq, ev) for ev in batch.events],
+        )
+        db.execute(
+            "INSERT INTO chain (gw, last_seq, last_hash) VALUES (?, ?, ?) "
+            "ON CONFLICT (gw) DO UPDATE SET last_seq = excluded.last_seq, "
+            "last_hash = excluded.last_hash",
+            (batch.gw, batch.seq, batch.hash),
+        )
+        self._rotate_keys(batch)
 
     def _rotate_keys(self, batch: Batch) -> None:
         """Key rotation (docs/COMMANDS.md, rotate-key): a `gateway.key_rotated` event, in a batch
         signed by a key registered to the gateway, registers the announced key beside the old
         one (batches signed before the switch still verify); the first batch signed by the new
-        key retires the old ones. Runs inside _store's transaction."""
+        key retires the old ones. Runs inside _check_and_store's transaction."""
         for ev in batch.events:
             attrs = ev.get("attrs") or {}
             if ev.get("type") != "gateway.key_rotated" or not isinstance(attrs, dict):
