@@ -1,10 +1,11 @@
-"""Token buckets for drivers that take input from peers (CoAP ingest today; BLE and serial can
-use the same): a flood is refused in O(1) before any parsing, so it cannot starve the event loop
-that also carries the GPIO alarms.
+"""Token buckets for drivers that take input nobody asked for (CoAP ingest, BLE adverts,
+serial line devices): a flood is refused in O(1) before any parsing, so it cannot starve the
+event loop that also carries the GPIO alarms.
 
 `TokenBucket` refills at `rate` tokens per second up to `burst`; `take()` never waits (a driver
-answers "too many requests" instead of queueing). `LogGate` lets one log line per interval
-through and counts what it held back, so a refused flood does not become a log flood.
+answers "too many requests" or drops instead of queueing). `LogGate` lets one log line per
+interval through and counts what it held back, so a refused flood does not become a log flood;
+`LogGates` keeps one per kind of rejection.
 
 Both take a monotonic time function (the driver's ``ctx.clock.monotonic``) so tests can drive
 them with a fake clock. No library on PyPI that is kept up to date offers a non-blocking bucket
@@ -16,7 +17,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-__all__ = ["LogGate", "TokenBucket"]
+__all__ = ["REJECT_LOG_INTERVAL", "LogGate", "LogGates", "TokenBucket"]
+
+# Seconds between two log lines about the same kind of rejection.
+REJECT_LOG_INTERVAL = 10.0
 
 
 class TokenBucket:
@@ -83,3 +87,23 @@ class LogGate:
         self._next = now + self.interval
         held, self.suppressed = self.suppressed, 0
         return held
+
+
+class LogGates:
+    """One `LogGate` per key, made on first use. Keys must come from the configuration (a kind
+    of rejection, a configured sensor's name), never from a peer, so that the table stays as
+    small as the config however many peers flood."""
+
+    __slots__ = ("_gates", "_now", "interval")
+
+    def __init__(self, now: Callable[[], float], interval: float = REJECT_LOG_INTERVAL) -> None:
+        self.interval = interval
+        self._now = now
+        self._gates: dict[str, LogGate] = {}
+
+    def open(self, key: str) -> int | None:
+        """`LogGate.open` of the gate for `key`."""
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = LogGate(self.interval, self._now)
+        return gate.open()

@@ -24,6 +24,8 @@ class BleSensorConfig(StrictModel):
     missing_after_s: float = Field(default=900.0, gt=0)
     battery_low_pct: float = Field(default=20.0, ge=0, le=100)
     battery_low_v: float = Field(default=2.5, ge=0)
+    rate_limit_hz: float | None = Field(default=None, gt=0, le=10_000)  # None: the scanner's
+    rate_burst: int | None = Field(default=None, ge=1, le=100_000)  # None: the scanner's
 
     @field_validator("address")
     @classmethod
@@ -58,6 +60,13 @@ class PresenceConfig(StrictModel):
 
 
 class BleConfig(StrictModel):
+    """``[sources.ble]``. The rate limits are checked in the scanner callback, before an advert
+    is queued or decoded: ``rate_limit_hz``/``rate_burst`` per allowlisted sensor (anyone can
+    send adverts with a sensor's address), ``global_rate_hz``/``global_burst`` for all the
+    allowlisted sensors together. Real sensors send about one advert a second (BTHome, Ruuvi;
+    iBeacon tags up to ten), and BlueZ reports an advert again on every RSSI change and scan
+    response, so the defaults leave a wide margin."""
+
     adapter: str | None = None  # "hci0"; None = the first powered adapter with the central role
     sensors: list[BleSensorConfig] = Field(default_factory=list)
     presence: PresenceConfig = Field(default_factory=PresenceConfig)
@@ -68,6 +77,10 @@ class BleConfig(StrictModel):
     backoff_base_s: float = Field(default=1.0, gt=0)
     backoff_cap_s: float = Field(default=60.0, gt=0)
     queue_size: int = Field(default=1000, ge=1)
+    rate_limit_hz: float = Field(default=20.0, gt=0, le=10_000)
+    rate_burst: int = Field(default=100, ge=1, le=100_000)
+    global_rate_hz: float = Field(default=200.0, gt=0, le=100_000)
+    global_burst: int = Field(default=500, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
     def _unique(self) -> BleConfig:

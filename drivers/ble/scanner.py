@@ -4,6 +4,14 @@ scan alive (restart on errors and on silence, back off, power-cycle the adapter,
 Field evidence behind the shape (ThingsBoard gateway #639, #688): a BLE gateway that does not
 restart its scanner after an error, or gives up when the adapter is absent at start, goes
 silent for good. Here every failure is classified, counted, logged with advice, and retried.
+
+Floods: anyone nearby can send adverts with an allowlisted sensor's address. The scanner
+callback therefore checks a token bucket per sensor, then one for all sensors together, before
+an advert is copied, queued or decoded; refusals are counted (``rate_limited``, ``flooded``,
+``queue_full``) and logged at most once per `REJECT_LOG_INTERVAL` per kind and sensor.
+Adverts of devices that are not allowlisted are not rate limited: dropping them already costs
+no more than refusing them would, and letting them use up a shared budget would let a crowd of
+phones (or random addresses) crowd out the sensors.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from drivers.base import (
 from drivers.ble.config import BleConfig, BleSensorConfig
 from drivers.ble.decoders import Advert, Decoder, make_decoder
 from drivers.ble.privacy import PresenceCounter
+from drivers.ratelimit import LogGates, TokenBucket
 
 __all__ = ["BleSource", "classify_error"]
 
@@ -98,6 +107,7 @@ class _Sensor:
     cfg: BleSensorConfig
     source: str
     decoder: Decoder
+    bucket: TokenBucket
     last_seen: float
     missing: bool = False
     battery_low: bool = False
@@ -115,11 +125,22 @@ class BleSource:
         # Not errors: how many adverts were dropped by the privacy filter, decoded, duplicates.
         self.stats: dict[str, int] = {"dropped_unknown": 0, "adverts": 0, "duplicates": 0}
         self._clock: Clock = ctx.clock
-        now = self._clock.monotonic()
+        mono = self._clock.monotonic
+        now = mono()
         self._sensors: dict[str, _Sensor] = {
-            s.address: _Sensor(s, f"ble.{s.name}", make_decoder(s.decoder, s.bindkey_bytes()), now)
+            s.address: _Sensor(
+                s,
+                f"ble.{s.name}",
+                make_decoder(s.decoder, s.bindkey_bytes()),
+                TokenBucket(
+                    s.rate_limit_hz or cfg.rate_limit_hz, s.rate_burst or cfg.rate_burst, mono
+                ),
+                now,
+            )
             for s in cfg.sensors
         }
+        self._global_bucket = TokenBucket(cfg.global_rate_hz, cfg.global_burst, mono)
+        self._gates = LogGates(mono)
         self._presence = PresenceCounter(self._clock.time) if cfg.presence.enabled else None
         self._queue: asyncio.Queue[Advert] = asyncio.Queue(cfg.queue_size)
         self._last_advert = now
@@ -131,13 +152,21 @@ class BleSource:
     def _on_advert(self, device: BLEDevice, adv: AdvertisementData) -> None:
         """Runs in the event loop for every advert heard. Nothing of a non-allowlisted device
         goes past this function: not into the queue, not into a log line."""
-        self._last_advert = self._clock.monotonic()
+        self._last_advert = self._clock.monotonic()  # any advert shows the scan is alive
         address = device.address.upper()
-        if address not in self._sensors:
+        sensor = self._sensors.get(address)
+        if sensor is None:
             if self._presence is not None:
                 self._presence.observe(address)
             else:
                 self.stats["dropped_unknown"] += 1
+            return
+        # Sensor first: a flood with one sensor's address must not use up the shared budget.
+        if not sensor.bucket.take():
+            self._refused("rate_limited", sensor, sensor.bucket.rate)
+            return
+        if not self._global_bucket.take():
+            self._refused("flooded", None, self._global_bucket.rate)
             return
         advert = Advert(
             address=address,
@@ -152,7 +181,23 @@ class BleSource:
         try:
             self._queue.put_nowait(advert)
         except asyncio.QueueFull:
-            self.health.count("queue_full")
+            self._refused("queue_full", sensor, None)
+
+    def _refused(self, what: str, sensor: _Sensor | None, rate_hz: float | None) -> None:
+        """Count an allowlisted sensor's advert that was not queued; log it unless one of its
+        kind (and sensor) was logged lately. Only configured names reach the log."""
+        self.health.count(what)
+        name = sensor.cfg.name if sensor is not None else None
+        held = self._gates.open(what if name is None else f"{what}:{name}")
+        if held is not None:
+            self._log.warning(
+                "ble.advert_refused",
+                what=what,
+                sensor=name,
+                rate_hz=rate_hz,
+                not_logged_since_last=held,
+                total=self.health.errors[what],
+            )
 
     # -- run ------------------------------------------------------------------------------------
 

@@ -4,6 +4,13 @@ Everything from bytes to values is pure: `LineSplitter` cuts a byte stream into 
 lines, `decode_line` turns one line into named values, `LineDecoder` maps them to readings.
 Bad input (over-long lines, bytes that are not ASCII/UTF-8, lines that do not parse) is
 counted by kind and logged as hex at debug; it never raises into the caller.
+
+A line device talks without being asked, so one that spews lines (a firmware bug, a miswired
+cable echoing noise) is held to ``rate_limit_hz`` lines per second after a burst of
+``rate_burst``: every line the splitter cuts takes a token before it is decoded, and the lines
+over the limit are dropped, counted (``rate_limited``) and logged at most once per
+`REJECT_LOG_INTERVAL`. Memory is bounded as well: of a line with no terminator yet the
+splitter keeps at most `max_len` bytes (plus a terminator's and one read's worth).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from pydantic import Field, model_validator
 
 from drivers.base import TELEMETRY, Clock, Reading, Value
 from drivers.configbase import StrictModel
+from drivers.ratelimit import REJECT_LOG_INTERVAL, LogGate, TokenBucket
 from drivers.serial.port import PortSource, SerialPortConfig, open_port, read_some
 
 __all__ = [
@@ -41,7 +49,8 @@ class LineSplitter:
     """Stream framer: feed chunks, get complete lines (terminator and a trailing CR removed).
 
     A line longer than `max_len` is dropped whole (up to its terminator) and counted as
-    ``overlong``, so one runaway device cannot grow the buffer without bound.
+    ``overlong``, so one runaway device cannot grow the buffer without bound: between two
+    `feed` calls at most ``max_len + len(terminator)`` bytes wait for their terminator.
     """
 
     def __init__(self, terminator: bytes = b"\n", max_len: int = 512) -> None:
@@ -59,12 +68,16 @@ class LineSplitter:
         while True:
             end = self._buf.find(self.terminator)
             if end < 0:
-                if len(self._buf) > self.max_len:
+                # No terminator: room for a whole line, a CR and a terminator split across reads
+                # (so the outcome never depends on where the reads cut the stream); more is an
+                # over-long line, dropped as it arrives.
+                if len(self._buf) > self.max_len + len(self.terminator):
                     if not self._discarding:
                         self.errors["overlong"] += 1
                         log.debug("line.overlong", head=bytes(self._buf[:32]).hex())
                     self._discarding = True
-                    self._buf.clear()
+                    # keep what may be the start of the terminator that ends the long line
+                    del self._buf[: len(self._buf) - len(self.terminator) + 1]
                 return lines
             line = bytes(self._buf[:end])
             del self._buf[: end + len(self.terminator)]
@@ -173,6 +186,9 @@ class LineConfig(SerialPortConfig):
     columns: list[str] = []
     terminator: Literal["\n", "\r", "\r\n"] = "\n"
     max_line: int = Field(default=512, ge=16, le=65536)
+    # Lines per second, after a burst (boot banners, a multi-line report); see the module doc.
+    rate_limit_hz: float = Field(default=20.0, gt=0, le=10_000)
+    rate_burst: int = Field(default=100, ge=1, le=100_000)
     # field name -> reading; empty means every field, with its own name as the type
     fields: dict[str, LineField] = {}
 
@@ -222,6 +238,8 @@ class LineSource(PortSource):
         self.line_cfg = cfg
         self.decoder = LineDecoder(cfg, self.name)
         self.splitter = LineSplitter(cfg.terminator.encode(), cfg.max_line)
+        self.bucket = TokenBucket(cfg.rate_limit_hz, cfg.rate_burst, clock.monotonic)
+        self._gate = LogGate(REJECT_LOG_INTERVAL, clock.monotonic)
 
     async def session(self) -> None:
         reader, writer = await open_port(self.cfg)
@@ -234,11 +252,26 @@ class LineSource(PortSource):
                 if data is None:
                     continue
                 for line in self.splitter.feed(data):
+                    if not self.bucket.take():
+                        self._rate_limited()
+                        continue
                     readings = self.decoder.decode(line, self.clock.time())
                     await self.emit_many(readings)
                 self._sync_errors()
         finally:
             writer.close()
+
+    def _rate_limited(self) -> None:
+        self.health.count("rate_limited")
+        held = self._gate.open()
+        if held is not None:
+            self.log.warning(
+                "serial.rate_limited",
+                port=self.cfg.port,
+                rate_hz=self.bucket.rate,
+                not_logged_since_last=held,
+                total=self.health.errors["rate_limited"],
+            )
 
     def _sync_errors(self) -> None:
         for what, n in (self.decoder.errors + self.splitter.errors).items():
