@@ -216,8 +216,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 
 def cmd_wipe(args: argparse.Namespace) -> int:
-    from agent.audit import AuditLog
-    from agent.provision import agent_pid, wipe
+    from agent.audit import AuditLog, AuditWriteError
+    from agent.provision import agent_pid, wipe, wipe_check
 
     cfg_path = Path(args.config)
     cfg = load_config(cfg_path)
@@ -240,11 +240,30 @@ def cmd_wipe(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_FAIL
     keep = Path(args.keep_audit) if args.keep_audit else None
-    # Recorded before anything goes; no record, no wipe (the auditor must see every wipe).
     audit = AuditLog.from_config(cfg.audit, cfg.gateway.state_dir)
+
+    def not_wiped(cmd: str, exc: ValueError) -> None:
+        """A refusal is worth an auditor's look (a damaged audit log, a foreign state dir) but
+        is no wipe: its own record, added to the gateway's log, never starting one elsewhere."""
+        if audit.path.exists():
+            with contextlib.suppress(AuditWriteError):
+                audit.append("audit.operator_command", {"cmd": cmd, "gateway": gw,
+                                                        "reason": str(exc)})
+
+    try:
+        wipe_check(cfg, keep)
+    except ValueError as exc:
+        not_wiped("wipe_refused", exc)
+        raise
+    # Recorded once it goes ahead, before anything goes; no record, no wipe (the auditor must
+    # see every wipe).
     audit.append("audit.operator_command", {"cmd": "wipe", "gateway": gw,
                                             "keep_audit": str(keep) if keep else None})
-    res = wipe(cfg, cfg_path, keep)
+    try:
+        res = wipe(cfg, cfg_path, keep)
+    except ValueError as exc:  # the log was damaged between the check and its export
+        not_wiped("wipe_aborted", exc)
+        raise
     if res.audit_kept is not None:
         audit.append("audit.operator_command", {"cmd": "wipe", "done": True,
                                                 "removed": len(res.removed)})

@@ -75,6 +75,7 @@ __all__ = [
     "units_dir",
     "verify_renewal",
     "wipe",
+    "wipe_check",
 ]
 
 UNIT_NAME = "branch-agent.service"
@@ -670,19 +671,34 @@ def _audit_path(cfg: AgentConfig) -> Path:
     return cfg.audit.path or cfg.gateway.state_dir / "audit" / "audit.log"
 
 
-def wipe(cfg: AgentConfig, config_path: Path, keep_audit: Path | None = None) -> WipeResult:
-    """Remove the gateway's keys (signing, TLS, pending ones, `.prev`), its trust anchors and
-    OSCORE context, everything in its state dir, and its config. The local audit log is kept
-    in place, or exported to `keep_audit` (JSON lines, verified) and then removed too. The
-    caller records `audit.operator_command` before calling this and checks the agent is not
-    running (`agent_pid`)."""
+def wipe_check(cfg: AgentConfig, keep_audit: Path | None = None) -> None:
+    """The refusals of `wipe`, made before anything is touched, so that the caller records a
+    wipe only once it is going ahead. Raises ValueError naming the reason."""
     from agent import audit
 
-    res = WipeResult()
     state = cfg.gateway.state_dir
     if state.exists() and not _owned_dir(state):
         raise ValueError(f"refusing to wipe {state}: gateway.state_dir must be the agent's own "
                          "directory")
+    log_path = _audit_path(cfg)
+    if keep_audit is not None and log_path.exists():
+        checked = audit.verify(log_path)
+        if not checked.ok:
+            raise ValueError(f"the audit log {log_path} does not verify ({checked.problems[0]});"
+                             " nothing wiped: `branch-agent audit verify` names the damage")
+
+
+def wipe(cfg: AgentConfig, config_path: Path, keep_audit: Path | None = None) -> WipeResult:
+    """Remove the gateway's keys (signing, TLS, pending ones, `.prev`), its trust anchors and
+    OSCORE context, everything in its state dir, and its config. The local audit log is kept
+    in place, or exported to `keep_audit` (JSON lines, verified) and then removed too. The
+    caller checks the agent is not running (`agent_pid`), runs `wipe_check`, then records
+    `audit.operator_command` before calling this (which checks again)."""
+    from agent import audit
+
+    wipe_check(cfg, keep_audit)
+    res = WipeResult()
+    state = cfg.gateway.state_dir
     log_path = _audit_path(cfg)
     if keep_audit is not None and log_path.exists():
         keep_audit.parent.mkdir(parents=True, exist_ok=True)

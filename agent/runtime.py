@@ -18,7 +18,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import __version__, protocol
-from agent.audit import AuditLog, AuditTrail
+from agent.audit import AuditForwarder, AuditLog, AuditTrail
 from agent.clock import make_clock
 from agent.commands import CommandProcessor
 from agent.config import AgentConfig
@@ -40,6 +40,7 @@ log = structlog.get_logger(__name__)
 
 
 _INTEGRITY_REASONS = protocol.REASONS - {"gap", "replay"}
+AUDIT_FORWARD_EVERY_S = 5  # how often the local audit log is looked at for operator records
 
 
 class PipelineSink:
@@ -178,6 +179,9 @@ class Runtime:
         self._seen_rejections: dict[str, int] = {}
         self._seen_uplink_errors: dict[str, str | None] = {}
         self._clock_ref: tuple[float, float] | None = None
+        self._audit_forward_lock = asyncio.Lock()
+        self._audit_forwarder: AuditForwarder | None = None
+        self._audit_log_seen: tuple[int, int] | None = None  # (size, mtime_ns) last forwarded
 
     # ----------------------------------------------------------------- assembly
 
@@ -400,13 +404,45 @@ class Runtime:
         if self.outbox.reset_info is not None:
             await self.audit.record("audit.store_reset", dict(self.outbox.reset_info),
                                     actor="agent")
+        # Operator commands (provision, keygen, renew, doctor, wipe) run without the agent and
+        # only write the local log: their records join the outbox here, each once, and while
+        # the agent runs (_audit_loop looks for a changed log). The cursor sits with the
+        # outbox it describes.
+        self._audit_forwarder = AuditForwarder(
+            self.audit, self.cfg.gateway.state_dir / "audit-forwarded.json",
+            self.outbox.append_many)
+        await self._forward_operator_audit()
+
+    def _audit_log_stat(self) -> tuple[int, int] | None:
+        local = self.audit.local if self.audit is not None else None
+        try:
+            st = os.stat(local.path) if local is not None else None
+        except OSError:
+            return None
+        return (st.st_size, st.st_mtime_ns) if st is not None else None
+
+    async def _forward_operator_audit(self) -> None:
+        if self._audit_forwarder is None:
+            return
+        async with self._audit_forward_lock:
+            seen = self._audit_log_stat()  # before reading: a record added meanwhile is news
+            await self._audit_forwarder.run()
+            self._audit_log_seen = seen
 
     async def _audit_loop(self) -> None:
         """What is seen by polling: TLS/connection failures of the uplinks, batches the
-        platform rejects (integrity), and wall-clock jumps against the monotonic clock."""
+        platform rejects (integrity), wall-clock jumps against the monotonic clock, and
+        operator records added to the local audit log while the agent runs."""
         assert self.audit is not None
+        ticks = 0
         while True:
             await asyncio.sleep(1.0)
+            ticks += 1
+            if ticks % AUDIT_FORWARD_EVERY_S == 0 and self._audit_forwarder is not None and (
+                self._audit_log_stat() != self._audit_log_seen
+            ):
+                # an operator command (doctor, renew ...) ran beside the running agent
+                await self._forward_operator_audit()
             for up in self.uplinks:
                 err = getattr(up, "last_error", None)
                 if err != self._seen_uplink_errors.get(up.name):
