@@ -138,6 +138,10 @@ async def measure(n: int, runs: int, producers: int, tmp: Path) -> list[Row]:
     raw: list[float] = []
     one: list[float] = []
     many: list[float] = []
+    # Warm-up, not counted: the first runs of a process pay imports, the page cache and the
+    # allocator's growth, and would count against whichever path ran first.
+    await raw_baseline(tmp / "warm-raw.db", n // 10)
+    await outbox_append_many(tmp / "warm-many.db", n // 10)
     for r in range(runs):
         # Interleaved, so that a slow phase of the machine hits all three alike.
         raw.append(await raw_baseline(tmp / f"raw{r}.db", n))
@@ -164,7 +168,7 @@ def main() -> None:
     args = ap.parse_args()
     n = 2_000 if args.quick else args.events
     producers = 50 if args.quick else args.producers
-    runs = args.runs or (1 if args.quick else 3)
+    runs = args.runs or (1 if args.quick else 5)
     print(f"# bench/outbox.py: {n} events per run, {runs} run(s); {machine()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-outbox-") as d:
         rows = asyncio.run(measure(n, runs, producers, Path(d)))
