@@ -195,13 +195,17 @@ class AuditLog:
         while True:
             fd = self._open()
             fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
+            if self._is_current(fd):
                 return fd
             os.close(fd)
+
+    def _is_current(self, fd: int) -> bool:
+        """Whether `fd` (locked) is still the log file, not one another process rotated away
+        while we waited for the lock."""
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
 
     def _head(self, fd: int) -> tuple[int, str]:
         """(n, h) of the last record: in this file, else in the newest rotated one."""
@@ -273,11 +277,7 @@ class AuditLog:
                 return [line for _, _, line in items], _verify(items)
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH)
-                try:
-                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-                except FileNotFoundError:
-                    same = False
-                if same:
+                if self._is_current(fd):
                     items = list(_records(self.path))
                     return [line for _, _, line in items], _verify(items)
             finally:

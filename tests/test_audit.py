@@ -18,21 +18,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.audit import AuditLog, AuditTrail, AuditWriteError, config_digest, verify
+from agent.clock import make_clock
 from agent.events import ALARM, Event
 from agent.forwarder import Signer
 from agent.outbox import Outbox
 from agent.protocol import kid_for, verify_batch
-
-
-class Clock:
-    def time(self) -> float:
-        return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def synchronized(self) -> bool:
-        return True
 
 
 def audit_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -153,7 +143,7 @@ async def test_read_only_log_degrades_but_alarms_flow(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "audit" / "audit.log")
     log.append("audit.config_loaded", {"sha256": "ab" * 32})
     async with await Outbox.open(tmp_path / "outbox.db") as outbox:
-        trail = AuditTrail(log, outbox.append, Clock())
+        trail = AuditTrail(log, outbox.append, make_clock("synced"))
         with read_only(log.path):
             with pytest.raises(AuditWriteError):
                 log.append("audit.x")

@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.audit import AuditForwarder, AuditLog, AuditRecord, AuditTrail, verify
+from agent.clock import make_clock
 from agent.events import ALERT
 from agent.forwarder import Signer
 from agent.outbox import Outbox
@@ -28,17 +29,6 @@ from branchsim.platform.receiver import Receiver
 from tests.support.agentproc import AGENT, AgentProcess, mqtt_uplink, wait_until
 
 OPERATOR = "alice(1000) via sudo by alice"
-
-
-class Clock:
-    def time(self) -> float:
-        return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def synchronized(self) -> bool:
-        return True
 
 
 def stored(db: Path) -> list[dict[str, Any]]:
@@ -233,7 +223,7 @@ def test_aborted_wipe_is_not_recorded_as_a_wipe(offline: AgentProcess,
 async def forward(tmp_path: Path, log: AuditLog) -> int:
     """One agent start's forwarding, into tmp_path/outbox.db (cursor beside it)."""
     async with await Outbox.open(tmp_path / "outbox.db") as outbox:
-        trail = AuditTrail(log, outbox.append, Clock())
+        trail = AuditTrail(log, outbox.append, make_clock("synced"))
         return await AuditForwarder(trail, tmp_path / "audit-forwarded.json",
                                     outbox.append_many).run()
 
