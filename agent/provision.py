@@ -118,10 +118,32 @@ class ProvisionResult:
     warnings: list[str] = field(default_factory=list)
 
 
+DIST_NAME = "branch-gateway-agent"
+
+
 def units_dir() -> Path:
-    """The shipped systemd/ directory (beside the agent package in a checkout or an editable
-    install, which is how gateways get the agent: a venv in /opt/branch-agent)."""
-    return Path(__file__).resolve().parents[1] / "systemd"
+    """The shipped systemd/ directory: beside the agent package in a checkout or an editable
+    install; else where the wheel put it (``<prefix>/share/branch-agent/systemd``, found through
+    the distribution's file list, so any prefix or venv works). Raises FileNotFoundError."""
+    here = Path(__file__).resolve().parents[1] / "systemd"
+    if (here / UNIT_NAME).is_file():
+        return here
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution(DIST_NAME)
+    except PackageNotFoundError:
+        dist = None
+    if dist is not None:
+        for f in dist.files or []:
+            if f.name == UNIT_NAME and "systemd" in f.parts:
+                found = Path(str(dist.locate_file(f))).resolve().parent
+                if (found / UNIT_NAME).is_file():
+                    return found
+    raise FileNotFoundError(
+        f"the agent's systemd units are not installed (looked in {here} and in the files of "
+        f"the {DIST_NAME} distribution); reinstall it with pip"
+    )
 
 
 def parse_broker(text: str) -> tuple[str, int]:
