@@ -23,7 +23,7 @@ from agent.uplink.mqtt import MqttUplinkConfig
 from drivers.ble import BleConfig
 from drivers.coap_config import CoapIngestConfig
 from drivers.configbase import StrictModel
-from drivers.gpio import GpioConfig
+from drivers.gpio_config import GpioConfig
 from drivers.serial import SerialConfig
 from drivers.synthetic import SyntheticConfig
 

@@ -4,6 +4,8 @@ agent/ imports the simulator only where --sim and the demo start it."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,3 +42,15 @@ def test_nothing_imports_the_tests() -> None:
     for top in ("agent", "drivers", "hardware-sim"):
         for p in (ROOT / top).rglob("*.py"):
             assert "tests" not in imports(p), p
+
+
+def test_loading_a_config_imports_no_driver_stack() -> None:
+    """`load_config` (and the runtime module) import no radio, CoAP, Modbus or GPIO library:
+    a driver's stack is imported only when that driver is configured (memory, start-up)."""
+    code = ("import sys; import agent.config, agent.runtime; "
+            "print(','.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.strip().split(",")
+    heavy = {"gpiozero", "bleak", "dbus_fast", "aiocoap", "pymodbus", "serial", "bthome_ble",
+             "ruuvitag_ble"}
+    assert sorted(heavy & set(out)) == []

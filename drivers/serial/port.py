@@ -14,7 +14,6 @@ from typing import Literal
 
 import structlog
 from pydantic import Field
-from serial_asyncio_fast import open_serial_connection
 
 from drivers.base import (
     ALERT,
@@ -65,6 +64,9 @@ async def open_port(
     cfg: SerialPortConfig, *, limit: int = 65536
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Open `cfg.port` without blocking the loop; every open failure is `PortUnavailable`."""
+    # Here, not at module level: loading a config imports no serial stack (tests/test_layering)
+    from serial_asyncio_fast import open_serial_connection
+
     try:
         return await open_serial_connection(
             url=cfg.port,
