@@ -71,7 +71,7 @@ from drivers.base import (
     Value,
 )
 from drivers.coap_config import CoapIngestConfig, CoapSensorConfig
-from drivers.ratelimit import LogGate, TokenBucket
+from drivers.ratelimit import REJECT_LOG_INTERVAL, LogGates, TokenBucket
 
 __all__ = [
     "CF_SENML_CBOR",
@@ -91,9 +91,6 @@ log = structlog.get_logger(__name__)
 
 CF_SENML_JSON = 110
 CF_SENML_CBOR = 112
-
-# Seconds between two log lines about the same kind of rejection (the counters count them all).
-REJECT_LOG_INTERVAL = 10.0
 
 # RFC 8428 section 4.5.1: a time below 2**28 is relative to "now".
 _RELATIVE_TIME_LIMIT = 2**28
@@ -407,7 +404,7 @@ class CoapIngestSource:
             for s in cfg.sensors
         }
         self.inflight = 0  # requests waiting for the outbox (bounded by cfg.max_concurrent)
-        self._gates: dict[str, LogGate] = {}
+        self._gates = LogGates(self._clock.monotonic)
         self._sink: Sink | None = None
         self._log = log.bind(source=self.name)
 
@@ -446,10 +443,7 @@ class CoapIngestSource:
         return ctx
 
     def _gate(self, what: str) -> int | None:
-        gate = self._gates.get(what)
-        if gate is None:
-            gate = self._gates[what] = LogGate(REJECT_LOG_INTERVAL, self._clock.monotonic)
-        return gate.open()
+        return self._gates.open(what)
 
     def reject(
         self, what: str, code: Any, text: str, request: aiocoap.Message, **opts: Any
