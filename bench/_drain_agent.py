@@ -61,6 +61,14 @@ async def run(cfg_path: Path, backlog: int, every: float, alarms: int) -> dict[s
             task.result()
             raise RuntimeError("runtime stopped")
         await asyncio.sleep(0.005)  # polling interval of a condition wait
+    # Every edge's alarm must be committed before "drained" is judged: an edge made just before
+    # the end is still crossing from the simulator's thread into the loop when the outbox is
+    # first seen empty. The GPIO source counts the readings it has had committed.
+    gpio = next(src for src in rt.sources if src.name == "gpio")
+    # the contact's initial state is the first reading
+    while gpio.health.readings < 1:  # noqa: ASYNC110 - a driver's counter, no event to await
+        await asyncio.sleep(0.005)  # polling interval of a condition wait
+    committed_before = gpio.health.readings
     edges: list[float] = []
     halt = threading.Event()
 
@@ -84,6 +92,9 @@ async def run(cfg_path: Path, backlog: int, every: float, alarms: int) -> dict[s
                 raise RuntimeError("runtime stopped")
             await asyncio.sleep(0.01)  # polling interval of a condition wait
         halt.set()
+        await asyncio.to_thread(driver.join, 10)
+        while gpio.health.readings - committed_before < len(edges):  # noqa: ASYNC110 - as above
+            await asyncio.sleep(0.005)  # polling interval of a condition wait
         # The last few events (alarms, audit records) may still be on their way.
         while not await _empty(rt):  # noqa: ASYNC110 - the condition is in SQLite: no event to await
             await asyncio.sleep(0.01)  # polling interval of a condition wait
