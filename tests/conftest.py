@@ -19,6 +19,13 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
         p.wait(timeout=10)
 
 
-# The WAN end (a plain mosquitto and the reference platform on it) for any test that asks for
-# `broker` / `platform`; modules that need TLS or another shape define their own.
-from tests.support.wan import broker, platform  # noqa: E402, F401 - fixtures, by name
+# The WAN end for any test that asks for it: a plain mosquitto and the reference platform on it
+# (`broker` / `platform`), or both with mutual TLS (`pki`, `mosquitto_tls`, `tls_platform`).
+from tests.support.wan import (  # noqa: E402, F401 - fixtures, by name
+    broker,
+    mosquitto_factory,
+    mosquitto_tls,
+    pki,
+    platform,
+    tls_platform,
+)

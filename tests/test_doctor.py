@@ -24,23 +24,9 @@ from branchsim.bluez import FakeBluez, PrivateSystemBus
 from drivers.ble import BleConfig
 from tests.support.agentproc import AgentProcess, mqtt_uplink, to_toml
 from tests.support.broker import Mosquitto
-from tests.support.pki import Pki, make_pki
+from tests.support.pki import Pki
 
 AGENT = [sys.executable, "-m", "agent.cli"]
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return make_pki(tmp_path / "pki")
-
-
-@pytest.fixture
-def broker(tmp_path: Path, pki: Pki) -> Iterator[Mosquitto]:
-    m = Mosquitto(tmp_path / "broker", tls=pki).start()
-    try:
-        yield m
-    finally:
-        m.stop()
 
 
 @pytest.fixture
@@ -89,11 +75,11 @@ def by_name(out: str) -> dict[str, dict[str, str]]:
     return {c["name"]: c for c in json.loads(out)["checks"]}
 
 
-def test_healthy_gateway_passes(tmp_path: Path, broker: Mosquitto, pki: Pki,
+def test_healthy_gateway_passes(tmp_path: Path, mosquitto_tls: Mosquitto, pki: Pki,
                                 pty_port: str) -> None:
     """Every check passes (or does not apply) on a healthy setup, the installed files matching
     their manifest; exit code 0."""
-    gw = gateway(tmp_path / "gw", broker, pki, pty_port)
+    gw = gateway(tmp_path / "gw", mosquitto_tls, pki, pty_port)
     manifest = tmp_path / "manifest.json"
     write_manifest(manifest, build_manifest(installed_trees()))
     res = doctor(gw.config_path, "--json", "--manifest", str(manifest))
@@ -106,11 +92,11 @@ def test_healthy_gateway_passes(tmp_path: Path, broker: Mosquitto, pki: Pki,
     assert "CONNACK" in checks["mqtt connect"]["detail"]
 
 
-def test_broken_gateway_reports_each_failure_with_a_fix(tmp_path: Path, broker: Mosquitto,
+def test_broken_gateway_reports_each_failure_with_a_fix(tmp_path: Path, mosquitto_tls: Mosquitto,
                                                         pki: Pki) -> None:
     """Wrong CA, missing serial port, key mode 0644 and an unsynchronised clock each fail with
     a fix; exit code 2; the human output shows the fixes too."""
-    gw = gateway(tmp_path / "gw", broker, pki, "/dev/ttyDOESNOTEXIST", time_sync="unsynced")
+    gw = gateway(tmp_path / "gw", mosquitto_tls, pki, "/dev/ttyDOESNOTEXIST", time_sync="unsynced")
     gw.doc["uplink"]["mqtt"]["tls"]["ca"] = str(pki.other_ca_cert)
     gw.write_config()
     (gw.keys / "signing.key").chmod(0o644)
@@ -132,10 +118,10 @@ def test_broken_gateway_reports_each_failure_with_a_fix(tmp_path: Path, broker: 
     assert "chmod 600" in human.stdout and "fix:" in human.stdout
 
 
-def test_warning_gives_exit_code_1(tmp_path: Path, broker: Mosquitto, pki: Pki,
+def test_warning_gives_exit_code_1(tmp_path: Path, mosquitto_tls: Mosquitto, pki: Pki,
                                    pty_port: str) -> None:
     """A certificate close to expiry is a warning, not a failure: exit code 1."""
-    gw = gateway(tmp_path / "gw", broker, pki, pty_port)
+    gw = gateway(tmp_path / "gw", mosquitto_tls, pki, pty_port)
     gw.doc["uplink"]["mqtt"]["tls"]["cert"] = str(client_cert(pki, tmp_path, days=10))
     gw.write_config()
     res = doctor(gw.config_path, "--json")

@@ -25,15 +25,6 @@ GW = "gw-fwd"
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    m = Mosquitto(tmp_path / "broker").start()
-    try:
-        yield m
-    finally:
-        m.stop()
-
-
-@pytest.fixture
 def key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 

@@ -9,7 +9,6 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import cbor2
@@ -31,20 +30,6 @@ from tests.support.broker import Mosquitto
 from tests.support.pki import Pki, make_pki
 
 GW = "gw-test"
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return make_pki(tmp_path / "pki")
-
-
-@pytest.fixture
-def broker(tmp_path: Path, pki: Pki) -> Iterator[Mosquitto]:
-    m = Mosquitto(tmp_path / "broker", tls=pki).start()
-    try:
-        yield m
-    finally:
-        m.stop()
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -86,12 +71,12 @@ def issue(pki: Pki, csr_path: Path, out: Path, *, ca_key_path: Path | None = Non
 
 
 def test_renew_and_install_cert_switch_over_to_a_working_key(tmp_path: Path, pki: Pki,
-                                                             broker: Mosquitto) -> None:
+                                                             mosquitto_tls: Mosquitto) -> None:
     """`--renew` leaves a 0600 key, a CSR and its signing-key authentication in tls/next/ while
     the old files stay in use; `--install-cert` refuses a certificate for another key or from
     another CA, installs the right one (old files kept as .prev), both steps are audited, and
     the agent then connects to the mTLS broker with the new key."""
-    gw = gateway(tmp_path / "gw", pki, broker.port)
+    gw = gateway(tmp_path / "gw", pki, mosquitto_tls.port)
     tls = gw.dir / "tls"
     old_key, old_cert = (tls / "client.key").read_bytes(), (tls / "client.pem").read_bytes()
     res = cli("provision", "--renew", "--config", str(gw.config_path))

@@ -80,15 +80,6 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    m = Mosquitto(tmp_path / "broker").start()
-    try:
-        yield m
-    finally:
-        m.stop()
-
-
-@pytest.fixture
 def agent(tmp_path: Path, broker: Mosquitto, notify: NotifySocket) -> Iterator[AgentProcess]:
     a = AgentProcess(tmp_path / "gw",
                      uplink={"order": ["mqtt"], "mqtt": mqtt_uplink(broker.port, None)})

@@ -7,49 +7,18 @@ import base64
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from branchsim.platform.mqtt_server import MqttPlatformServer, PlatformTls
 from branchsim.platform.receiver import Receiver
 from tests.support.agentproc import AGENT, AgentProcess, mqtt_uplink, to_toml, wait_until
 from tests.support.broker import Mosquitto, get_free_port
-from tests.support.pki import Pki, make_pki
+from tests.support.pki import Pki
 
 SS = shutil.which("ss")
-
-
-@pytest.fixture
-def tls_pki(tmp_path: Path) -> Pki:
-    return make_pki(tmp_path / "pki")
-
-
-@pytest.fixture
-def broker(tmp_path: Path, tls_pki: Pki) -> Iterator[Mosquitto]:
-    m = Mosquitto(tmp_path / "broker", tls=tls_pki).start()
-    try:
-        yield m
-    finally:
-        m.stop()
-
-
-@pytest.fixture
-def platform(tmp_path: Path, broker: Mosquitto, tls_pki: Pki) -> Iterator[Receiver]:
-    rx = Receiver(tmp_path / "platform.db")
-    server = MqttPlatformServer(rx, "127.0.0.1", broker.port, client_id="platform-sec",
-                                tls=PlatformTls(tls_pki.ca_cert, tls_pki.platform_cert,
-                                                tls_pki.platform_key))
-    server.start()
-    try:
-        assert server.ready.wait(10), "platform never subscribed"
-        yield rx
-    finally:
-        server.stop()
-        rx.close()
 
 
 def secret_forms(pem: bytes) -> set[str]:
@@ -86,8 +55,8 @@ def run_cli(*args: str) -> str:
     return out.stdout + out.stderr
 
 
-def test_no_key_material_in_logs_status_or_tools(tmp_path: Path, broker: Mosquitto,
-                                                 platform: Receiver, tls_pki: Pki) -> None:
+def test_no_key_material_in_logs_status_or_tools(tmp_path: Path, mosquitto_tls: Mosquitto,
+                                                 tls_platform: Receiver, pki: Pki) -> None:
     """With debug logging, a TLS failure and a refused key file, neither the signing key, the
     TLS client keys (current and renewed), the pseudonym key nor a BTHome bindkey appears in the
     log, status.json, `status`, `doctor`, `check-config`, `config show` or `provision --renew`
@@ -95,15 +64,15 @@ def test_no_key_material_in_logs_status_or_tools(tmp_path: Path, broker: Mosquit
     agent = AgentProcess(
         tmp_path / "gw",
         log={"level": "debug", "format": "json"},
-        uplink={"order": ["mqtt"], "mqtt": mqtt_uplink(broker.port, tls_pki)},
+        uplink={"order": ["mqtt"], "mqtt": mqtt_uplink(mosquitto_tls.port, pki)},
         sources={"synthetic": [{"name": "load", "rate_hz": 200.0, "count": 50,
                                 "waveform": "counter"}]},
         privacy={"pseudonymise_attrs": ["mac"]},
     )
-    platform.register(agent.gw, agent.pubkey.read_bytes())
+    tls_platform.register(agent.gw, agent.pubkey.read_bytes())
     agent.start()
     try:
-        wait_until(lambda: len(platform.events(agent.gw)) >= 50, 30, "events acked", agent)
+        wait_until(lambda: len(tls_platform.events(agent.gw)) >= 50, 30, "events acked", agent)
         wait_until(lambda: bool(agent.status().get("forwarder")), 10, "status written", agent)
         outputs = {
             "status": run_cli("status", "--config", str(agent.config_path), "--json"),
@@ -115,7 +84,7 @@ def test_no_key_material_in_logs_status_or_tools(tmp_path: Path, broker: Mosquit
         assert agent.stop() == 0
     # A failing TLS handshake (the broker's CA is not the one configured) and a key file
     # with unsafe permissions: the error paths log the most.
-    agent.doc["uplink"]["mqtt"]["tls"]["ca"] = str(tls_pki.other_ca_cert)
+    agent.doc["uplink"]["mqtt"]["tls"]["ca"] = str(pki.other_ca_cert)
     agent.start()
     try:
         wait_until(lambda: "mqtt.connect_failed" in agent.log_text(), 20, "TLS failure logged",
@@ -132,14 +101,14 @@ def test_no_key_material_in_logs_status_or_tools(tmp_path: Path, broker: Mosquit
     outputs["config-show"] = run_cli("config", "show", "--config", str(shown))
     outputs["config-show-json"] = run_cli("config", "show", "--config", str(shown), "--json")
     outputs["renew"] = run_cli("provision", "--renew", "--config", str(agent.config_path))
-    renewed = tls_pki.client_key.parent / "next" / "client.key"
+    renewed = pki.client_key.parent / "next" / "client.key"
     (agent.keys / "signing.key").chmod(0o644)
     outputs["refused-key"] = run_cli("run", "--config", str(agent.config_path))
     assert "chmod 600" in outputs["refused-key"]
 
     secrets = {
         "signing.key": secret_forms((agent.keys / "signing.key").read_bytes()),
-        "tls client key": secret_forms(tls_pki.client_key.read_bytes()),
+        "tls client key": secret_forms(pki.client_key.read_bytes()),
         "renewed tls client key": secret_forms(renewed.read_bytes()),
         "bthome bindkey": {bindkey, bindkey.upper()},
     }
@@ -150,7 +119,7 @@ def test_no_key_material_in_logs_status_or_tools(tmp_path: Path, broker: Mosquit
              "status.json": (agent.state / "status.json").read_text(), **outputs}
     assert "mqtt.connected" in texts["agent log"] and texts["doctor"].strip()  # not vacuous
     assert "thermo" in texts["config-show"] and "csr auth" in texts["renew"]
-    assert leaks(tls_pki.client_key.read_text(), secrets)  # the detector itself works
+    assert leaks(pki.client_key.read_text(), secrets)  # the detector itself works
     found = {where: hit for where, text in texts.items() if (hit := leaks(text, secrets))}
     assert found == {}
 
@@ -173,12 +142,12 @@ def sockets_of(pid: int) -> list[str]:
 
 
 @pytest.mark.skipif(SS is None, reason="ss (iproute2) is not installed")
-def test_nothing_listens_unless_enabled(tmp_path: Path, broker: Mosquitto,
-                                        tls_pki: Pki) -> None:
+def test_nothing_listens_unless_enabled(tmp_path: Path, mosquitto_tls: Mosquitto,
+                                        pki: Pki) -> None:
     """The agent opens no listening socket by default; with [sources.coap] it listens on
     exactly the configured address and port, and nothing else."""
     agent = AgentProcess(tmp_path / "gw",
-                         uplink={"order": ["mqtt"], "mqtt": mqtt_uplink(broker.port, tls_pki)})
+                         uplink={"order": ["mqtt"], "mqtt": mqtt_uplink(mosquitto_tls.port, pki)})
     agent.start()
     try:
         wait_until(lambda: agent.status().get("uplinks", [{}])[0].get("connected") is True,
