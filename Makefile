@@ -1,20 +1,55 @@
 # The two commands of the README: `make demo` and `make test`. Each sets up .venv by itself.
+#
+# What is installed is what is locked. requirements.lock pins every runtime package, transitive
+# ones included, with hashes (CPython 3.11, Linux x86_64 and aarch64); tests/requirements.lock
+# adds the test tools, compiled with the runtime lock as a constraint so that no test tool can
+# move a runtime package; tests/compat/requirements.lock is a second environment for the
+# protocol tests under cbor2 5.x and the independent COSE verifier cwt (which needs cbor2 < 6).
+# `make lock` refreshes all three. Every install below is `pip install --require-hashes`.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+LOCK        := requirements.lock
+TEST_LOCK   := tests/requirements.lock
+COMPAT_LOCK := tests/compat/requirements.lock
+PIP_LOCKED  := python -m pip install --quiet --no-input --require-hashes
+# The product itself goes in on top of a locked environment, never resolving anything.
+PIP_SELF    := python -m pip install --quiet --no-input --no-deps --no-build-isolation
 
-.PHONY: all venv sysdeps test lint demo bench faults sbom audit-deps clean
+.PHONY: all venv sysdeps test test-compat test-dist dist wheelhouse lock lint demo bench faults sbom \
+        audit-deps clean
 
 all: test
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK) $(TEST_LOCK)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/$(PIP_LOCKED) -r $(LOCK) -r $(TEST_LOCK)
+	$(BIN)/$(PIP_SELF) -e .
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# The lock. uv resolves for CPython 3.11 on manylinux 2.36 (Debian bookworm and Raspberry Pi OS
+# have glibc 2.36), wheels only except for pyric (pure Python, published as an sdist only); the
+# x86_64 and aarch64 resolutions must agree, so one file serves both (every file's hash is in it).
+# armv7l is checked and reported: see README ("Supported platforms").
+UV_COMPILE = $(BIN)/uv pip compile --quiet --python-version 3.11 --generate-hashes \
+             --only-binary :all: --no-binary pyric --custom-compile-command "make lock"
+lock: venv
+	$(UV_COMPILE) --python-platform x86_64-manylinux_2_36 --upgrade pyproject.toml -o $(LOCK)
+	$(UV_COMPILE) --python-platform aarch64-manylinux_2_36 pyproject.toml -o $(LOCK).aarch64
+	@if diff <(grep -E '^[a-z0-9]' $(LOCK)) <(grep -E '^[a-z0-9]' $(LOCK).aarch64); then \
+	  rm -f $(LOCK).aarch64; else echo "x86_64 and aarch64 resolve differently"; exit 1; fi
+	$(UV_COMPILE) --python-platform x86_64-manylinux_2_36 --upgrade -c $(LOCK) \
+	  tests/requirements.in -o $(TEST_LOCK)
+	sed -n 's/^\([a-z0-9._-]*==[^ ]*\).*/\1/p' $(LOCK) | grep -v '^cbor2==' > $(COMPAT_LOCK).constraints
+	$(UV_COMPILE) --python-platform x86_64-manylinux_2_36 --upgrade -c $(COMPAT_LOCK).constraints \
+	  pyproject.toml tests/requirements.in tests/compat/requirements.in -o $(COMPAT_LOCK)
+	rm -f $(COMPAT_LOCK).constraints
+	$(BIN)/python -m tests.support.lock armv7l $(LOCK)
 
 # System packages the tests start for real: mosquitto (broker), dbus-daemon (fake BlueZ bus),
 # systemd-analyze (unit checks). Installed with apt-get when missing and running as root.
@@ -37,8 +72,70 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# The whole suite from the source tree, then the protocol tests under cbor2 5.x with cwt, then
+# the end-to-end checks against the built wheel installed from the lock.
 test: venv sysdeps lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --ignore=tests/dist --ignore=tests/compat
+	$(MAKE) --no-print-directory test-compat
+	$(MAKE) --no-print-directory test-dist
+
+COMPAT := .venv-compat
+$(COMPAT)/.installed: pyproject.toml $(COMPAT_LOCK)
+	rm -rf $(COMPAT)
+	$(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/$(PIP_LOCKED) -r $(COMPAT_LOCK)
+	$(COMPAT)/bin/$(PIP_SELF) -e .
+	touch $@
+
+PROTOCOL_TESTS := tests/test_cbor.py tests/test_protocol.py tests/test_vectors.py tests/compat \
+                  tests/test_commands.py::test_vectors_replayed_in_order \
+                  $(addprefix tests/test_coap_ingest.py::test_senml_,json_golden cbor_golden \
+                    malformed_is_an_error_not_an_exception bad_cbor_and_record_limit)
+test-compat: $(COMPAT)/.installed
+	@echo "== protocol tests under cbor2 $$($(COMPAT)/bin/python -m tests.support.lock version cbor2)" \
+	  "with cwt $$($(COMPAT)/bin/python -m tests.support.lock version cwt)" \
+	  "(.venv: cbor2 $$($(BIN)/python -m tests.support.lock version cbor2))"
+	$(COMPAT)/bin/pytest -q -p no:cacheprovider $(PROTOCOL_TESTS)
+
+# The release artefacts: sdist, and the wheel built from that sdist (so the sdist is complete).
+DIST := dist
+dist: venv
+	rm -rf $(DIST)
+	$(BIN)/python -m build --no-isolation --outdir $(DIST) . >/dev/null
+	@ls -l $(DIST)
+
+# Everything a gateway installs, for one architecture (ARCH=aarch64 for a Raspberry Pi; the
+# build host's by default): every locked file for CPython 3.11 on manylinux <= 2.36, checked
+# against the lock's hashes, and the built wheel. The runbook installs it with --no-index.
+# pip.lock is the lock's own pip, installed first: Debian's pip 23 cannot build pyric (the one
+# sdist) offline, it wants the `wheel` package, which the locked pip no longer needs.
+ARCH ?= $(shell uname -m)
+WHEELHOUSE = $(DIST)/wheelhouse-$(ARCH)
+MANYLINUX  = manylinux2014_$(ARCH) $(foreach v,17 24 26 27 28 31 32 33 34 35 36,manylinux_2_$(v)_$(ARCH))
+wheelhouse: dist
+	rm -rf $(WHEELHOUSE)
+	$(BIN)/python -m pip download --quiet --no-input --no-deps --require-hashes \
+	  --only-binary=:all: --no-binary=pyric $(addprefix --platform ,$(MANYLINUX)) \
+	  --python-version 3.11 --implementation cp -r $(LOCK) -d $(WHEELHOUSE)
+	cp $(LOCK) $(DIST)/*.whl $(WHEELHOUSE)/
+	$(BIN)/python -m tests.support.lock pin pip $(LOCK) > $(WHEELHOUSE)/pip.lock
+	@echo "$(WHEELHOUSE): $$(ls $(WHEELHOUSE) | wc -l) files"
+
+# A clean venv installed as the runbook says, offline from the wheelhouse: exactly the locked
+# runtime packages (--require-hashes), then the built wheel (--no-deps). tests/dist runs
+# against it, from a directory outside the checkout.
+DISTVENV := .venv-dist
+test-dist: wheelhouse sysdeps
+	rm -rf $(DISTVENV)
+	$(PYTHON) -m venv $(DISTVENV)
+	$(DISTVENV)/bin/$(PIP_LOCKED) --no-index --find-links $(WHEELHOUSE) -r $(WHEELHOUSE)/pip.lock
+	$(DISTVENV)/bin/$(PIP_LOCKED) --no-index --find-links $(WHEELHOUSE) -r $(WHEELHOUSE)/$(LOCK)
+	$(DISTVENV)/bin/python -m pip install --quiet --no-input --no-index --no-deps \
+	  $(WHEELHOUSE)/branch_gateway_agent-*.whl
+	@echo "== end-to-end against the built wheel: $$(ls $(DIST)/*.whl) in $(DISTVENV)," \
+	  "installed offline from $(WHEELHOUSE) and $(LOCK)"
+	BRANCH_DIST_VENV=$(abspath $(DISTVENV)) BRANCH_DIST_DIR=$(abspath $(DIST)) \
+	  $(BIN)/pytest -v -p no:cacheprovider tests/dist
 
 # The whole fault suite, slow runs included (50 kills, the 30-minute soak: FAULTS_SOAK_S,
 # FAULTS_KILLS to change them), with the summary table.
@@ -68,4 +165,4 @@ audit-deps: venv $(SBOMVENV)/.ok
 	$(SBOMVENV)/bin/pip-audit --path $$($(BIN)/python -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])') --progress-spinner off
 
 clean:
-	rm -rf $(VENV) $(SBOMVENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache sbom.cdx.json
+	rm -rf $(VENV) $(COMPAT) $(DISTVENV) $(DIST) $(SBOMVENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache sbom.cdx.json

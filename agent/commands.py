@@ -28,7 +28,6 @@ from typing import Any, TypeGuard, TypeVar
 
 import cbor2
 import structlog
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pydantic import Field
@@ -37,12 +36,11 @@ from agent.audit import AuditTrail
 from agent.events import ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
 from agent.keys import PRIVATE_NAME, generate_keypair, load_private_key
 from agent.protocol import (
-    ALG_EDDSA,
-    COSE_SIGN1_TAG,
     ProtocolError,
     kid_for,
     loads_exact,
-    sig_structure,
+    open_sign1,
+    sign1,
 )
 from drivers.base import Clock
 from drivers.configbase import StrictModel
@@ -135,13 +133,6 @@ class CommandAck:
 # --- COSE_Sign1 -------------------------------------------------------------------------------
 
 
-def sign1(key: Ed25519PrivateKey, payload: bytes) -> bytes:
-    """A tagged COSE_Sign1 (EdDSA) over `payload`, kid = `agent.protocol.kid_for`."""
-    protected = cbor2.dumps({1: ALG_EDDSA, 4: kid_for(key.public_key())}, canonical=True)
-    signature = key.sign(sig_structure(protected, payload))
-    return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
-
-
 def _loads_exact(data: bytes) -> Any:
     """One CBOR item spanning all of `data` (agent.protocol's decoder), as a CommandError."""
     try:
@@ -152,33 +143,13 @@ def _loads_exact(data: bytes) -> Any:
 
 def _open_sign1(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | None]
                 ) -> tuple[bytes, bytes]:
-    """Check a COSE_Sign1's structure, key and signature; return (kid, payload)."""
+    """Check a COSE_Sign1's size, structure, key and signature; return (kid, payload)."""
     if len(data) > MAX_COMMAND_BYTES:
         raise CommandError("malformed", "too large")
-    msg = _loads_exact(data)
-    if not isinstance(msg, cbor2.CBORTag) or msg.tag != COSE_SIGN1_TAG:
-        raise CommandError("malformed", "not a tagged COSE_Sign1")
-    parts = msg.value
-    if not isinstance(parts, list) or len(parts) != 4:
-        raise CommandError("malformed", "not a 4-element array")
-    protected, unprotected, payload, signature = parts
-    if not (isinstance(protected, bytes) and unprotected == {} and isinstance(payload, bytes)
-            and isinstance(signature, bytes) and len(signature) == 64):
-        raise CommandError("malformed", "field types")
-    header = _loads_exact(protected)
-    if not isinstance(header, dict) or set(header) != {1, 4} or header[1] != ALG_EDDSA:
-        raise CommandError("malformed", "protected header")
-    kid = header[4]
-    if not isinstance(kid, bytes):
-        raise CommandError("malformed", "kid")
-    key = key_for_kid(kid)
-    if key is None:
-        raise CommandError("unknown-key", kid.hex())
     try:
-        key.verify(signature, sig_structure(protected, payload))
-    except InvalidSignature:
-        raise CommandError("bad-signature", kid.hex()) from None
-    return kid, payload
+        return open_sign1(data, key_for_kid)
+    except ProtocolError as exc:
+        raise CommandError(exc.reason, exc.detail) from None
 
 
 def _uint(x: object) -> bool:

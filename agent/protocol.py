@@ -24,6 +24,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from agent.core import cbor
+
 __all__ = [
     "ALG_EDDSA",
     "COSE_SIGN1_TAG",
@@ -41,7 +43,9 @@ __all__ = [
     "encode_event",
     "kid_for",
     "loads_exact",
+    "open_sign1",
     "sig_structure",
+    "sign1",
     "verify_batch",
 ]
 
@@ -222,7 +226,13 @@ def build_batch(
             _K_CREATED, cbor2.dumps(float(created), canonical=True),
         )
     )
-    protected = _protected(kid)
+    return sign1(key, payload, kid)
+
+
+def sign1(key: Ed25519PrivateKey, payload: bytes, kid: bytes | None = None) -> bytes:
+    """A tagged COSE_Sign1 (EdDSA) over `payload`; `kid` defaults to `kid_for` the key's
+    public half (pass it when known: deriving it costs a SHA-256)."""
+    protected = _protected(kid_for(key.public_key()) if kid is None else kid)
     signature = key.sign(sig_structure(protected, payload))
     return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
 
@@ -254,17 +264,12 @@ class Ack:
 
 
 def loads_exact(data: bytes, what: str) -> Any:
-    """Decode one CBOR item that must span all of `data` (trailing bytes are malformed)."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise ProtocolError("malformed", f"{what}: not bytes")
-    fp = io.BytesIO(data)
+    """Decode one CBOR item that must span all of `data` (trailing bytes are malformed).
+    Arrays come back as lists and maps as dicts whatever the cbor2 version (agent.core.cbor)."""
     try:
-        value = cbor2.CBORDecoder(fp).decode()
-    except Exception as exc:  # cbor2 raises many types (and RecursionError) on hostile input
-        raise ProtocolError("malformed", f"{what}: {type(exc).__name__}") from None
-    if fp.tell() != len(data):
-        raise ProtocolError("malformed", f"{what}: trailing bytes")
-    return value
+        return cbor.loads_exact(data, what)
+    except cbor.CBORError as exc:
+        raise ProtocolError("malformed", str(exc)) from None
 
 
 def _is_uint(x: object, low: int = 0) -> bool:
@@ -312,7 +317,8 @@ def _check_event(ev: object) -> dict[str, Any]:
 
 
 def _decode_envelope(data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
-    """COSE_Sign1 structure -> (protected, kid, payload, signature)."""
+    """COSE_Sign1 structure -> (protected, kid, payload, signature). The one parser of
+    COSE_Sign1 in the project: batches, commands and renewal requests all come through it."""
     msg = loads_exact(data, "cose")
     if not isinstance(msg, cbor2.CBORTag) or msg.tag != COSE_SIGN1_TAG:
         raise ProtocolError("malformed", "not a tagged COSE_Sign1")
@@ -333,6 +339,26 @@ def _decode_envelope(data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     if header[1] != ALG_EDDSA or not isinstance(kid, bytes) or len(kid) != KID_LEN:
         raise ProtocolError("malformed", "protected header alg/kid")
     return protected, kid, payload, signature
+
+
+def _open(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | None]
+          ) -> tuple[bytes, bytes]:
+    protected, kid, payload, signature = _decode_envelope(data)
+    key = key_for_kid(kid)
+    if key is None:
+        raise ProtocolError("unknown-key", kid.hex())
+    try:
+        key.verify(signature, sig_structure(protected, payload))
+    except InvalidSignature:
+        raise ProtocolError("bad-signature", kid.hex()) from None
+    return kid, payload
+
+
+def open_sign1(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | None]
+               ) -> tuple[bytes, bytes]:
+    """Check a COSE_Sign1's structure, key and signature, in that order; return (kid,
+    payload). Raises ProtocolError ("malformed", "unknown-key", "bad-signature") only."""
+    return _guard(lambda: _open(data, key_for_kid))
 
 
 def _decode_payload(payload: bytes, kid: bytes, digest: bytes) -> Batch:
@@ -378,14 +404,7 @@ def verify_batch(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | 
     """Check structure, key and signature (in that order), then decode the payload."""
 
     def run() -> Batch:
-        protected, kid, payload, signature = _decode_envelope(data)
-        key = key_for_kid(kid)
-        if key is None:
-            raise ProtocolError("unknown-key", kid.hex())
-        try:
-            key.verify(signature, sig_structure(protected, payload))
-        except InvalidSignature:
-            raise ProtocolError("bad-signature", kid.hex()) from None
+        kid, payload = _open(data, key_for_kid)
         return _decode_payload(payload, kid, batch_hash(bytes(data)))
 
     return _guard(run)

@@ -83,8 +83,6 @@ DEFAULT_EXEC = "/opt/branch-agent/bin/branch-agent"
 SNIPPET = "branch-agent.conf"
 EGRESS_DROPIN = Path("etc/systemd/system") / f"{UNIT_NAME}.d" / "10-egress.conf"
 RENEWAL_TYPE = "mqtt-csr-renewal"
-COSE_SIGN1_TAG = 18
-ALG_EDDSA = -8
 
 
 @dataclass(frozen=True)
@@ -493,7 +491,7 @@ def renew(cfg: AgentConfig, now: Callable[[], float] = time.time) -> RenewResult
     over the canonical CBOR map {"type": "mqtt-csr-renewal", "gw": id, "csr": SHA-256 of the
     CSR's DER, "cur": SHA-256 of the current certificate's DER or null, "iat": seconds}.
     Running it again keeps a pending key and its CSR (the CA may already have them)."""
-    from agent.commands import sign1
+    from agent.protocol import sign1
 
     tls = _mqtt_tls(cfg)
     signing = load_private_key(cfg.gateway.key_file)  # KeyFileError (ValueError) if unsafe
@@ -523,25 +521,16 @@ def verify_renewal(csr_pem: bytes, cose: bytes, public_key: Ed25519PublicKey,
     runs before signing a renewal CSR: the COSE_Sign1 verifies with `public_key`, names this
     gateway and this CSR's hash, and the CSR is self-signed and for the gateway id. Returns the
     signed claims; raises ValueError saying what is wrong."""
-    from agent.protocol import kid_for
+    from agent.protocol import ProtocolError, kid_for, loads_exact, open_sign1
 
+    pinned = kid_for(public_key)
     try:
-        msg = cbor2.loads(cose)
-        if not isinstance(msg, cbor2.CBORTag) or msg.tag != COSE_SIGN1_TAG:
-            raise ValueError("not a tagged COSE_Sign1")
-        protected, _unprotected, payload, signature = msg.value
-        header = cbor2.loads(protected)
-        claims = cbor2.loads(payload)
-    except (cbor2.CBORDecodeError, TypeError, ValueError) as exc:
-        raise ValueError(f"malformed renewal authentication: {exc}") from None
-    if not isinstance(header, dict) or header.get(1) != ALG_EDDSA:
-        raise ValueError("renewal authentication: not EdDSA")
-    if header.get(4) != kid_for(public_key):
-        raise ValueError("renewal authentication: signed by another key (kid differs)")
-    try:
-        public_key.verify(signature, cbor2.dumps(["Signature1", protected, b"", payload]))
-    except InvalidSignature:
-        raise ValueError("renewal authentication: bad signature") from None
+        _kid, payload = open_sign1(cose, lambda kid: public_key if kid == pinned else None)
+        claims = loads_exact(payload, "renewal claims")
+    except ProtocolError as exc:
+        why = {"unknown-key": "signed by another key (kid differs)",
+               "bad-signature": "bad signature"}.get(exc.reason, f"malformed: {exc.detail}")
+        raise ValueError(f"renewal authentication: {why}") from None
     csr = x509.load_pem_x509_csr(csr_pem)
     der = csr.public_bytes(serialization.Encoding.DER)
     if not isinstance(claims, dict) or claims.get("type") != RENEWAL_TYPE:

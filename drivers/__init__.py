@@ -1,4 +1,5 @@
-"""Sensor drivers: GPIO, BLE, serial devices and CoAP ingest. Imports nothing from `agent`."""
+"""Sensor drivers: GPIO, BLE, serial devices and CoAP ingest. Of the agent they import only
+`agent.core` (tests/test_layering.py)."""
 
 from drivers.base import (
     ALARM,

@@ -54,10 +54,10 @@ from typing import Any
 import aiocoap
 import aiocoap.error
 import aiocoap.resource
-import cbor2
 import structlog
 from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
+from agent.core import cbor
 from drivers.base import (
     ALERT,
     Backoff,
@@ -178,10 +178,10 @@ def decode_senml(
         if content_format == CF_SENML_JSON:
             pack = json.loads(payload.decode("utf-8"))
         elif content_format == CF_SENML_CBOR:
-            pack = cbor2.loads(payload)
+            pack = cbor.loads_exact(payload, "SenML-CBOR")  # arrays are lists in any cbor2
         else:
             return _fail(f"unsupported content format {content_format}", payload)
-    except (ValueError, UnicodeDecodeError, cbor2.CBORDecodeError, RecursionError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # CBORError is a ValueError
         # the parser's own message goes to the log only: peers get our fixed words
         log.debug("senml.undecodable", error=str(exc)[:200])
         return _fail(f"not valid {'JSON' if content_format == 110 else 'CBOR'}", payload)

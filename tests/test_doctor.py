@@ -14,8 +14,6 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.doctor import CERT_WARN_DAYS, Status, check_ble, check_certificate
 from agent.integrity import build_manifest, installed_trees, write_manifest
@@ -24,7 +22,7 @@ from branchsim.bluez import FakeBluez, PrivateSystemBus
 from drivers.ble import BleConfig
 from tests.support.agentproc import AgentProcess, mqtt_uplink, to_toml
 from tests.support.broker import Mosquitto
-from tests.support.pki import Pki
+from tests.support.pki import Pki, certify
 
 AGENT = [sys.executable, "-m", "agent.cli"]
 
@@ -42,18 +40,8 @@ def pty_port() -> Iterator[str]:
 
 def client_cert(pki: Pki, dir: Path, days: int) -> Path:
     """The gateway's certificate re-issued by the test CA for `days` (make_pki's lasts a day)."""
-    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     old = x509.load_pem_x509_certificate(pki.client_cert.read_bytes())
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(old.issuer)
-            .public_key(old.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=days))
-            .sign(ca_key, hashes.SHA256()))
-    path = dir / f"client-{days}d.crt"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
+    return certify(pki, old.subject, old.public_key(), dir / f"client-{days}d.crt", days=days)
 
 
 def gateway(dir: Path, broker: Mosquitto, pki: Pki, port: str, **gw: Any) -> AgentProcess:

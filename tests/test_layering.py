@@ -1,5 +1,6 @@
-"""The layering of shared/DESIGN.md holds: drivers/ imports nothing from agent/ or branchsim/,
-agent/ imports the simulator only where --sim and the demo start it."""
+"""The layering of shared/DESIGN.md holds: agent/core imports nothing above it, drivers/ see the
+agent only through agent/core, agent/ imports the simulator only where --sim and the demo start
+it."""
 
 from __future__ import annotations
 
@@ -12,20 +13,38 @@ ROOT = Path(__file__).resolve().parents[1]
 SIM_ALLOWED = {"agent/simrun.py", "agent/demo.py", "agent/doctor.py"}
 
 
-def imports(path: Path) -> set[str]:
+def modules(path: Path) -> set[str]:
+    """The dotted names of the modules a file imports (absolute imports)."""
     tree = ast.parse(path.read_text(), str(path))
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found.update(a.name.split(".")[0] for a in node.names)
+            found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.split(".")[0])
+            found.add(node.module)
     return found
 
 
-def test_drivers_import_nothing_from_agent_or_the_simulator() -> None:
-    """drivers/ is the ground floor."""
-    bad = {str(p.relative_to(ROOT)): sorted(imports(p) & {"agent", "branchsim", "tests"})
+def imports(path: Path) -> set[str]:
+    """The top-level packages a file imports."""
+    return {m.split(".")[0] for m in modules(path)}
+
+
+def _outside_core(path: Path) -> list[str]:
+    return sorted(m for m in modules(path)
+                  if m.split(".")[0] in {"agent", "drivers", "branchsim", "tests"}
+                  and not (m == "agent.core" or m.startswith("agent.core.")))
+
+
+def test_core_imports_nothing_above_it() -> None:
+    """agent/core is the vocabulary: it imports nothing from agent/, drivers/ or the simulator."""
+    bad = {str(p.relative_to(ROOT)): _outside_core(p) for p in (ROOT / "agent/core").rglob("*.py")}
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_drivers_see_the_agent_only_through_its_core() -> None:
+    """drivers/ import agent/core and nothing else of the agent, and never the simulator."""
+    bad = {str(p.relative_to(ROOT)): [m for m in _outside_core(p) if not m.startswith("drivers")]
            for p in (ROOT / "drivers").rglob("*.py")}
     assert {k: v for k, v in bad.items() if v} == {}
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -134,51 +132,3 @@ def test_egress_dropin_follows_the_config(tmp_path: Path) -> None:
     assert f"created       {dropin}" in second.stdout
     third = provision(root, "--no-qr")
     assert "created" not in third.stdout  # drop-in and manifest unchanged
-
-
-def test_provision_from_a_wheel_install(tmp_path: Path) -> None:
-    """The runbook installs with `pip install` (not editable): the wheel carries the systemd
-    units as data files, and provision from that install writes the unit and the snippets.
-    Built offline (no build isolation) from a copy of the sources, installed into a prefix."""
-    repo = Path(__file__).resolve().parents[1]
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(repo / name, src / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("agent", "drivers", "systemd", "hardware-sim/branchsim"):
-        shutil.copytree(repo / name, src / name, ignore=ignore)
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
-    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                            "-w", str(tmp_path / "dist"), str(src)],
-                           capture_output=True, text=True, timeout=300, check=False)
-    assert built.returncode == 0, built.stdout + built.stderr
-    [whl] = (tmp_path / "dist").glob("branch_gateway_agent-*.whl")
-    prefix = tmp_path / "prefix"
-    # --ignore-installed: without it pip uninstalls the dev install of the same distribution
-    inst = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--ignore-installed",
-                           "--prefix", str(prefix),
-                           str(whl)], capture_output=True, text=True, timeout=300, check=False)
-    assert inst.returncode == 0, inst.stdout + inst.stderr
-    [site] = prefix.glob("lib/python3*/site-packages")
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    where = subprocess.run([sys.executable, "-c", "import agent; print(agent.__file__)"],
-                           capture_output=True, text=True, timeout=60, check=True, env=env,
-                           cwd=tmp_path)
-    assert where.stdout.strip().startswith(str(site)), where.stdout  # not the checkout
-    assert (prefix / "share/branch-agent/systemd/branch-agent.service").is_file()
-    root = tmp_path / "root"
-    res = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "provision", "--root", str(root), "--gateway-id",
-         "branch-0042", "--broker", "mqtt.bank.example:8883", "--non-interactive",
-         "--exec-path", "/opt/branch-agent/bin/branch-agent"],
-        capture_output=True, text=True, timeout=120, check=False, stdin=subprocess.DEVNULL,
-        env=env, cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    unit = root / "etc/systemd/system/branch-agent.service"
-    assert unit.read_bytes().replace(b"/opt/branch-agent/bin/branch-agent", b"X") == (
-        (repo / "systemd/branch-agent.service").read_bytes()
-        .replace(b"/opt/branch-agent/bin/branch-agent", b"X"))
-    for snippet in ("usr/lib/sysusers.d/branch-agent.conf", "usr/lib/tmpfiles.d/branch-agent.conf"):
-        assert (root / snippet).read_bytes() == (
-            repo / "systemd" / snippet.split("/", 2)[2]).read_bytes()

@@ -1,6 +1,6 @@
 """Scenario timelines: which devices a simulated branch has and what happens to them when.
 
-A scenario is a TOML file (hardware-sim/scenarios/*.toml)::
+A scenario is a TOML file (hardware-sim/branchsim/scenarios/*.toml)::
 
     name = "night-intrusion"
     description = "..."
@@ -60,8 +60,9 @@ __all__ = [
     "resolve_scenario",
 ]
 
-# Scenarios live in the source tree beside the package (hardware-sim/scenarios), not in it.
-SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+# Scenarios ship inside the package (package data), so an installed copy has them too; the
+# wheel's contents are checked in tests/test_dist.py.
+SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
 DeviceKind = Literal["gpio", "ups", "modbus", "line"]
 SERIAL_KINDS: tuple[DeviceKind, ...] = ("ups", "modbus", "line")

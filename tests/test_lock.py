@@ -1,0 +1,112 @@
+"""What is tested is what is locked: requirements.lock satisfies pyproject.toml exactly (no
+missing and no stray package), every pin carries hashes, no test tool moves a runtime package,
+and the environment the tests run in holds exactly the locked runtime versions."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import PackageNotFoundError, distribution, version
+from pathlib import Path
+
+import pytest
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+
+from tests.support.lock import COMPAT_LOCK, ROOT, RUNTIME_LOCK, TEST_LOCK, normalise, read_lock
+
+RUNTIME = read_lock(RUNTIME_LOCK)
+# The gateway's environment: CPython 3.11 on Linux (x86_64 here; aarch64 resolves the same,
+# which `make lock` checks).
+TARGET = {**default_environment(), "sys_platform": "linux", "platform_system": "Linux",
+          "os_name": "posix", "python_version": "3.11", "implementation_name": "cpython"}
+
+
+def project_requirements() -> list[Requirement]:
+    doc = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return [Requirement(r) for r in doc["project"]["dependencies"]]
+
+
+def closure(roots: list[Requirement]) -> set[str]:
+    """Every distribution the roots need on the target, following the installed metadata
+    (the environment was installed from the lock, which test_environment_is_the_lock checks)."""
+    seen: set[str] = set()
+    todo = [(r, frozenset(r.extras)) for r in roots]
+    while todo:
+        req, extras = todo.pop()
+        name = normalise(req.name)
+        key = name + "[" + ",".join(sorted(extras)) + "]"
+        if key in seen:
+            continue
+        seen.add(key)
+        for raw in distribution(name).requires or []:
+            sub = Requirement(raw)
+            envs = [{**TARGET, "extra": e} for e in (extras or {""})]
+            if sub.marker is None or any(sub.marker.evaluate(env) for env in envs):
+                todo.append((sub, frozenset(sub.extras)))
+    return {k.split("[")[0] for k in seen}
+
+
+def test_every_pin_has_hashes() -> None:
+    """Each lock pins name==version with at least one sha256 (pip --require-hashes needs it)."""
+    for lock in (RUNTIME_LOCK, TEST_LOCK, COMPAT_LOCK):
+        pins = read_lock(lock)
+        assert pins, lock
+        assert [p.name for p in pins.values() if not p.hashes] == [], lock
+
+
+def test_lock_satisfies_pyproject_exactly() -> None:
+    """Each dependency of pyproject.toml is locked at a version its specifier admits, and the
+    lock holds exactly the closure of those dependencies: a dependency added to, removed from
+    or narrowed in pyproject.toml without `make lock` fails here."""
+    reqs = project_requirements()
+    outside = {r.name: RUNTIME[normalise(r.name)].version for r in reqs
+               if normalise(r.name) in RUNTIME
+               and RUNTIME[normalise(r.name)].version not in r.specifier}
+    assert outside == {}, "pinned outside pyproject.toml's range: run make lock"
+    assert sorted(normalise(r.name) for r in reqs if normalise(r.name) not in RUNTIME) == []
+    needed = closure(reqs)
+    assert sorted(needed - RUNTIME.keys()) == [], "needed but not locked: run make lock"
+    assert sorted(RUNTIME.keys() - needed) == [], "locked but not needed: run make lock"
+
+
+def test_environment_is_the_lock() -> None:
+    """Every runtime package in this environment has exactly its locked version."""
+    got = {}
+    for pin in RUNTIME.values():
+        try:
+            got[pin.name] = version(pin.name)
+        except PackageNotFoundError:
+            got[pin.name] = "missing"
+    assert {n: v for n, v in got.items() if v != RUNTIME[n].version} == {}
+
+
+@pytest.mark.parametrize("lock", [TEST_LOCK, COMPAT_LOCK], ids=["test", "compat"])
+def test_test_tools_do_not_move_runtime_packages(lock: Path) -> None:
+    """The test tools' lock agrees with the runtime lock on every package they share. The
+    compat environment differs in cbor2 alone (5.x, for cwt), on purpose."""
+    allowed = {"cbor2"} if lock == COMPAT_LOCK else set()
+    other = read_lock(lock)
+    moved = {n: (RUNTIME[n].version, p.version) for n, p in other.items()
+             if n in RUNTIME and p.version != RUNTIME[n].version and n not in allowed}
+    assert moved == {}
+    if lock == COMPAT_LOCK:
+        assert other["cbor2"].version.startswith("5.")
+        assert RUNTIME["cbor2"].version.startswith("6.")
+
+
+def test_a_version_changed_without_its_hashes_is_refused(tmp_path: Path) -> None:
+    """A lock edited by hand (another version, the old hashes) is refused by pip: the install
+    that `make test` and the runbook do fails. Asks the package index, as any install does."""
+    pin = RUNTIME["tomli-w"]
+    other = "1.1.0" if pin.version != "1.1.0" else "1.0.0"
+    lock = tmp_path / "edited.lock"
+    lock.write_text(f"tomli-w=={other} " + " ".join(f"--hash=sha256:{h}" for h in pin.hashes)
+                    + "\n")
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
+                        "--no-input", "-d", str(tmp_path / "dl"), "-r", str(lock)],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode != 0
+    assert re.search(r"(?i)do not match the hashes", r.stdout + r.stderr), r.stdout + r.stderr
