@@ -27,27 +27,31 @@ $(STAMP): pyproject.toml $(LOCK) $(TEST_LOCK)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/$(PIP_LOCKED) -r $(LOCK) -r $(TEST_LOCK)
-	$(BIN)/$(PIP_SELF) -e .
+	$(BIN)/$(PIP_SELF) -e . -e hardware-sim
 	touch $(STAMP)
 
 venv: $(STAMP)
 
-# The lock. uv resolves for CPython 3.11 on manylinux 2.36 (Debian bookworm and Raspberry Pi OS
-# have glibc 2.36), wheels only except for pyric (pure Python, published as an sdist only); the
-# x86_64 and aarch64 resolutions must agree, so one file serves both (every file's hash is in it).
+# The lock. uv resolves both distributions (the product and, in hardware-sim/, the simulator on
+# top of it) for CPython 3.11 on manylinux 2.36 (Debian bookworm and Raspberry Pi OS have glibc
+# 2.36), wheels only except for pyric (pure Python, published as an sdist only); the x86_64 and
+# aarch64 resolutions must agree, so one file serves both (every file's hash is in it).
 # armv7l is checked and reported: see README ("Supported platforms").
 UV_COMPILE = $(BIN)/uv pip compile --quiet --python-version 3.11 --generate-hashes \
-             --only-binary :all: --no-binary pyric --custom-compile-command "make lock"
+             --only-binary :all: --no-binary pyric --custom-compile-command "make lock" \
+             --no-emit-package branch-gateway-agent --no-emit-package branch-gateway-sim
+OURS := -e .\n-e hardware-sim\n
 lock: venv
-	$(UV_COMPILE) --python-platform x86_64-manylinux_2_36 --upgrade pyproject.toml -o $(LOCK)
-	$(UV_COMPILE) --python-platform aarch64-manylinux_2_36 pyproject.toml -o $(LOCK).aarch64
+	printf -- '$(OURS)' | $(UV_COMPILE) --python-platform x86_64-manylinux_2_36 --upgrade - -o $(LOCK)
+	printf -- '$(OURS)' | $(UV_COMPILE) --python-platform aarch64-manylinux_2_36 - -o $(LOCK).aarch64
 	@if diff <(grep -E '^[a-z0-9]' $(LOCK)) <(grep -E '^[a-z0-9]' $(LOCK).aarch64); then \
 	  rm -f $(LOCK).aarch64; else echo "x86_64 and aarch64 resolve differently"; exit 1; fi
 	$(UV_COMPILE) --python-platform x86_64-manylinux_2_36 --upgrade -c $(LOCK) \
 	  tests/requirements.in -o $(TEST_LOCK)
 	sed -n 's/^\([a-z0-9._-]*==[^ ]*\).*/\1/p' $(LOCK) | grep -v '^cbor2==' > $(COMPAT_LOCK).constraints
-	$(UV_COMPILE) --python-platform x86_64-manylinux_2_36 --upgrade -c $(COMPAT_LOCK).constraints \
-	  pyproject.toml tests/requirements.in tests/compat/requirements.in -o $(COMPAT_LOCK)
+	printf -- '$(OURS)-r tests/requirements.in\n-r tests/compat/requirements.in\n' | \
+	  $(UV_COMPILE) --python-platform x86_64-manylinux_2_36 --upgrade \
+	  -c $(COMPAT_LOCK).constraints - -o $(COMPAT_LOCK)
 	rm -f $(COMPAT_LOCK).constraints
 	$(BIN)/python -m tests.support.lock armv7l $(LOCK)
 
@@ -84,7 +88,7 @@ $(COMPAT)/.installed: pyproject.toml $(COMPAT_LOCK)
 	rm -rf $(COMPAT)
 	$(PYTHON) -m venv $(COMPAT)
 	$(COMPAT)/bin/$(PIP_LOCKED) -r $(COMPAT_LOCK)
-	$(COMPAT)/bin/$(PIP_SELF) -e .
+	$(COMPAT)/bin/$(PIP_SELF) -e . -e hardware-sim
 	touch $@
 
 PROTOCOL_TESTS := tests/test_cbor.py tests/test_protocol.py tests/test_vectors.py tests/compat \
@@ -97,18 +101,22 @@ test-compat: $(COMPAT)/.installed
 	  "(.venv: cbor2 $$($(BIN)/python -m tests.support.lock version cbor2))"
 	$(COMPAT)/bin/pytest -q -p no:cacheprovider $(PROTOCOL_TESTS)
 
-# The release artefacts: sdist, and the wheel built from that sdist (so the sdist is complete).
+# The release artefacts of both distributions: each sdist, and each wheel built from its sdist
+# (so the sdists are complete).
 DIST := dist
 dist: venv
 	rm -rf $(DIST)
 	$(BIN)/python -m build --no-isolation --outdir $(DIST) . >/dev/null
+	$(BIN)/python -m build --no-isolation --outdir $(DIST) hardware-sim >/dev/null
 	@ls -l $(DIST)
 
 # Everything a gateway installs, for one architecture (ARCH=aarch64 for a Raspberry Pi; the
 # build host's by default): every locked file for CPython 3.11 on manylinux <= 2.36, checked
-# against the lock's hashes, and the built wheel. The runbook installs it with --no-index.
-# pip.lock is the lock's own pip, installed first: Debian's pip 23 cannot build pyric (the one
-# sdist) offline, it wants the `wheel` package, which the locked pip no longer needs.
+# against the lock's hashes, and the built wheels (the simulator's too, for developers and the
+# platform team; a gateway installs only the product's). The runbook installs it with
+# --no-index. pip.lock is the lock's own pip, installed first: Debian's pip 23 cannot build
+# pyric (the one sdist) offline, it wants the `wheel` package, which the locked pip no longer
+# needs.
 ARCH ?= $(shell uname -m)
 WHEELHOUSE = $(DIST)/wheelhouse-$(ARCH)
 MANYLINUX  = manylinux2014_$(ARCH) $(foreach v,17 24 26 27 28 31 32 33 34 35 36,manylinux_2_$(v)_$(ARCH))
@@ -121,21 +129,26 @@ wheelhouse: dist
 	$(BIN)/python -m tests.support.lock pin pip $(LOCK) > $(WHEELHOUSE)/pip.lock
 	@echo "$(WHEELHOUSE): $$(ls $(WHEELHOUSE) | wc -l) files"
 
-# A clean venv installed as the runbook says, offline from the wheelhouse: exactly the locked
-# runtime packages (--require-hashes), then the built wheel (--no-deps). tests/dist runs
-# against it, from a directory outside the checkout.
+# Two clean venvs installed as the runbook says, offline from the wheelhouse: exactly the
+# locked runtime packages (--require-hashes), then the product's wheel (--no-deps); the second
+# also gets the simulator's wheel on top. tests/dist runs against them, from a directory
+# outside the checkout.
 DISTVENV := .venv-dist
+SIMVENV  := .venv-dist-sim
+WH_INSTALL = python -m pip install --quiet --no-input --no-index
 test-dist: wheelhouse sysdeps
-	rm -rf $(DISTVENV)
-	$(PYTHON) -m venv $(DISTVENV)
-	$(DISTVENV)/bin/$(PIP_LOCKED) --no-index --find-links $(WHEELHOUSE) -r $(WHEELHOUSE)/pip.lock
-	$(DISTVENV)/bin/$(PIP_LOCKED) --no-index --find-links $(WHEELHOUSE) -r $(WHEELHOUSE)/$(LOCK)
-	$(DISTVENV)/bin/python -m pip install --quiet --no-input --no-index --no-deps \
-	  $(WHEELHOUSE)/branch_gateway_agent-*.whl
-	@echo "== end-to-end against the built wheel: $$(ls $(DIST)/*.whl) in $(DISTVENV)," \
-	  "installed offline from $(WHEELHOUSE) and $(LOCK)"
-	BRANCH_DIST_VENV=$(abspath $(DISTVENV)) BRANCH_DIST_DIR=$(abspath $(DIST)) \
-	  $(BIN)/pytest -v -p no:cacheprovider tests/dist
+	rm -rf $(DISTVENV) $(SIMVENV)
+	for v in $(DISTVENV) $(SIMVENV); do \
+	  $(PYTHON) -m venv $$v && \
+	  $$v/bin/$(WH_INSTALL) --require-hashes --find-links $(WHEELHOUSE) -r $(WHEELHOUSE)/pip.lock && \
+	  $$v/bin/$(WH_INSTALL) --require-hashes --find-links $(WHEELHOUSE) -r $(WHEELHOUSE)/$(LOCK) && \
+	  $$v/bin/$(WH_INSTALL) --no-deps $(WHEELHOUSE)/branch_gateway_agent-*.whl || exit 1; done
+	$(SIMVENV)/bin/$(WH_INSTALL) --no-deps $(WHEELHOUSE)/branch_gateway_sim-*.whl
+	@echo "== end-to-end against the built wheels ($$(cd $(DIST) && ls *.whl | tr '\n' ' '))" \
+	  "installed offline from $(WHEELHOUSE) and $(LOCK): the product alone in $(DISTVENV)," \
+	  "with the simulator on top in $(SIMVENV)"
+	BRANCH_DIST_VENV=$(abspath $(DISTVENV)) BRANCH_DIST_SIM_VENV=$(abspath $(SIMVENV)) \
+	  BRANCH_DIST_DIR=$(abspath $(DIST)) $(BIN)/pytest -v -p no:cacheprovider tests/dist
 
 # The whole fault suite, slow runs included (50 kills, the 30-minute soak: FAULTS_SOAK_S,
 # FAULTS_KILLS to change them), with the summary table.
@@ -144,7 +157,7 @@ faults: venv sysdeps
 
 demo: venv
 	@command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || echo "(mosquitto not installed: the demo runs over CoAP)"
-	$(BIN)/branch-agent demo
+	$(BIN)/branch-sim demo
 
 bench: venv sysdeps
 	$(BIN)/python bench/run_all.py
@@ -165,4 +178,4 @@ audit-deps: venv $(SBOMVENV)/.ok
 	$(SBOMVENV)/bin/pip-audit --path $$($(BIN)/python -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])') --progress-spinner off
 
 clean:
-	rm -rf $(VENV) $(COMPAT) $(DISTVENV) $(DIST) $(SBOMVENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache sbom.cdx.json
+	rm -rf $(VENV) $(COMPAT) $(DISTVENV) $(SIMVENV) $(DIST) $(SBOMVENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache sbom.cdx.json

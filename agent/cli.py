@@ -113,12 +113,6 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(Path(args.config))
     configure_logging(args.log_level or cfg.log.level, cfg.log.format)
-    if args.sim:
-        from agent.simrun import run_with_sim
-
-        run_with_sim(cfg, args.sim, args.sim_speed)
-        return EXIT_OK
-
     from agent.runtime import Runtime, install_signal_handlers
 
     async def main() -> None:
@@ -128,12 +122,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     asyncio.run(main())
     return EXIT_OK
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from agent import demo
-
-    return int(demo.main(args))
 
 
 def _ask(option: str, value: str | None, interactive: bool) -> str:
@@ -370,7 +358,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="branch-agent", description=__doc__)
     p.add_argument("--version", action="version", version=f"branch-agent {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -379,10 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the agent")
     run.add_argument("--config", default=default_cfg)
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    run.add_argument("--sim", metavar="SCENARIO",
-                     help="run against the hardware simulator playing SCENARIO")
-    run.add_argument("--sim-speed", type=float, default=1.0, metavar="X",
-                     help="simulator time speed-up")
     run.set_defaults(func=cmd_run)
 
     cc = sub.add_parser("check-config", help="validate a config file")
@@ -461,19 +445,37 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--json", action="store_true")
     au.set_defaults(func=cmd_audit)
 
-    dm = sub.add_parser("demo", help="simulator + agent + platform in one terminal")
-    dm.add_argument("--duration", type=float, default=120.0, metavar="SECONDS")
-    dm.add_argument("--headless", action="store_true", help="no live view; print the summary")
-    dm.add_argument("--transport", choices=["auto", "mqtt", "coap"], default="auto")
-    dm.add_argument("--workdir", metavar="DIR")
-    dm.add_argument("--speed", type=float, default=None, metavar="X",
-                    help="scenario time compression (default: fit the scenario in the run)")
-    dm.set_defaults(func=cmd_demo)
+    if plugins:
+        _add_plugins(sub)
     return p
 
 
+# Commands other distributions add to branch-agent: an entry point in this group names a
+# function that adds its subparser (with `func` set). The simulator registers `demo` this
+# way; the product itself never imports the simulator (tests/test_layering.py).
+PLUGIN_GROUP = "branch_agent.commands"
+
+
+def _add_plugins(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        ep.load()(sub)
+
+
+def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """Our own commands' parser; with the plugins' commands too when the command is not one of
+    ours or for the top-level help (scanning the installed distributions costs tens of ms, which
+    `status` and `check-config` should not pay)."""
+    parser = build_parser(plugins=False)
+    ours = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return parser if first in ours.choices else build_parser(plugins=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser_for(argv).parse_args(argv)
     # stdout belongs to the command's output (`--json`); logs go to stderr, warnings only, until
     # `run` applies the config's level.
     configure_logging("warning")

@@ -1,5 +1,6 @@
 """Integrity manifest of the installed agent: SHA-256 of every file of the distribution's
-packages (agent, drivers, branchsim) and of the installed systemd unit and its drop-ins.
+packages (agent, drivers: the product, not the simulator) and of the installed systemd unit and
+its drop-ins.
 
 `branch-agent provision` writes it to `{root}/usr/lib/branch-agent/manifest.json` (root-owned,
 read-only for the service under `ProtectSystem=strict`, and outside the state dir that `wipe`
@@ -36,7 +37,7 @@ __all__ = [
 
 DIST = "branch-gateway-agent"
 MANIFEST_PATH = Path("/usr/lib/branch-agent/manifest.json")
-PACKAGES = ("agent", "drivers", "branchsim")
+PACKAGES = ("agent", "drivers")
 FORMAT = 1
 _SKIP_DIRS = frozenset({"__pycache__"})
 _SKIP_SUFFIXES = (".pyc", ".pyo")

@@ -1,5 +1,5 @@
 """The agent process of bench/drain.py: a real `Runtime` from a config file, its GPIO on the
-simulator's pin factory (as `branch-agent run --sim` has it), a vault contact toggled from the
+simulator's pin factory (as `branch-sim agent` has it), a vault contact toggled from the
 simulator's own thread every `--every` seconds, and nothing else in the process.
 
     python bench/_drain_agent.py CONFIG OUT.json --backlog N --every S [--alarms K]

@@ -23,14 +23,13 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_help_lists_every_command() -> None:
     """`--help` names every command (run, check-config, keygen, provision, doctor, status,
-    metrics, demo, wipe, config, audit)."""
+    metrics, wipe, config, audit, and demo, which the simulator's distribution adds through the
+    `branch_agent.commands` entry point: this environment has it installed)."""
     res = cli("--help")
     assert res.returncode == 0
     for cmd in ("run", "check-config", "keygen", "provision", "doctor", "status", "metrics",
                 "demo", "wipe", "config", "audit"):
         assert cmd in res.stdout
-    run_help = cli("run", "--help").stdout
-    assert "--sim SCENARIO" in run_help and "--sim-speed X" in run_help
     demo_help = cli("demo", "--help").stdout
     for opt in ("--duration SECONDS", "--headless", "--transport", "--workdir DIR", "--speed X"):
         assert opt in demo_help

@@ -1,4 +1,5 @@
-"""`branch-agent demo --headless` runs to its summary with nothing lost."""
+"""`branch-sim demo --headless` (also reachable as `branch-agent demo`) runs to its summary with
+nothing lost."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def test_demo_runs_to_summary_with_zero_lost(tmp_path: Path, transport: str,
     if transport == "auto":
         assert find_mosquitto(), "make test installs mosquitto; the demo's default path needs it"
     r = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "demo", "--headless", "--duration", str(duration),
+        [sys.executable, "-m", "branchsim.cli", "demo", "--headless", "--duration", str(duration),
          "--transport", transport, "--workdir", str(tmp_path / "demo")],
         capture_output=True, text=True, timeout=duration + 120,
     )

@@ -1,6 +1,6 @@
 """The layering of shared/DESIGN.md holds: agent/core imports nothing above it, drivers/ see the
-agent only through agent/core, agent/ imports the simulator only where --sim and the demo start
-it."""
+agent only through agent/core, and the product (agent/, drivers/) never imports the simulator,
+which is a distribution of its own on top of it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SIM_ALLOWED = {"agent/simrun.py", "agent/demo.py", "agent/doctor.py"}
 
 
 def modules(path: Path) -> set[str]:
@@ -49,10 +48,11 @@ def test_drivers_see_the_agent_only_through_its_core() -> None:
     assert {k: v for k, v in bad.items() if v} == {}
 
 
-def test_agent_reaches_the_simulator_only_from_sim_and_demo() -> None:
-    """The agent starts the simulator only for `run --sim` and `demo` (and doctor's self-test)."""
-    bad = [str(p.relative_to(ROOT)) for p in (ROOT / "agent").rglob("*.py")
-           if "branchsim" in imports(p) and str(p.relative_to(ROOT)) not in SIM_ALLOWED]
+def test_the_product_never_imports_the_simulator() -> None:
+    """No module of agent/ or drivers/ imports branchsim, not even lazily: the simulator's
+    distribution depends on the product, and adds `branch-agent demo` through an entry point."""
+    bad = [str(p.relative_to(ROOT)) for top in ("agent", "drivers")
+           for p in (ROOT / top).rglob("*.py") if "branchsim" in imports(p)]
     assert bad == []
 
 

@@ -201,7 +201,7 @@ def test_doctor_reports_an_edited_missing_or_extra_file(tmp_path: Path, pki: Pki
     edited = trees["agent"] / "outbox.py"
     edited.write_text(edited.read_text() + "\n# changed\n")
     (trees["drivers"] / "base.py").unlink()
-    (trees["branchsim"] / "implant.py").write_text("print('hi')\n")
+    (trees["drivers"] / "implant.py").write_text("print('hi')\n")
     gw = gateway(tmp_path / "gw", pki)
     res = cli("doctor", "--config", str(gw.config_path), "--json", "--timeout", "1",
               "--manifest", str(manifest))
@@ -210,7 +210,7 @@ def test_doctor_reports_an_edited_missing_or_extra_file(tmp_path: Path, pki: Pki
     assert check["status"] == "fail", check
     assert f"edited: {edited}" in check["detail"]
     assert f"missing: {trees['drivers'] / 'base.py'}" in check["detail"]
-    assert f"extra: {trees['branchsim'] / 'implant.py'}" in check["detail"]
+    assert f"extra: {trees['drivers'] / 'implant.py'}" in check["detail"]
     assert "reinstall" in check["fix"]
 
 

@@ -24,9 +24,18 @@ TARGET = {**default_environment(), "sys_platform": "linux", "platform_system": "
           "os_name": "posix", "python_version": "3.11", "implementation_name": "cpython"}
 
 
+OURS = {"branch-gateway-agent", "branch-gateway-sim"}
+
+
 def project_requirements() -> list[Requirement]:
-    doc = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    return [Requirement(r) for r in doc["project"]["dependencies"]]
+    """The dependencies of both distributions (the product's and the simulator's), without
+    the simulator's dependency on the product."""
+    reqs = []
+    for pyproject in (ROOT / "pyproject.toml", ROOT / "hardware-sim" / "pyproject.toml"):
+        doc = tomllib.loads(pyproject.read_text())
+        reqs += [r for r in map(Requirement, doc["project"]["dependencies"])
+                 if normalise(r.name) not in OURS]
+    return reqs
 
 
 def closure(roots: list[Requirement]) -> set[str]:
@@ -58,9 +67,9 @@ def test_every_pin_has_hashes() -> None:
 
 
 def test_lock_satisfies_pyproject_exactly() -> None:
-    """Each dependency of pyproject.toml is locked at a version its specifier admits, and the
-    lock holds exactly the closure of those dependencies: a dependency added to, removed from
-    or narrowed in pyproject.toml without `make lock` fails here."""
+    """Each dependency of the two pyproject.toml files is locked at a version its specifier
+    admits, and the lock holds exactly the closure of those dependencies: a dependency added
+    to, removed from or narrowed in either without `make lock` fails here."""
     reqs = project_requirements()
     outside = {r.name: RUNTIME[normalise(r.name)].version for r in reqs
                if normalise(r.name) in RUNTIME
@@ -110,3 +119,16 @@ def test_a_version_changed_without_its_hashes_is_refused(tmp_path: Path) -> None
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode != 0
     assert re.search(r"(?i)do not match the hashes", r.stdout + r.stderr), r.stdout + r.stderr
+
+
+def test_the_simulator_requires_this_very_product() -> None:
+    """hardware-sim/pyproject.toml pins the product at the version pyproject.toml declares
+    (and agent.__version__ says): the two distributions are released together."""
+    from agent import __version__
+
+    product = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    sim = tomllib.loads((ROOT / "hardware-sim" / "pyproject.toml").read_text())["project"]
+    [pin] = [Requirement(r) for r in sim["dependencies"]
+             if normalise(Requirement(r).name) == "branch-gateway-agent"]
+    assert str(pin.specifier) == f"=={product}" and __version__ == product
+    assert sim["version"] == product

@@ -1,4 +1,4 @@
-"""The agent's real runtime on the simulated branch (`run --sim`): scenarios end up in the
+"""The agent's real runtime on the simulated branch (`branch-sim agent`): scenarios end up in the
 outbox as the expected events, through the real seams (MockFactory pins, pty serial ports)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import cbor2
 from agent.config import parse_config
 from agent.keys import generate_keypair
 from agent.runtime import Runtime
-from agent.simrun import merge_sim_sources, started_sim
+from branchsim.agentrun import merge_sim_sources, started_sim
 from branchsim.broker import get_free_port
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -14,8 +15,11 @@ from typing import Any
 
 import pytest
 
+from branchsim.broker import get_free_port
 from branchsim.cli import CONFIG_BEGIN, CONFIG_END
+from drivers.base import ALARM
 from drivers.gpio import GpioConfig
+from tests.support.agentproc import AgentProcess, mqtt_uplink, wait_until
 
 CLI = [sys.executable, "-m", "branchsim.cli"]
 
@@ -122,3 +126,28 @@ def test_ctrl_c_stops_a_running_simulator(
     while seen[-1] is not None:
         seen.append(lines.get(timeout=10))
     assert "branch-sim: stopped" in seen
+
+
+def test_agent_runs_on_the_simulated_branch(tmp_path: Path) -> None:
+    """`branch-sim agent night-intrusion --config FILE`: the agent's real runtime, its GPIO and
+    serial sources replaced by the scenario's devices, commits the scenario's alarms to its
+    outbox (no uplink reachable: they wait there) and stops cleanly on SIGTERM."""
+    gw = AgentProcess(tmp_path / "gw", uplink={"order": ["mqtt"],
+                                               "mqtt": mqtt_uplink(get_free_port(), None)})
+    gw.start("--speed", "20", command=(*CLI, "agent", "night-intrusion"))
+    try:
+        wait_until(lambda: alarms(gw) >= 3, 60, "no alarms from the simulated branch", gw)
+    finally:
+        assert gw.stop() == 0, gw.log_text()[-3000:]
+
+
+def alarms(gw: AgentProcess) -> int:
+    db = gw.state / "outbox.db"
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+            row = c.execute("SELECT COUNT(*) FROM events WHERE prio = ?", (ALARM,)).fetchone()
+            return int(row[0])
+    except sqlite3.OperationalError:
+        return 0

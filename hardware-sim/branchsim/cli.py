@@ -1,10 +1,15 @@
-"""``branch-sim``: run a simulated branch standalone, or list the shipped scenarios.
+"""``branch-sim``: the simulated branch, alone, with the agent, or as the whole demo.
 
     branch-sim list
     branch-sim run night-intrusion --speed 10 [--workdir DIR]
+    branch-sim agent night-intrusion --config agent.toml [--speed X]
+    branch-sim demo [--headless] [--duration S] [--transport auto|mqtt|coap]
 
 `run` prints the serial devices' paths and the agent's ``[sources]`` config between the lines
 ``--- agent config ---`` and ``--- end ---``, then plays the timeline until it ends or Ctrl-C.
+`agent` runs the agent's real runtime from a config, its GPIO and serial sources replaced by the
+scenario's simulated devices, until SIGTERM. `demo` is simulator, agent and reference platform
+in one terminal (README).
 """
 
 from __future__ import annotations
@@ -42,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
         help="time compression (10 = ten times faster; 0 = no waits between steps)",
     )
     run.add_argument("--workdir", type=Path, help="where device symlinks go (default: a temp dir)")
+    agent = sub.add_parser("agent", help="run the agent on a scenario's simulated devices")
+    agent.add_argument("scenario", help="a shipped scenario's name, or a path to a .toml file")
+    agent.add_argument("--config", required=True, help="the agent's config file")
+    agent.add_argument("--speed", type=float, default=1.0, metavar="X",
+                       help="simulator time speed-up")
+    agent.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    from branchsim.demo import HELP, add_arguments
+
+    add_arguments(sub.add_parser("demo", help=HELP))
     return parser
 
 
@@ -80,6 +94,28 @@ def _run(scenario_arg: str, speed: float, workdir: Path | None) -> int:
             sim.stop()
 
 
+def _agent(scenario: str, config: Path, speed: float, level: str | None) -> int:
+    from agent.config import load_config
+    from agent.errors import ConfigError
+    from agent.log import configure_logging
+    from branchsim.agentrun import run_with_sim
+
+    try:
+        cfg = load_config(config)
+        load_scenario(scenario)  # a wrong name fails here, before the agent starts
+    except ConfigError as exc:
+        print(f"branch-sim: {exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    except ScenarioError as exc:
+        print(f"branch-sim: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(level or cfg.log.level, cfg.log.format)
+    run_with_sim(cfg, scenario, speed)
+    return 0
+
+
 def _setup_logging() -> None:
     # stdout carries the paths and the config snippet; logs go to stderr.
     structlog.configure(
@@ -90,6 +126,10 @@ def _setup_logging() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "demo":
+        return int(args.func(args))
+    if args.command == "agent":
+        return _agent(args.scenario, Path(args.config), args.speed, args.log_level)
     _setup_logging()
     try:
         if args.command == "list":

@@ -142,7 +142,7 @@ class Simulator:
         header = (
             f"# branch-sim scenario {self.scenario.name!r}: paste into the agent's config.\n"
             "# GPIO pins are the simulator's in-process MockFactory: only an agent that runs\n"
-            "# the simulator itself (branch-agent --sim) sees them.\n"
+            "# the simulator itself (branch-sim agent) sees them.\n"
         )
         return header + tomli_w.dumps({"sources": _drop_none(self.agent_sources_config())})
 

@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +100,14 @@ class AgentProcess:
         self.config_path.write_text(to_toml(self.doc))
         return self.config_path
 
-    def start(self, *extra_args: str, env: Mapping[str, str] | None = None) -> AgentProcess:
+    def start(self, *extra_args: str, env: Mapping[str, str] | None = None,
+              command: Sequence[str] = (*AGENT, "run")) -> AgentProcess:
+        """`command --config CONFIG *extra_args` (`branch-agent run` by default)."""
         self.write_config()
         self.starts += 1
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [*AGENT, "run", "--config", str(self.config_path), *extra_args],
+            [*command, "--config", str(self.config_path), *extra_args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )

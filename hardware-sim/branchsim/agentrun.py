@@ -1,9 +1,9 @@
-"""`branch-agent run --sim SCENARIO`: the simulator inside the agent's process.
+"""`branch-sim agent SCENARIO`: the agent's real runtime with the simulator in its process.
 
 GPIO needs it: the simulator's pins live on an in-process gpiozero MockFactory, handed to the
 drivers as their pin factory exactly as lgpio's would be on a Pi. Serial devices are ptys the
-drivers open by path. This is the only place (with `agent.demo`) where the agent reaches the
-simulator.
+drivers open by path. The simulator depends on the product, never the reverse: the agent is
+started here with the simulated hardware injected through its seams.
 """
 
 from __future__ import annotations

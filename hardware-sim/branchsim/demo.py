@@ -29,7 +29,7 @@ from rich.table import Table
 from agent.config import AgentConfig, parse_config
 from agent.keys import generate_keypair
 from agent.runtime import Runtime, install_signal_handlers
-from agent.simrun import merge_sim_sources, started_sim
+from branchsim.agentrun import merge_sim_sources, started_sim
 
 __all__ = ["DemoResult", "main", "run_demo"]
 
@@ -336,8 +336,29 @@ def _print_summary(console: Console, r: DemoResult) -> None:
     console.print(f"LOST: {r.lost}" + (f" (ids {r.lost_ids})" if r.lost else ""))
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The demo's options, for `branch-sim demo` and `branch-agent demo` alike."""
+    p.add_argument("--duration", type=float, default=120.0, metavar="SECONDS")
+    p.add_argument("--headless", action="store_true", help="no live view; print the summary")
+    p.add_argument("--transport", choices=["auto", "mqtt", "coap"], default="auto")
+    p.add_argument("--workdir", metavar="DIR")
+    p.add_argument("--speed", type=float, default=None, metavar="X",
+                   help="scenario time compression (default: fit the scenario in the run)")
+    p.set_defaults(func=main)
+
+
+HELP = "simulator + agent + platform in one terminal"
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`branch-agent demo`, through the entry point this distribution declares in the group
+    `branch_agent.commands` (the product finds it without importing the simulator)."""
+    add_arguments(sub.add_parser("demo", help=HELP))
+
+
 def main(args: argparse.Namespace) -> int:
-    """Entry point for `branch-agent demo`; exit 0 only when nothing was lost."""
+    """Entry point for `branch-sim demo` and `branch-agent demo`; exit 0 only when nothing was
+    lost."""
     workdir = Path(args.workdir) if getattr(args, "workdir", None) else Path(
         tempfile.mkdtemp(prefix="branch-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
