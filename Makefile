@@ -58,9 +58,11 @@ lock: venv
 # System packages the tests start for real: mosquitto (broker), dbus-daemon (fake BlueZ bus),
 # systemd-analyze (unit checks). Installed with apt-get when missing and running as root.
 # libfaketime: the fault suite's clock-jump test (skipped, with the reason, without it).
+# strace: tests/test_atomic.py replays a writer's real system calls against a power-cut model.
 LIBFAKETIME := $(or $(wildcard /usr/lib/*/faketime/libfaketime.so.1),/usr/lib/faketime/libfaketime.so.1)
 SYSPKGS := mosquitto:/usr/sbin/mosquitto dbus-daemon:/usr/bin/dbus-daemon \
-           systemd:/usr/bin/systemd-analyze libfaketime:$(LIBFAKETIME) iproute2:/usr/bin/ss
+           systemd:/usr/bin/systemd-analyze libfaketime:$(LIBFAKETIME) iproute2:/usr/bin/ss \
+           strace:/usr/bin/strace
 sysdeps:
 	@missing=""; for pair in $(SYSPKGS); do pkg=$${pair%%:*}; path=$${pair#*:}; \
 	  [ -e "$$path" ] || missing="$$missing $$([ $$pkg = dbus-daemon ] && echo dbus || echo $$pkg)"; done; \

@@ -604,7 +604,7 @@ class AuditForwarder:
             return _Cursor(), f"{self.cursor_path} unreadable ({exc}): the log is forwarded again"
 
     def _save(self, cur: _Cursor) -> None:
-        from agent.keys import write_atomic  # cryptography: not for the operator commands
+        from agent.core.atomic import write_atomic
 
         doc = {"n": cur.n, "h": cur.h, "t": cur.t, "reported": cur.reported}
         write_atomic(self.cursor_path, json.dumps(doc, sort_keys=True).encode(), 0o600)

@@ -20,7 +20,6 @@ import asyncio
 import hashlib
 import json
 import math
-import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pydantic import Field
 
 from agent.audit import AuditTrail
+from agent.core.atomic import write_atomic
 from agent.events import ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
 from agent.keys import PRIVATE_NAME, generate_keypair, load_private_key
 from agent.protocol import (
@@ -244,13 +244,9 @@ class SeqStore:
 
     def accept(self, seq: int, h: bytes) -> None:
         recent = [*self.recent, h.hex()][-self.RECENT:]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"last_seq": seq, "recent": recent}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        # The directory is fsynced too (agent.core.atomic): without it a power cut could bring
+        # back the previous last_seq and let a replayed command through.
+        write_atomic(self.path, json.dumps({"last_seq": seq, "recent": recent}).encode(), 0o600)
         self.last_seq, self.recent = seq, recent
 
 

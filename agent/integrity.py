@@ -24,6 +24,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from agent.core.atomic import write_atomic
+
 __all__ = [
     "DIST",
     "MANIFEST_PATH",
@@ -117,10 +119,7 @@ def build_manifest(trees: Mapping[str, Path],
 def write_manifest(path: Path, doc: Mapping[str, Any]) -> None:
     """Write atomically, 0644 (the manifest holds hashes, nothing secret)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode(), 0o644)
 
 
 def verify_manifest(doc: Mapping[str, Any]) -> IntegrityReport:

@@ -6,9 +6,7 @@ The private key never appears in a log or an exception message; only its `kid` a
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from agent.core.atomic import write_atomic
 from agent.protocol import kid_for
 
 __all__ = [
@@ -29,7 +28,6 @@ __all__ = [
     "key_info",
     "load_private_key",
     "load_public_key",
-    "write_atomic",
 ]
 
 PRIVATE_NAME = "signing.key"
@@ -65,29 +63,6 @@ def _public_pem(public_key: Ed25519PublicKey) -> bytes:
 
 def key_info(public_key: Ed25519PublicKey) -> KeyInfo:
     return KeyInfo(kid_for(public_key), fingerprint(public_key), _public_pem(public_key))
-
-
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write to a temp file created with `mode` (O_EXCL, so never with wider permissions, not
-    even for an instant), fsync, then rename over `path` and fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)  # the umask may have removed bits we want (0644 pub)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def generate_keypair(dir: Path, force: bool = False) -> KeyInfo:

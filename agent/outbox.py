@@ -41,6 +41,7 @@ import sqlite_utils
 import structlog
 
 from agent import protocol
+from agent.core.atomic import write_atomic
 from agent.errors import StoreError
 from agent.events import ALARM, ALERT, TELEMETRY, TQ_SYNCED, Event
 from drivers.base import RefusedError
@@ -167,19 +168,7 @@ class _SideState:
     def update(self, **changes: Any) -> None:
         data = self.read()
         data.update(changes)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps(data, sort_keys=True).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomic(self.path, json.dumps(data, sort_keys=True).encode(), 0o600)
 
 
 class Outbox:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import io
 import ipaddress
 import json
 import os
@@ -41,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
 from agent.config import AgentConfig, parse_config
+from agent.core.atomic import write_atomic
 from agent.integrity import MANIFEST_PATH, build_manifest, installed_trees, write_manifest
 from agent.keys import (
     PRIVATE_NAME,
@@ -50,7 +52,6 @@ from agent.keys import (
     key_info,
     load_private_key,
     load_public_key,
-    write_atomic,
 )
 
 __all__ = [
@@ -216,21 +217,7 @@ def _under(root: Path, p: Path) -> Path:
 def _write_new(path: Path, data: bytes, mode: int) -> bool:
     """Create `path` with `mode` from the first byte on (O_EXCL); False if it already exists."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    except FileExistsError:
-        return False
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)  # the umask may have removed bits (0644 files)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        raise
-    return True
+    return write_atomic(path, data, mode, exclusive=True)
 
 
 def _client_key(path: Path) -> tuple[ec.EllipticCurvePrivateKey, bool]:
@@ -348,11 +335,7 @@ def _replace_file(path: Path, data: bytes) -> bool:
     if path.exists() and path.read_bytes() == data:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
-    return True
+    return write_atomic(path, data, 0o644)
 
 
 def provision(root: Path, gateway_id: str, broker: str, coap: str | None = None, *,
@@ -713,11 +696,9 @@ def wipe(cfg: AgentConfig, config_path: Path, keep_audit: Path | None = None) ->
     log_path = _audit_path(cfg)
     if keep_audit is not None and log_path.exists():
         keep_audit.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(keep_audit, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-        with os.fdopen(fd, "w") as out:
-            checked = audit.export(log_path, out)
-            out.flush()
-            os.fsync(out.fileno())
+        out = io.StringIO()
+        checked = audit.export(log_path, out)
+        write_atomic(keep_audit, out.getvalue().encode(), 0o640)
         if not checked.ok:
             raise ValueError(f"the audit log {log_path} does not verify ({checked.problems[0]});"
                              f" exported to {keep_audit}, nothing wiped")

@@ -22,6 +22,7 @@ from agent.audit import AuditForwarder, AuditLog, AuditTrail
 from agent.clock import make_clock
 from agent.commands import CommandProcessor
 from agent.config import AgentConfig
+from agent.core.atomic import fsync_dir, write_atomic
 from agent.events import Event
 from agent.forwarder import Forwarder, Signer
 from agent.outbox import Outbox
@@ -122,26 +123,35 @@ def build_uplinks(cfg: AgentConfig) -> list[Uplink]:
     return uplinks
 
 
+PSEUDONYM_KEY_LEN = 32
+
+
 def _pseudonym_key(state_dir: Path) -> bytes:
-    """A random per-gateway key for pseudonymising identifiers; never leaves the gateway."""
+    """A random per-gateway key for pseudonymising identifiers; never leaves the gateway.
+
+    Created whole or not at all (agent.core.atomic). A key of any other length (an empty file
+    left by a power cut under an older version, which made every pseudonym computable by
+    anyone) is replaced by a new one, and said so: pseudonyms change from then on."""
     path = state_dir / "pseudonym.key"
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        key = secrets.token_bytes(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    for _ in range(2):
         try:
-            os.write(fd, key)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return key
+            key = path.read_bytes()
+        except FileNotFoundError:
+            if write_atomic(path, secrets.token_bytes(PSEUDONYM_KEY_LEN), 0o600, exclusive=True):
+                log.info("pseudonym_key.created", path=str(path))
+            continue  # read back what is there now (ours, or another process's)
+        if len(key) == PSEUDONYM_KEY_LEN:
+            return key
+        log.error("pseudonym_key.invalid", path=str(path), length=len(key),
+                  action="replaced by a new key; pseudonyms change from now on")
+        write_atomic(path, secrets.token_bytes(PSEUDONYM_KEY_LEN), 0o600)
+    return path.read_bytes()
 
 
 def _write_json_atomic(path: Path, doc: Mapping[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, default=str, sort_keys=True))
-    os.replace(tmp, path)
+    """Advisory files rewritten every few seconds: atomic (never torn), not fsynced."""
+    write_atomic(path, json.dumps(doc, default=str, sort_keys=True).encode(), 0o644,
+                 durable=False)
 
 
 class Runtime:
@@ -483,6 +493,9 @@ class Runtime:
                 nxt = key_file.parent / "next"
                 os.replace(nxt / "signing.key", key_file)
                 os.replace(nxt / PUBLIC_NAME, key_file.with_name(PUBLIC_NAME))
+                # the platform now knows the new key: the old one must not come back after a
+                # power cut (agent.core.atomic)
+                fsync_dir(key_file.parent)
                 if audit is not None:
                     await audit.record("audit.key_rotated",
                                        {"kid": forwarder.signer.kid.hex()}, actor="platform")

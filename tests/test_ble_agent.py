@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import random
 from pathlib import Path
-from typing import Any
 
 import pytest
 import structlog
@@ -20,17 +19,13 @@ from branchsim.bluez import PhoneCrowd
 from branchsim.broker import Mosquitto
 from branchsim.platform.receiver import Receiver
 from tests import test_ble_bluez as _bluez
+from tests.support.agentproc import until
 from tests.test_ble_bluez import FAST, RUUVI, THERMO, World, leaks
 
 world = _bluez.world  # the fake BlueZ world fixture (private dbus-daemon, advertisers)
 
 GW = "gw-ble"
 
-
-async def until(cond: Any, timeout: float) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.05)  # polling interval of a condition wait
 
 
 async def test_ble_sensors_reach_the_platform_and_phones_leave_no_trace(

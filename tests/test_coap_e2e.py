@@ -8,12 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,8 @@ from agent.uplink.coap import provision_oscore
 from branchsim.coapsensors import CoapSensorSim
 from branchsim.platform.coap_server import serve_coap, shutdown_coap
 from branchsim.platform.receiver import Receiver
-from tests.support.agentproc import AgentProcess, wait_until
+from tests.support.agentproc import AgentProcess, until, wait_until
+from tests.support.broker import free_udp_port
 
 N_READINGS = 1000
 KILLS = 5
@@ -32,21 +31,6 @@ CHANGED = str(aiocoap.CHANGED)
 PLATFORM = [sys.executable, "-m", "branchsim.platform.cli"]
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def until(cond: Callable[[], bool], timeout: float, what: str,
-                agent: AgentProcess | None = None) -> None:
-    """Poll `cond` (every 20 ms, yielding to the event loop) until it holds or time runs out."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            tail = agent.log_text()[-3000:] if agent else ""
-            raise AssertionError(f"timed out after {timeout}s: {what}\n{tail}")
-        await asyncio.sleep(0.02)  # polling interval of a condition wait, not a fixed delay
 
 
 def coap_agent(dir: Path, platform_port: int, ingest_port: int,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import aiocoap
@@ -24,6 +24,8 @@ from drivers.coap import (
     build_sources,
     decode_senml,
 )
+from tests.support.agentproc import until
+from tests.support.broker import free_udp_port
 from tests.support.sinks import CollectingSink
 
 NOW = 1_700_000_000.0
@@ -124,11 +126,6 @@ def test_senml_bad_cbor_and_record_limit() -> None:
 
 # --- the server ---------------------------------------------------------------------------
 
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RefusingSink(CollectingSink):
@@ -326,12 +323,6 @@ class BrokenSink(CollectingSink):
     async def submit_many(self, readings: Sequence[Reading], key: str | None = None) -> None:
         raise RuntimeError("boom in /var/lib/branch-agent/keys/signing.key")
 
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait (polling the loop) until `cond` holds."""
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.005)  # condition poll interval, not a fixed delay
 
 
 def non_post(sensor: str, mid: int, payload: bytes) -> bytes:

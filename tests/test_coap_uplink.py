@@ -26,14 +26,10 @@ from agent.uplink.coap import (
 )
 from branchsim.platform.coap_server import serve_coap, shutdown_coap
 from branchsim.platform.receiver import Receiver
+from tests.support.broker import free_udp_port
 
 GW = "gw-test-1"
 
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

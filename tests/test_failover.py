@@ -4,9 +4,8 @@ reference platform (one Receiver) behind both. The broker goes away mid-run and 
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,28 +15,13 @@ from agent.protocol import Ack
 from branchsim.platform.coap_server import serve_coap
 from branchsim.platform.mqtt_server import MqttPlatformServer
 from branchsim.platform.receiver import Receiver
-from tests.support.agentproc import AgentProcess, mqtt_uplink
-from tests.support.broker import Mosquitto
+from tests.support.agentproc import AgentProcess, mqtt_uplink, until
+from tests.support.broker import Mosquitto, free_udp_port
 
 FAILOVER_AFTER_S = 1.0
 STATUS_PERIOD_S = 2.0  # the runtime writes status.json every 2 s
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def until(cond: Callable[[], bool], timeout: float, what: str,
-                agent: AgentProcess | None = None) -> None:
-    """Poll `cond` (every 20 ms, yielding to the event loop) until it holds or time runs out."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            tail = agent.log_text()[-3000:] if agent else ""
-            raise AssertionError(f"timed out after {timeout}s: {what}\n{tail}")
-        await asyncio.sleep(0.02)  # polling interval of a condition wait, not a fixed delay
 
 
 class CountingHandler:

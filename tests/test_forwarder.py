@@ -7,7 +7,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -20,6 +19,7 @@ from agent.uplink.mqtt import MqttUplink, MqttUplinkConfig
 from branchsim.broker import Mosquitto
 from branchsim.platform.mqtt_server import MqttPlatformServer
 from branchsim.platform.receiver import Receiver
+from tests.support.agentproc import until
 
 GW = "gw-fwd"
 
@@ -52,12 +52,6 @@ def uplink(broker: Mosquitto) -> MqttUplink:
 def ev(i: int, prio: int = 2) -> Event:
     return Event(src="s", type="t", v=i, t=time.time(), prio=prio)
 
-
-async def until(cond: Any, timeout: float, what: str) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.02)  # polling interval of a condition wait
-    del what
 
 
 @pytest.fixture

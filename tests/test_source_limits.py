@@ -31,6 +31,7 @@ from drivers.serial import build_sources as build_serial
 from drivers.serial.line import LineSplitter
 from tests import test_ble_bluez as _bluez
 from tests import test_serial_drivers as _serial
+from tests.support.agentproc import until
 from tests.support.sinks import CollectingSink
 from tests.test_ble_bluez import RUUVI, THERMO, VAULT, World, leaks
 
@@ -57,12 +58,6 @@ class HandClock:
     def advance(self, seconds: float) -> None:
         self.mono += seconds
 
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for a condition that no sink signals (health counters, adapter state)."""
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.005)  # condition poll interval, not a fixed delay
 
 
 def events(logs: Sequence[Mapping[str, Any]], name: str) -> list[Mapping[str, Any]]:

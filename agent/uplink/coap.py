@@ -36,8 +36,8 @@ import aiocoap
 import aiocoap.error
 import structlog
 
+from agent.core.atomic import write_atomic  # the one atomic writer (secrets 0600)
 from agent.errors import AgentError
-from agent.keys import write_atomic  # one atomic 0600 writer for secrets
 from agent.uplink.base import UplinkDownError
 from agent.uplink.coap_config import CoapOscoreConfig, CoapUplinkConfig
 

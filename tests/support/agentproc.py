@@ -3,6 +3,7 @@ crash and fault tests. Writes the keys and a config into a temp dir; stops what 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -179,3 +180,15 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str,
         time.sleep(0.02)  # polling interval of a condition wait, not a fixed delay
     tail = agent.log_text()[-3000:] if agent else ""
     raise AssertionError(f"timed out after {timeout}s: {what}\n{tail}")
+
+
+async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "the condition",
+                agent: AgentProcess | None = None) -> None:
+    """`wait_until` inside the event loop: poll `cond` (every 10 ms, yielding to the loop) until
+    it holds; AssertionError naming `what` (and the agent's log tail) when `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            tail = agent.log_text()[-3000:] if agent else ""
+            raise AssertionError(f"timed out after {timeout}s: {what}\n{tail}")
+        await asyncio.sleep(0.01)  # polling interval of a condition wait, not a fixed delay

@@ -7,6 +7,7 @@ mosquitto, mosquitto_tls, pki`.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,6 +27,13 @@ __all__ = [
     "pki",
     "wait_port",
 ]
+
+
+def free_udp_port() -> int:
+    """A free UDP port on 127.0.0.1 (CoAP)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @pytest.fixture
