@@ -29,9 +29,9 @@ import cbor2
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from pydantic import Field
 
 from agent.audit import AuditTrail
+from agent.commands_config import MAX_COMMAND_BYTES, CommandsConfig
 from agent.core.atomic import write_atomic
 from agent.events import ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
 from agent.keys import PRIVATE_NAME, generate_keypair, load_private_key
@@ -43,7 +43,6 @@ from agent.protocol import (
     sign1,
 )
 from drivers.base import Clock
-from drivers.configbase import StrictModel
 
 __all__ = [
     "COMMANDS",
@@ -67,7 +66,6 @@ log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
 
 FORMAT_VERSION = 1
-MAX_COMMAND_BYTES = 16 * 1024  # a command is small; anything larger is dropped unread
 COMMANDS = frozenset({"ping", "status", "doctor", "log-level", "rotate-key", "pulse"})
 # Read-only commands: still signed, in sequence and for this gateway, but accepted while the
 # wall clock is unsynchronised (a Pi has no RTC; expiry cannot be judged until NTP is back).
@@ -79,22 +77,6 @@ REJECT_REASONS = frozenset({
 })
 _PAYLOAD_KEYS = frozenset({"v", "gw", "seq", "iat", "exp", "cmd", "args"})
 _LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-class CommandsConfig(StrictModel):
-    """`[commands]`: signed downlink commands. Off unless this table is present."""
-
-    platform_key: Path = Field(description="the platform's command-signing public key (PEM), "
-                                           "pinned at provisioning")
-    max_validity_s: float = Field(default=3600.0, gt=0, le=7 * 24 * 3600,
-                                  description="refuse commands valid for longer than this")
-    max_skew_s: float = Field(default=300.0, ge=0, le=3600,
-                              description="tolerated clock difference for iat/exp")
-    queue: int = Field(default=16, ge=1, le=1024, description="commands waiting at most")
-    allow_outputs: dict[str, float] = Field(
-        default_factory=dict,
-        description="outputs `pulse` may drive: name -> longest pulse in seconds; empty: none")
-    max_log_level_s: float = Field(default=3600.0, gt=0, le=24 * 3600)
 
 
 class CommandError(ValueError):

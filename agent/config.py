@@ -15,11 +15,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from agent.audit import AuditConfig
-from agent.commands import CommandsConfig
+from agent.commands_config import CommandsConfig
 from agent.errors import ConfigError
 from agent.pipeline import Rule, Threshold
 from agent.uplink.coap_config import CoapUplinkConfig
-from agent.uplink.mqtt import MqttUplinkConfig
+from agent.uplink.mqtt_config import MqttUplinkConfig
 from drivers.ble import BleConfig
 from drivers.coap_config import CoapIngestConfig
 from drivers.configbase import StrictModel

@@ -5,9 +5,12 @@ which is a distribution of its own on top of it."""
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,3 +76,45 @@ def test_loading_a_config_imports_no_driver_stack() -> None:
     heavy = {"gpiozero", "bleak", "dbus_fast", "aiocoap", "pymodbus", "serial", "bthome_ble",
              "ruuvitag_ble"}
     assert sorted(heavy & set(out)) == []
+
+
+# What the operator commands that must start fast may not import (DESIGN.md, "Layering").
+# rich is not listed yet: structlog imports it whenever it is installed, and the product still
+# renders `status` and `doctor` with it (see the closing note of issue 14).
+HEAVY = {"paho", "cryptography", "prometheus_client"}
+_RUN_AND_LIST = (
+    "import json, sys\n"
+    "from agent import cli\n"
+    "try:\n"
+    "    cli.main(sys.argv[1:])\n"
+    "except SystemExit:\n"
+    "    pass\n"
+    "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})), file=sys.stderr)\n"
+)
+
+
+@pytest.mark.parametrize("argv", [
+    ["check-config", "{example}"],
+    ["status", "--config", "{example}", "--json"],
+    ["audit", "verify", "--config", "{example}"],
+    ["config", "show", "--config", "{example}"],
+], ids=lambda a: " ".join(a[:2]))
+def test_operator_commands_import_no_heavy_module(argv: list[str], tmp_path: Path) -> None:
+    """check-config, status, audit verify and config show load the config and import neither
+    paho nor cryptography nor prometheus_client (start-up time and memory on a Pi)."""
+    example = str(ROOT / "config" / "example.toml")
+    r = subprocess.run([sys.executable, "-c", _RUN_AND_LIST,
+                        *(a.format(example=example) for a in argv)],
+                       capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
+    loaded = set(json.loads(r.stderr.strip().splitlines()[-1]))
+    assert "agent" in loaded and "pydantic" in loaded  # it did load the config
+    assert sorted(HEAVY & loaded) == []
+
+
+def test_loading_a_config_imports_no_heavy_module() -> None:
+    """`import agent.config` alone pulls in no heavy module either."""
+    code = ("import sys; import agent.config; "
+            "print(','.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.strip().split(",")
+    assert sorted(HEAVY & set(out)) == []

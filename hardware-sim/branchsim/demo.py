@@ -311,13 +311,11 @@ async def run_demo(duration: float, headless: bool, transport: str, workdir: Pat
 
 def _log_to_file(path: Path) -> None:
     """The live view owns the terminal: every component's log goes to a JSON-lines file."""
-    import logging
 
     from agent.log import configure_logging
 
     stream = path.open("a", buffering=1)
-    configure_logging("info", "json", stream=stream)
-    logging.getLogger().handlers[:] = [logging.StreamHandler(stream)]
+    configure_logging("info", "json", stream=stream)  # the libraries' records too
 
 
 def _print_summary(console: Console, r: DemoResult) -> None:
