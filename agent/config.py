@@ -14,15 +14,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from agent.audit import AuditConfig
-from agent.commands_config import CommandsConfig
-from agent.errors import ConfigError
-from agent.pipeline import Rule, Threshold
+from agent.core.config import StrictModel
+from agent.core.errors import ConfigError
+from agent.runtime.pipeline import Rule, Threshold
+from agent.security.audit import AuditConfig
+from agent.security.commands_config import CommandsConfig
 from agent.uplink.coap_config import CoapUplinkConfig
 from agent.uplink.mqtt_config import MqttUplinkConfig
 from drivers.ble import BleConfig
 from drivers.coap_config import CoapIngestConfig
-from drivers.configbase import StrictModel
 from drivers.gpio_config import GpioConfig
 from drivers.serial import SerialConfig
 from drivers.synthetic import SyntheticConfig

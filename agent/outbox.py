@@ -42,9 +42,8 @@ import structlog
 
 from agent import protocol
 from agent.core.atomic import write_atomic
-from agent.errors import StoreError
-from agent.events import ALARM, ALERT, TELEMETRY, TQ_SYNCED, Event
-from drivers.base import RefusedError
+from agent.core.errors import RefusedError, StoreError
+from agent.core.types import ALARM, ALERT, TELEMETRY, TQ_SYNCED, Event
 
 __all__ = [
     "SCHEMA_VERSION",

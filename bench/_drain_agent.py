@@ -25,8 +25,8 @@ from pathlib import Path
 from _rig import proc_status_kb
 
 from agent.config import load_config
-from agent.log import configure_logging
-from agent.runtime import Runtime
+from agent.core.log import configure_logging
+from agent.runtime.root import Runtime
 from branchsim.gpio import SimContact, sim_pin_factory
 from branchsim.scenario import SimGpioInput
 

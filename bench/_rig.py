@@ -15,7 +15,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support (broker, pki)
 
-from agent.keys import generate_keypair
+from agent.security.keys import generate_keypair
 from branchsim.platform.receiver import Receiver
 from tests.support.pki import Pki
 

@@ -22,7 +22,9 @@ from collections.abc import Sequence
 import aiocoap
 import aiocoap.resource
 
-from drivers.base import Reading, SourceContext, SystemClock
+from agent.core.clock import SystemClock
+from agent.core.types import Reading
+from drivers.base import SourceContext
 from drivers.coap import CF_SENML_JSON, CoapIngestConfig, CoapIngestSource
 
 

@@ -43,9 +43,9 @@ from _drain_agent import vault_input
 from _rig import Platform, agent_doc, import_rss_mb, new_gateway
 from forward import BATCH, GW, events_for, raw_publish, sample_batches
 
-from agent.keys import load_private_key
-from agent.log import configure_logging
+from agent.core.log import configure_logging
 from agent.outbox import Outbox
+from agent.security.keys import load_private_key
 from tests.support.agentproc import to_toml
 from tests.support.broker import Mosquitto
 from tests.support.pki import Pki, make_pki

@@ -5,7 +5,7 @@
                                         [--quick] [--json PATH]
     taskset -c 0 .venv/bin/python bench/footprint.py      # everything on one core
 
-Each agent is `python -m agent.cli run --config F` with a production config (defaults
+Each agent is `python -m agent.ops.cli run --config F` with a production config (defaults
 everywhere; mutual TLS to a real mosquitto; the reference platform as a subprocess verifying
 and acking every batch), so what is measured includes forwarding what the sensors produce.
 
@@ -95,7 +95,7 @@ class Agent:
             with (self.dir / "agent.log").open("ab") as log:
                 start = time.perf_counter()
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config)],
+                    [sys.executable, "-m", "agent.ops.cli", "run", "--config", str(self.config)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
             try:
                 took = self._wait_ready(sock, start)

@@ -42,10 +42,10 @@ from cryptography.hazmat.primitives.serialization import (
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import protocol
-from agent.events import TELEMETRY, Event
-from agent.forwarder import Forwarder, Signer
-from agent.log import configure_logging
+from agent.core.log import configure_logging
+from agent.core.types import TELEMETRY, Event
 from agent.outbox import Outbox
+from agent.runtime.forwarder import Forwarder, Signer
 from agent.uplink.mqtt import MqttTlsConfig, MqttUplink, MqttUplinkConfig
 from branchsim.platform.receiver import Receiver
 from tests.support.broker import Mosquitto

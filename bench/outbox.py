@@ -33,11 +33,11 @@ from pathlib import Path
 from _common import Row, add_common_args, machine, print_table, summarise, write_json
 
 from agent import protocol
-from agent.clock import make_clock
-from agent.events import TELEMETRY, Event
+from agent.core.clock import make_clock
+from agent.core.types import TELEMETRY, Event
 from agent.outbox import Outbox
-from agent.pipeline import Pipeline
-from agent.runtime import PipelineSink
+from agent.runtime.pipeline import Pipeline
+from agent.runtime.root import PipelineSink
 from drivers.base import SourceContext
 from drivers.synthetic import SyntheticConfig, SyntheticSource
 

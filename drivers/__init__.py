@@ -1,36 +1,3 @@
-"""Sensor drivers: GPIO, BLE, serial devices and CoAP ingest. Of the agent they import only
-`agent.core` (tests/test_layering.py)."""
-
-from drivers.base import (
-    ALARM,
-    ALERT,
-    DIAGNOSTIC,
-    TELEMETRY,
-    Backoff,
-    Clock,
-    Reading,
-    RefusedError,
-    Sink,
-    Source,
-    SourceContext,
-    SourceHealth,
-    SourceState,
-    SystemClock,
-)
-
-__all__ = [
-    "ALARM",
-    "ALERT",
-    "DIAGNOSTIC",
-    "TELEMETRY",
-    "Backoff",
-    "Clock",
-    "Reading",
-    "RefusedError",
-    "Sink",
-    "Source",
-    "SourceContext",
-    "SourceHealth",
-    "SourceState",
-    "SystemClock",
-]
+"""Sensor drivers: GPIO, BLE, serial devices and CoAP ingest. Each turns one kind of hardware
+into `Reading`s (agent.core.types) through the seam of `drivers.base`; of the agent they import
+only `agent.core` (tests/test_layering.py)."""

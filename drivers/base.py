@@ -1,82 +1,22 @@
 """The one shape every driver has: readings out, health in, hardware from a factory.
 
-`drivers/` is the ground floor: nothing here imports from `agent/`. A driver receives a
-`Sink` (the agent's pipeline + outbox, seen through a narrow interface) and a `Clock`, and gets
-its hardware (pin factory, serial port path, D-Bus address) from its own config and the
-`SourceContext` the runtime builds.
+Of the agent, drivers see only `agent.core` (types, errors, clock, backoff, config base). A
+driver receives a `Sink` (the agent's pipeline + outbox, seen through a narrow interface) and a
+`Clock`, and gets its hardware (pin factory, serial port path, D-Bus address) from its own
+config and the `SourceContext` the runtime builds.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
-import random
-import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = [
-    "ALARM",
-    "ALERT",
-    "DIAGNOSTIC",
-    "TELEMETRY",
-    "Backoff",
-    "Clock",
-    "DriverError",
-    "Reading",
-    "RefusedError",
-    "Sink",
-    "Source",
-    "SourceContext",
-    "SourceHealth",
-    "SourceState",
-    "SystemClock",
-    "Value",
-]
+from agent.core.clock import Clock
+from agent.core.types import Reading
 
-# Priorities (lower is more urgent). Part of the wire protocol: docs/PROTOCOL.md.
-ALARM = 0
-ALERT = 1
-TELEMETRY = 2
-DIAGNOSTIC = 3
-
-Value = float | int | bool | str | Mapping[str, Any] | None
-
-
-class DriverError(Exception):
-    """Base of the errors a driver raises; the project's root error derives from it too."""
-
-
-class RefusedError(DriverError, RuntimeError):
-    """The outbox refused a reading (quota reached for that priority). The caller counts it.
-
-    `retry_after` is a hint in seconds (CoAP ingest turns it into Max-Age on a 5.03).
-    """
-
-    def __init__(self, message: str, *, priority: int, retry_after: float = 30.0) -> None:
-        super().__init__(message)
-        self.priority = priority
-        self.retry_after = retry_after
-
-
-@dataclass(frozen=True, slots=True)
-class Reading:
-    """One observation from a driver, before the pipeline's rules.
-
-    `source` is the configured source id (e.g. ``gpio.vault_door``), `type` what was observed
-    (``contact``, ``temperature``, ``ups.on_battery``, ``source.offline`` ...). `ts` is the wall
-    clock at capture (the driver's clock); `priority` is the driver's suggestion, the pipeline's
-    rules may override it.
-    """
-
-    source: str
-    type: str
-    value: Value
-    unit: str | None = None
-    ts: float | None = None
-    priority: int = TELEMETRY
-    attrs: Mapping[str, Any] | None = None
+__all__ = ["Sink", "Source", "SourceContext", "SourceHealth", "SourceState"]
 
 
 class Sink(Protocol):
@@ -91,32 +31,6 @@ class Sink(Protocol):
         """`key`, when given, makes the submission idempotent across agent crashes: readings
         already committed under that key (e.g. a CoAP request retransmitted to a restarted
         agent) are not stored again."""
-
-
-class Clock(Protocol):
-    """Wall time, monotonic time and whether the wall clock is synchronised (a Pi has no RTC)."""
-
-    def time(self) -> float: ...
-
-    def monotonic(self) -> float: ...
-
-    def synchronized(self) -> bool: ...
-
-
-class SystemClock:
-    """The real clock. `synchronized` is decided by a probe chosen in config (see agent.clock)."""
-
-    def __init__(self, synchronized: Callable[[], bool] | None = None) -> None:
-        self._sync = synchronized or (lambda: True)
-
-    def time(self) -> float:
-        return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def synchronized(self) -> bool:
-        return self._sync()
 
 
 class SourceState(enum.StrEnum):
@@ -171,38 +85,3 @@ class SourceContext:
     clock: Clock
     pin_factory: Any = None  # a gpiozero Factory; None means gpiozero's default (lgpio on a Pi)
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Backoff:
-    """Jittered exponential backoff ("equal jitter"): sleep a random time in [c/2, c] where
-    c = min(cap, base * 2^attempt).
-
-    Used by every driver and uplink so that a branch full of gateways does not reconnect in
-    lockstep after a WAN outage.
-    """
-
-    def __init__(
-        self,
-        base: float = 0.5,
-        cap: float = 30.0,
-        rng: random.Random | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        self.base = base
-        self.cap = cap
-        self.attempt = 0
-        self._rng = rng or random.Random()
-        self._sleep = sleep
-
-    def next_delay(self) -> float:
-        ceiling = min(self.cap, self.base * (2 ** min(self.attempt, 30)))
-        self.attempt += 1
-        return self._rng.uniform(ceiling / 2, ceiling)
-
-    async def wait(self) -> float:
-        delay = self.next_delay()
-        await self._sleep(delay)
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0

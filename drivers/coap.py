@@ -58,18 +58,10 @@ import structlog
 from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
 from agent.core import cbor
-from drivers.base import (
-    ALERT,
-    Backoff,
-    Reading,
-    RefusedError,
-    Sink,
-    Source,
-    SourceContext,
-    SourceHealth,
-    SourceState,
-    Value,
-)
+from agent.core.backoff import Backoff
+from agent.core.errors import RefusedError
+from agent.core.types import ALERT, Reading, Value
+from drivers.base import Sink, Source, SourceContext, SourceHealth, SourceState
 from drivers.coap_config import CoapIngestConfig, CoapSensorConfig
 from drivers.ratelimit import REJECT_LOG_INTERVAL, LogGates, TokenBucket
 

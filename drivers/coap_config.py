@@ -7,8 +7,8 @@ import ipaddress
 
 from pydantic import Field, field_validator
 
-from drivers.base import TELEMETRY
-from drivers.configbase import StrictModel
+from agent.core.config import StrictModel
+from agent.core.types import TELEMETRY
 
 __all__ = ["CoapIngestConfig", "CoapSensorConfig"]
 

@@ -43,19 +43,10 @@ import structlog
 from gpiozero import LED, Buzzer, DigitalInputDevice
 from gpiozero.exc import GPIOZeroError
 
-from drivers.base import (
-    ALERT,
-    TELEMETRY,
-    Backoff,
-    Reading,
-    RefusedError,
-    Sink,
-    Source,
-    SourceContext,
-    SourceHealth,
-    SourceState,
-    Value,
-)
+from agent.core.backoff import Backoff
+from agent.core.errors import RefusedError
+from agent.core.types import ALERT, TELEMETRY, Reading, Value
+from drivers.base import Sink, Source, SourceContext, SourceHealth, SourceState
 from drivers.gpio_config import (
     KINDS,
     GpioConfig,

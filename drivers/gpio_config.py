@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from drivers.base import ALARM, ALERT, TELEMETRY, Value
-from drivers.configbase import StrictModel
+from agent.core.config import StrictModel
+from agent.core.types import ALARM, ALERT, TELEMETRY, Value
 
 __all__ = [
     "KINDS",

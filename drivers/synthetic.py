@@ -14,17 +14,10 @@ from typing import Literal
 import structlog
 from pydantic import Field
 
-from drivers.base import (
-    TELEMETRY,
-    Reading,
-    RefusedError,
-    Sink,
-    Source,
-    SourceContext,
-    SourceHealth,
-    SourceState,
-)
-from drivers.configbase import StrictModel
+from agent.core.config import StrictModel
+from agent.core.errors import RefusedError
+from agent.core.types import TELEMETRY, Reading
+from drivers.base import Sink, Source, SourceContext, SourceHealth, SourceState
 
 __all__ = ["SyntheticConfig", "SyntheticSource", "build_sources"]
 

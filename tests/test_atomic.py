@@ -34,11 +34,11 @@ def survives_cuts(code: str, dir: Path, name: str) -> list[str]:
 def test_command_replay_guard_survives_a_power_cut(tmp_path: Path) -> None:
     """SeqStore.accept returns only when the new last_seq would survive a cut: a replayed
     command cannot get through after the power comes back."""
-    from agent.commands import SeqStore
+    from agent.security.commands import SeqStore
 
     SeqStore(tmp_path / "cmd-seq.json").accept(5, b"\x05" * 32)
     survives_cuts("""
-        from agent.commands import SeqStore
+        from agent.security.commands import SeqStore
         SeqStore(D / "cmd-seq.json").accept(6, b"\\x06" * 32)
     """, tmp_path, "cmd-seq.json")
     assert SeqStore(tmp_path / "cmd-seq.json").last_seq == 6
@@ -48,14 +48,14 @@ def test_pseudonym_key_is_created_whole(tmp_path: Path) -> None:
     """A cut while the pseudonym key is created leaves no key or the whole key, never an empty
     file (which an older version then used as the HMAC key for ever)."""
     survives_cuts("""
-        from agent.runtime import _pseudonym_key
+        from agent.runtime.root import _pseudonym_key
         assert len(_pseudonym_key(D)) == 32
     """, tmp_path, "pseudonym.key")
 
 
 def test_an_empty_pseudonym_key_is_replaced(tmp_path: Path) -> None:
     """A key file left empty (or short) by an older version is not used: a new key is made."""
-    from agent.runtime import _pseudonym_key
+    from agent.runtime.root import _pseudonym_key
 
     (tmp_path / "pseudonym.key").write_bytes(b"")
     key = _pseudonym_key(tmp_path)
@@ -78,7 +78,7 @@ def test_chain_position_survives_a_power_cut(tmp_path: Path) -> None:
 def test_keys_are_created_whole(tmp_path: Path, name: str) -> None:
     """keygen's files appear whole or not at all, and stay after keygen returned."""
     survives_cuts("""
-        from agent.keys import generate_keypair
+        from agent.security.keys import generate_keypair
         generate_keypair(D)
     """, tmp_path, name)
 

@@ -17,17 +17,17 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.audit import AuditLog, AuditTrail, AuditWriteError, config_digest, verify
-from agent.clock import make_clock
-from agent.events import ALARM, Event
-from agent.forwarder import Signer
+from agent.core.clock import make_clock
+from agent.core.types import ALARM, Event
 from agent.outbox import Outbox
 from agent.protocol import kid_for, verify_batch
+from agent.runtime.forwarder import Signer
+from agent.security.audit import AuditLog, AuditTrail, AuditWriteError, config_digest, verify
 
 
 def audit_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent.audit", *args], capture_output=True,
-                          text=True, timeout=30, check=False)
+    return subprocess.run([sys.executable, "-m", "agent.security.audit", *args],
+                          capture_output=True, text=True, timeout=30, check=False)
 
 
 def filled(tmp_path: Path, n: int = 5) -> Path:
@@ -95,7 +95,7 @@ def test_rotation_is_bounded_and_chained(tmp_path: Path) -> None:
 def test_concurrent_processes_keep_one_chain(tmp_path: Path) -> None:
     """Several processes appending at once (agent, operator CLIs) still make one valid chain."""
     path = tmp_path / "audit.log"
-    code = ("import sys; from agent.audit import AuditLog; log = AuditLog(sys.argv[1], "
+    code = ("import sys; from agent.security.audit import AuditLog; log = AuditLog(sys.argv[1], "
             "max_bytes=8192); [log.append('audit.x', {'w': sys.argv[2]}) for _ in range(40)]")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(path), str(w)])
              for w in range(4)]

@@ -18,12 +18,12 @@ import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.audit import AuditForwarder, AuditLog, AuditRecord, AuditTrail, verify
-from agent.clock import make_clock
-from agent.events import ALERT
-from agent.forwarder import Signer
+from agent.core.clock import make_clock
+from agent.core.types import ALERT
 from agent.outbox import Outbox
 from agent.protocol import kid_for, verify_batch
+from agent.runtime.forwarder import Signer
+from agent.security.audit import AuditForwarder, AuditLog, AuditRecord, AuditTrail, verify
 from branchsim.broker import Mosquitto, get_free_port
 from branchsim.platform.receiver import Receiver
 from tests.support.agentproc import AGENT, AgentProcess, mqtt_uplink, wait_until

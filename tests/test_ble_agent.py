@@ -13,8 +13,8 @@ import pytest
 import structlog
 
 from agent.config import parse_config
-from agent.keys import generate_keypair
-from agent.runtime import Runtime
+from agent.runtime.root import Runtime
+from agent.security.keys import generate_keypair
 from branchsim.bluez import PhoneCrowd
 from branchsim.broker import Mosquitto
 from branchsim.platform.receiver import Receiver

@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 import structlog
 
+from agent.core.clock import SystemClock
+from agent.core.types import ALERT, TELEMETRY, Reading
 from branchsim.bluez import (
     BTHomeSensor,
     FakeBluez,
@@ -19,7 +21,7 @@ from branchsim.bluez import (
     PrivateSystemBus,
     RuuviTag,
 )
-from drivers.base import ALERT, TELEMETRY, Reading, SourceContext, SystemClock
+from drivers.base import SourceContext
 from drivers.ble import BleConfig, BleSource, build_sources
 from tests.support.sinks import CollectingSink
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from agent.config import load_config, parse_config
 from tests.support.agentproc import to_toml
 
-AGENT = [sys.executable, "-m", "agent.cli"]
+AGENT = [sys.executable, "-m", "agent.ops.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -13,8 +13,11 @@ import cbor2
 import pytest
 from structlog.testing import capture_logs
 
+from agent.core.clock import SystemClock
+from agent.core.errors import RefusedError
+from agent.core.types import ALARM, TELEMETRY, Reading
 from branchsim.coapsensors import CoapSensorSim
-from drivers.base import ALARM, TELEMETRY, Reading, RefusedError, SourceContext, SystemClock
+from drivers.base import SourceContext
 from drivers.coap import (
     CF_SENML_CBOR,
     CF_SENML_JSON,

@@ -20,24 +20,16 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from gpiozero import DigitalOutputDevice
 from gpiozero.pins.mock import MockFactory
 
-from agent.audit import AuditLog, AuditTrail, verify
-from agent.commands import (
-    CommandAck,
-    CommandError,
-    CommandHooks,
-    CommandProcessor,
-    CommandsConfig,
-    SeqStore,
-    decode_ack,
-    encode_ack,
-    make_rotate_hook,
-)
-from agent.doctor import check_config
-from agent.events import Event
-from agent.forwarder import Signer
-from agent.keys import load_private_key, load_public_key
+from agent.core.types import Event
+from agent.ops.doctor import check_config
 from agent.outbox import Outbox
 from agent.protocol import kid_for, verify_batch
+from agent.protocol.commands import CommandAck, CommandError, decode_ack, encode_ack
+from agent.runtime.forwarder import Signer
+from agent.security.audit import AuditLog, AuditTrail, verify
+from agent.security.commands import CommandHooks, CommandProcessor, SeqStore, make_rotate_hook
+from agent.security.commands_config import CommandsConfig
+from agent.security.keys import load_private_key, load_public_key
 from agent.uplink.mqtt import MqttUplink, MqttUplinkConfig
 from branchsim.platform.commands import main_command, make_command, send_command
 from branchsim.platform.mqtt_server import PlatformTls

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_config, parse_config
-from agent.errors import ConfigError
+from agent.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "agent.cli"]
+CLI = [sys.executable, "-m", "agent.ops.cli"]
 
 MINIMAL = {
     "gateway": {"id": "gw-1"},

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from agent.doctor import CERT_WARN_DAYS, Status, check_ble, check_certificate
-from agent.integrity import build_manifest, installed_trees, write_manifest
+from agent.ops.doctor import CERT_WARN_DAYS, Status, check_ble, check_certificate
+from agent.security.integrity import build_manifest, installed_trees, write_manifest
 from agent.uplink.mqtt import MqttTlsConfig
 from branchsim.bluez import FakeBluez, PrivateSystemBus
 from drivers.ble import BleConfig
@@ -24,7 +24,7 @@ from tests.support.agentproc import AgentProcess, mqtt_uplink, to_toml
 from tests.support.broker import Mosquitto
 from tests.support.pki import Pki, certify
 
-AGENT = [sys.executable, "-m", "agent.cli"]
+AGENT = [sys.executable, "-m", "agent.ops.cli"]
 
 
 @pytest.fixture

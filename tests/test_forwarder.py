@@ -12,9 +12,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.events import Event
-from agent.forwarder import Forwarder, Signer
+from agent.core.types import Event
 from agent.outbox import Outbox
+from agent.runtime.forwarder import Forwarder, Signer
 from agent.uplink.mqtt import MqttUplink, MqttUplinkConfig
 from branchsim.broker import Mosquitto
 from branchsim.platform.mqtt_server import MqttPlatformServer

@@ -14,9 +14,11 @@ from gpiozero import DigitalInputDevice
 from gpiozero.pins.mock import MockFactory
 from pydantic import ValidationError
 
+from agent.core.clock import SystemClock
+from agent.core.types import ALARM, ALERT, TELEMETRY, Reading
 from branchsim.scenario import parse_scenario
 from branchsim.sim import Simulator
-from drivers.base import ALARM, ALERT, TELEMETRY, Reading, SourceContext, SourceState, SystemClock
+from drivers.base import SourceContext, SourceState
 from drivers.gpio import (
     GpioConfig,
     GpioOutputConfig,

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent import protocol
-from agent.keys import load_public_key
+from agent.security.keys import load_public_key
 from branchsim.broker import Mosquitto
 from branchsim.platform.commands import make_command, send_command
 from branchsim.platform.receiver import Receiver
@@ -93,8 +93,8 @@ async def test_pulse_command_drives_a_configured_output(tmp_path: Path, broker: 
     from gpiozero.pins.mock import MockFactory
 
     from agent.config import parse_config
-    from agent.keys import generate_keypair
-    from agent.runtime import Runtime
+    from agent.runtime.root import Runtime
+    from agent.security.keys import generate_keypair
 
     cmd_key = Ed25519PrivateKey.generate()
     cmd_pub = tmp_path / "platform-cmd.pub"

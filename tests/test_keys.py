@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from agent.keys import (
+from agent.protocol import kid_for
+from agent.security.keys import (
     KeyExistsError,
     KeyFileError,
     generate_keypair,
     load_private_key,
     load_public_key,
 )
-from agent.protocol import kid_for
 
 
 def test_generate_and_load(tmp_path: Path) -> None:

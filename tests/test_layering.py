@@ -69,7 +69,7 @@ def test_nothing_imports_the_tests() -> None:
 def test_loading_a_config_imports_no_driver_stack() -> None:
     """`load_config` (and the runtime module) import no radio, CoAP, Modbus or GPIO library:
     a driver's stack is imported only when that driver is configured (memory, start-up)."""
-    code = ("import sys; import agent.config, agent.runtime; "
+    code = ("import sys; import agent.config, agent.runtime.root; "
             "print(','.join(sorted({m.split('.')[0] for m in sys.modules})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout.strip().split(",")
@@ -84,7 +84,7 @@ def test_loading_a_config_imports_no_driver_stack() -> None:
 HEAVY = {"paho", "cryptography", "prometheus_client"}
 _RUN_AND_LIST = (
     "import json, sys\n"
-    "from agent import cli\n"
+    "from agent.ops import cli\n"
     "try:\n"
     "    cli.main(sys.argv[1:])\n"
     "except SystemExit:\n"
@@ -118,3 +118,46 @@ def test_loading_a_config_imports_no_heavy_module() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout.strip().split(",")
     assert sorted(HEAVY & set(out)) == []
+
+
+# Who may import whom (shared/DESIGN.md, "Layering"), as prefixes of dotted module names. A
+# module of the left-hand part imports, of the project, only what its row allows (and itself).
+ALLOWED = {
+    "agent.core": ("agent.core",),
+    "agent.protocol": ("agent.core", "agent.protocol"),
+    "drivers": ("agent.core", "drivers"),
+    "agent.outbox": ("agent.core", "agent.protocol", "agent.outbox"),
+    "agent.uplink": ("agent.core", "agent.protocol", "agent.uplink"),
+}
+PROJECT = ("agent", "drivers", "branchsim", "tests")
+
+
+def _module_of(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_each_layer_imports_only_what_is_below_it(layer: str) -> None:
+    """agent/core imports nothing above it, the protocol only the core, drivers only the core,
+    the outbox and the uplinks only the core and the protocol (an uplink moves bytes and knows
+    no outbox)."""
+    top = ROOT / Path(*layer.split("."))
+    files = list(top.rglob("*.py")) if top.is_dir() else [top.with_suffix(".py")]
+    assert files
+    bad = {}
+    for f in files:
+        outside = sorted(m for m in modules(f) if m.split(".")[0] in PROJECT
+                         and m != "agent" and not m.startswith(ALLOWED[layer]))
+        if outside:
+            bad[_module_of(f)] = outside
+    assert bad == {}
+
+
+def test_nothing_but_the_operator_commands_imports_them() -> None:
+    """agent/ops is the top: no module of the product outside it imports it."""
+    bad = [str(p.relative_to(ROOT)) for top in ("agent", "drivers")
+           for p in (ROOT / top).rglob("*.py") if not p.is_relative_to(ROOT / "agent" / "ops")
+           and any(m.startswith("agent.ops") for m in modules(p))]
+    assert bad == []

@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.audit import verify
-from agent.doctor import Status, check_integrity
-from agent.integrity import build_manifest, installed_trees, write_manifest
-from agent.keys import load_public_key
-from agent.provision import verify_renewal
+from agent.ops.doctor import Status, check_integrity
+from agent.protocol.renewal import verify_renewal
+from agent.security.audit import verify
+from agent.security.integrity import build_manifest, installed_trees, write_manifest
+from agent.security.keys import load_public_key
 from tests.support.agentproc import AGENT, AgentProcess, mqtt_uplink, wait_until
 from tests.support.broker import Mosquitto
 from tests.support.pki import Pki, issue, make_pki

@@ -9,7 +9,7 @@ import sys
 
 CODE = """
 import logging, structlog
-from agent.log import configure_logging
+from agent.core.log import configure_logging
 configure_logging("info", "json")
 structlog.get_logger("agent.test").info("agent.event", n=1)
 logging.getLogger("aiocoap").warning("library said %s", "this")

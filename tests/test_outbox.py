@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from agent import protocol
-from agent.events import Event
+from agent.core.errors import RefusedError
+from agent.core.types import Event
 from agent.outbox import Outbox, id_ranges
-from drivers.base import RefusedError
 
 WORKER = Path(__file__).parent / "support" / "outbox_worker.py"
 sys.path.insert(0, str(WORKER.parent))

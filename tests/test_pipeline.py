@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from agent.events import ALERT, TQ_SYNCED, TQ_UNSYNCED
-from agent.pipeline import Pipeline, Rule, Threshold
-from drivers.base import Reading
+from agent.core.types import ALERT, TQ_SYNCED, TQ_UNSYNCED, Reading
+from agent.runtime.pipeline import Pipeline, Rule, Threshold
 
 
 def pipe(*rules: Rule, synced: bool = True, **kw: object) -> Pipeline:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from cryptography import x509
 
-from agent.keys import load_public_key
 from agent.protocol import kid_for
+from agent.security.keys import load_public_key
 
-AGENT = [sys.executable, "-m", "agent.cli"]
+AGENT = [sys.executable, "-m", "agent.ops.cli"]
 
 
 def provision(root: Path, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from agent.sdnotify import Notifier
+from agent.runtime.sdnotify import Notifier
 
 
 def test_full_notify_socket_drops_messages_instead_of_blocking(tmp_path: Path) -> None:

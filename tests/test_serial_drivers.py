@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
+from agent.core.clock import SystemClock
+from agent.core.types import ALERT, Reading
 from branchsim.serialdev import SimSerialDevice, create_device
-from drivers.base import ALERT, Reading, Source, SourceContext, SourceState, SystemClock
+from drivers.base import Source, SourceContext, SourceState
 from drivers.serial import SerialConfig, build_sources
 from drivers.serial.port import SerialPortConfig, open_port, read_some
 from tests.support.sinks import CollectingSink

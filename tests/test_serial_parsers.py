@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from drivers.base import ALERT, DIAGNOSTIC, TELEMETRY, Reading
+from agent.core.types import ALERT, DIAGNOSTIC, TELEMETRY, Reading
 from drivers.serial import LineConfig, ModbusConfig, Q1Status, SerialConfig, parse_q1
 from drivers.serial.line import LineDecoder, LineSplitter, decode_line
 from drivers.serial.megatec import q1_readings

@@ -11,8 +11,8 @@ from typing import Any
 import cbor2
 
 from agent.config import parse_config
-from agent.keys import generate_keypair
-from agent.runtime import Runtime
+from agent.runtime.root import Runtime
+from agent.security.keys import generate_keypair
 from branchsim.agentrun import merge_sim_sources, started_sim
 from branchsim.broker import get_free_port
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from agent.core.types import ALARM
 from branchsim.broker import get_free_port
 from branchsim.cli import CONFIG_BEGIN, CONFIG_END
-from drivers.base import ALARM
 from drivers.gpio import GpioConfig
 from tests.support.agentproc import AgentProcess, mqtt_uplink, wait_until
 

@@ -19,9 +19,10 @@ import pytest
 import structlog
 from pydantic import ValidationError
 
+from agent.core.types import Reading
 from branchsim.bluez import BTHomeSensor, PhoneCrowd
 from branchsim.serialdev import SimSerialDevice
-from drivers.base import Reading, SourceContext, SourceState
+from drivers.base import SourceContext, SourceState
 from drivers.ble import BleConfig, BleSource
 from drivers.ble import build_sources as build_ble
 from drivers.ble.privacy import PresenceCounter

@@ -17,7 +17,7 @@ import pytest
 from tests.support.agentproc import AgentProcess, mqtt_uplink, wait_until
 from tests.support.broker import get_free_port
 
-AGENT = [sys.executable, "-m", "agent.cli"]
+AGENT = [sys.executable, "-m", "agent.ops.cli"]
 N = 7
 
 

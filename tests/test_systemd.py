@@ -100,7 +100,7 @@ def test_provisioned_unit_with_egress_dropin_verifies(tmp_path: Path) -> None:
     broker), passes `systemd-analyze verify` and keeps the exposure at 2.0 or less."""
     root = tmp_path / "root"
     res = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "provision", "--root", str(root), "--gateway-id",
+        [sys.executable, "-m", "agent.ops.cli", "provision", "--root", str(root), "--gateway-id",
          "gw1", "--broker", "192.0.2.10:8883", "--non-interactive", "--no-qr"],
         capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stderr

@@ -11,8 +11,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.keys import load_public_key
 from agent.protocol import ProtocolError, decode_ack, kid_for, verify_batch
+from agent.security.keys import load_public_key
 from tests.vectors.make_vectors import make
 
 VECTORS = Path(__file__).parent / "vectors"

@@ -37,7 +37,7 @@ import aiocoap.error
 import structlog
 
 from agent.core.atomic import write_atomic  # the one atomic writer (secrets 0600)
-from agent.errors import AgentError
+from agent.core.errors import AgentError
 from agent.uplink.base import UplinkDownError
 from agent.uplink.coap_config import CoapOscoreConfig, CoapUplinkConfig
 

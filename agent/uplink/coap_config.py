@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from drivers.configbase import StrictModel
+from agent.core.config import StrictModel
 
 __all__ = ["CoapOscoreConfig", "CoapUplinkConfig"]
 

@@ -38,10 +38,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.commands_config import MAX_COMMAND_BYTES
+from agent.core.backoff import Backoff
+from agent.protocol.commands import MAX_COMMAND_BYTES
 from agent.uplink.base import UplinkDownError
 from agent.uplink.mqtt_config import MqttTlsConfig, MqttUplinkConfig, topics
-from drivers.base import Backoff
 
 __all__ = ["MqttTlsConfig", "MqttUplink", "MqttUplinkConfig", "topics"]
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from drivers.configbase import StrictModel
+from agent.core.config import StrictModel
 
 __all__ = ["MqttTlsConfig", "MqttUplinkConfig", "topics"]
 

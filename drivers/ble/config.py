@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from drivers.configbase import StrictModel
+from agent.core.config import StrictModel
 
 __all__ = ["BleConfig", "BleSensorConfig", "PresenceConfig"]
 

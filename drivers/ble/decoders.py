@@ -20,7 +20,7 @@ from bthome_ble import BTHomeBluetoothDeviceData
 from habluetooth import BluetoothServiceInfoBleak
 from ruuvitag_ble import RuuvitagBluetoothDeviceData
 
-from drivers.base import Value
+from agent.core.types import Value
 
 __all__ = [
     "BTHOME_UUID",

@@ -36,18 +36,11 @@ from bleak.exc import (
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from drivers.base import (
-    ALERT,
-    TELEMETRY,
-    Backoff,
-    Clock,
-    Reading,
-    RefusedError,
-    Sink,
-    SourceContext,
-    SourceHealth,
-    SourceState,
-)
+from agent.core.backoff import Backoff
+from agent.core.clock import Clock
+from agent.core.errors import RefusedError
+from agent.core.types import ALERT, TELEMETRY, Reading
+from drivers.base import Sink, SourceContext, SourceHealth, SourceState
 from drivers.ble.config import BleConfig, BleSensorConfig
 from drivers.ble.decoders import Advert, Decoder, make_decoder
 from drivers.ble.privacy import PresenceCounter

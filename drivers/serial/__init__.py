@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from pydantic import model_validator
 
+from agent.core.config import StrictModel
 from drivers.base import Source, SourceContext
-from drivers.configbase import StrictModel
 from drivers.serial.line import LineConfig, LineField, LineSource
 from drivers.serial.megatec import Q1Status, UpsConfig, UpsSource, parse_q1
 from drivers.serial.modbus import ModbusConfig, ModbusRegister, ModbusSource

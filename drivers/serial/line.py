@@ -25,8 +25,9 @@ from typing import Literal
 import structlog
 from pydantic import Field, model_validator
 
-from drivers.base import TELEMETRY, Clock, Reading, Value
-from drivers.configbase import StrictModel
+from agent.core.clock import Clock
+from agent.core.config import StrictModel
+from agent.core.types import TELEMETRY, Reading, Value
 from drivers.ratelimit import REJECT_LOG_INTERVAL, LogGate, TokenBucket
 from drivers.serial.port import PortSource, SerialPortConfig, open_port, read_some
 

@@ -16,7 +16,9 @@ from typing import Final
 import structlog
 from pydantic import Field
 
-from drivers.base import ALERT, DIAGNOSTIC, TELEMETRY, Clock, Reading, SourceState
+from agent.core.clock import Clock
+from agent.core.types import ALERT, DIAGNOSTIC, TELEMETRY, Reading
+from drivers.base import SourceState
 from drivers.serial.line import LineSplitter
 from drivers.serial.port import PortSource, PortUnavailable, SerialPortConfig, open_port, read_some
 

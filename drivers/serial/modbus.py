@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
-from drivers.base import TELEMETRY, Clock, Reading
-from drivers.configbase import StrictModel
+from agent.core.clock import Clock
+from agent.core.config import StrictModel
+from agent.core.types import TELEMETRY, Reading
 from drivers.serial.port import PortSource, PortUnavailable, SerialPortConfig
 
 if TYPE_CHECKING:

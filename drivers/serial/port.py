@@ -15,20 +15,12 @@ from typing import Literal
 import structlog
 from pydantic import Field
 
-from drivers.base import (
-    ALERT,
-    TELEMETRY,
-    Backoff,
-    Clock,
-    DriverError,
-    Reading,
-    RefusedError,
-    Sink,
-    SourceHealth,
-    SourceState,
-    Value,
-)
-from drivers.configbase import StrictModel
+from agent.core.backoff import Backoff
+from agent.core.clock import Clock
+from agent.core.config import StrictModel
+from agent.core.errors import DriverError, RefusedError
+from agent.core.types import ALERT, TELEMETRY, Reading, Value
+from drivers.base import Sink, SourceHealth, SourceState
 
 __all__ = [
     "PortSource",

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from agent.config import AgentConfig, SourcesConfig
-from agent.runtime import Runtime, install_signal_handlers
+from agent.runtime.root import Runtime, install_signal_handlers
 
 __all__ = ["merge_sim_sources", "run_with_sim", "started_sim"]
 

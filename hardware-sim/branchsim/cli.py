@@ -96,8 +96,8 @@ def _run(scenario_arg: str, speed: float, workdir: Path | None) -> int:
 
 def _agent(scenario: str, config: Path, speed: float, level: str | None) -> int:
     from agent.config import load_config
-    from agent.errors import ConfigError
-    from agent.log import configure_logging
+    from agent.core.errors import ConfigError
+    from agent.core.log import configure_logging
     from branchsim.agentrun import run_with_sim
 
     try:

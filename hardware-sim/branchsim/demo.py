@@ -27,8 +27,8 @@ from rich.panel import Panel
 from rich.table import Table
 
 from agent.config import AgentConfig, parse_config
-from agent.keys import generate_keypair
-from agent.runtime import Runtime, install_signal_handlers
+from agent.runtime.root import Runtime, install_signal_handlers
+from agent.security.keys import generate_keypair
 from branchsim.agentrun import merge_sim_sources, started_sim
 
 __all__ = ["DemoResult", "main", "run_demo"]
@@ -312,7 +312,7 @@ async def run_demo(duration: float, headless: bool, transport: str, workdir: Pat
 def _log_to_file(path: Path) -> None:
     """The live view owns the terminal: every component's log goes to a JSON-lines file."""
 
-    from agent.log import configure_logging
+    from agent.core.log import configure_logging
 
     stream = path.open("a", buffering=1)
     configure_logging("info", "json", stream=stream)  # the libraries' records too

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from drivers.configbase import StrictModel
+from agent.core.config import StrictModel
 from drivers.gpio_config import GpioInputConfig, normalise_pin
 
 __all__ = [

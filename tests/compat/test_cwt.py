@@ -16,8 +16,8 @@ import pytest
 
 cwt = pytest.importorskip("cwt", reason="cwt runs in .venv-compat: make test-compat")
 
-from agent.keys import load_public_key  # noqa: E402 (after the skip: cwt decides the module)
-from agent.protocol import kid_for  # noqa: E402
+from agent.protocol import kid_for  # noqa: E402 (after the skip: cwt decides the module)
+from agent.security.keys import load_public_key  # noqa: E402
 from tests.support.agentproc import AGENT  # noqa: E402
 from tests.support.pki import Pki  # noqa: E402
 from tests.test_lifecycle import GW, gateway  # noqa: E402

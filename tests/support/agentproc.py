@@ -15,10 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.keys import generate_keypair
+from agent.security.keys import generate_keypair
 from tests.support.pki import Pki
 
-AGENT = [sys.executable, "-m", "agent.cli"]
+AGENT = [sys.executable, "-m", "agent.ops.cli"]
 
 
 def toml_value(v: Any) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import protocol
-from agent.events import Event
+from agent.core.types import Event
 from agent.outbox import Outbox
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 
-from drivers.base import Reading
+from agent.core.types import Reading
 
 
 class CollectingSink:

@@ -13,8 +13,8 @@ from pathlib import Path
 import aiocoap
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.keys import KeyFileError, load_public_key
 from agent.protocol import ProtocolError, kid_for, verify_batch
+from agent.security.keys import KeyFileError, load_public_key
 from agent.uplink.coap import OscoreContextError, provision_oscore
 from branchsim.platform.coap_server import serve_coap, shutdown_coap
 from branchsim.platform.mqtt_server import PlatformTls, serve_mqtt

@@ -28,8 +28,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.commands import CommandAck, CommandError, decode_ack, encode_command, sign1
-from agent.keys import KeyFileError, load_private_key, load_public_key
+from agent.protocol.commands import CommandAck, CommandError, decode_ack, encode_command
+from agent.protocol.cose import sign1
+from agent.security.keys import KeyFileError, load_private_key, load_public_key
 from branchsim.platform.mqtt_server import PlatformTls
 
 __all__ = ["CommandTimeout", "main_command", "make_command", "send_command"]

@@ -17,7 +17,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.commands import encode_command, sign1
+from agent.protocol.commands import encode_command
+from agent.protocol.cose import sign1
 
 HERE = Path(__file__).resolve().parent
 GW = "gw-vector-1"

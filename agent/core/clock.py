@@ -6,12 +6,38 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
-from drivers.base import SystemClock
+__all__ = ["Clock", "SystemClock", "adjtimex_synchronized", "make_clock", "sync_probe"]
 
-__all__ = ["adjtimex_synchronized", "make_clock", "sync_probe"]
+class Clock(Protocol):
+    """Wall time, monotonic time and whether the wall clock is synchronised (a Pi has no RTC)."""
+
+    def time(self) -> float: ...
+
+    def monotonic(self) -> float: ...
+
+    def synchronized(self) -> bool: ...
+
+
+class SystemClock:
+    """The real clock. `synchronized` is decided by a probe chosen in config (see agent.clock)."""
+
+    def __init__(self, synchronized: Callable[[], bool] | None = None) -> None:
+        self._sync = synchronized or (lambda: True)
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def synchronized(self) -> bool:
+        return self._sync()
+
 
 TIMESYNC_FLAG = Path("/run/systemd/timesync/synchronized")
 _TIME_ERROR = 5  # adjtimex(2): clock not synchronised
@@ -88,8 +114,6 @@ def make_clock(mode: str) -> SystemClock:
 
 def _cached(probe: Callable[[], bool], ttl: float = 5.0) -> Callable[[], bool]:
     """Probing costs a syscall or a stat and events arrive by the thousand: re-probe every ttl s."""
-    import time
-
     state = {"at": -1e18, "value": False}
 
     def cached() -> bool:
@@ -103,4 +127,4 @@ def _cached(probe: Callable[[], bool], ttl: float = 5.0) -> Callable[[], bool]:
 
 
 if os.name != "posix":  # pragma: no cover - the agent runs on Linux only
-    raise ImportError("agent.clock supports Linux only")
+    raise ImportError("agent.core.clock supports Linux only")

@@ -1,4 +1,5 @@
-"""Signed downlink commands (docs/COMMANDS.md): verify, refuse or run, and acknowledge.
+"""Signed downlink commands (docs/COMMANDS.md): verify, refuse or run, and acknowledge. The wire
+format is agent.protocol.commands; this is the gateway's processor.
 
 A command is a tagged COSE_Sign1 signed with the platform's command key, which is pinned on the
 gateway at provisioning (`[commands] platform_key`). Its payload names the gateway, carries a
@@ -19,185 +20,41 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeGuard, TypeVar
+from typing import Any, TypeVar
 
-import cbor2
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.audit import AuditTrail
-from agent.commands_config import MAX_COMMAND_BYTES, CommandsConfig
 from agent.core.atomic import write_atomic
-from agent.events import ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
-from agent.keys import PRIVATE_NAME, generate_keypair, load_private_key
-from agent.protocol import (
-    ProtocolError,
-    kid_for,
-    loads_exact,
-    open_sign1,
-    sign1,
+from agent.core.clock import Clock
+from agent.core.types import ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
+from agent.protocol.commands import (
+    COMMANDS,
+    MAX_COMMAND_BYTES,
+    Command,
+    CommandAck,
+    CommandError,
+    duration,
+    encode_ack,
+    verify_command,
 )
-from drivers.base import Clock
+from agent.security.audit import AuditTrail
+from agent.security.commands_config import CommandsConfig
+from agent.security.keys import PRIVATE_NAME, generate_keypair, load_private_key
 
-__all__ = [
-    "COMMANDS",
-    "MAX_COMMAND_BYTES",
-    "REJECT_REASONS",
-    "Command",
-    "CommandAck",
-    "CommandError",
-    "CommandHooks",
-    "CommandProcessor",
-    "CommandsConfig",
-    "SeqStore",
-    "decode_ack",
-    "encode_command",
-    "make_rotate_hook",
-    "sign1",
-    "verify_command",
-]
+__all__ = ["CommandHooks", "CommandProcessor", "SeqStore", "make_rotate_hook"]
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
 
-FORMAT_VERSION = 1
-COMMANDS = frozenset({"ping", "status", "doctor", "log-level", "rotate-key", "pulse"})
 # Read-only commands: still signed, in sequence and for this gateway, but accepted while the
 # wall clock is unsynchronised (a Pi has no RTC; expiry cannot be judged until NTP is back).
 READ_ONLY = frozenset({"ping", "status"})
-REJECT_REASONS = frozenset({
-    "malformed", "unknown-key", "bad-signature", "wrong-gateway", "version", "expired",
-    "not-yet-valid", "too-long-valid", "clock-unsynced", "replay", "out-of-order",
-    "unknown-command", "bad-args", "not-allowed", "unavailable", "failed", "busy",
-})
-_PAYLOAD_KEYS = frozenset({"v", "gw", "seq", "iat", "exp", "cmd", "args"})
 _LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-class CommandError(ValueError):
-    """A command refused; `reason` is one of `REJECT_REASONS` (the only thing the peer sees)."""
-
-    def __init__(self, reason: str, detail: str = "", seq: int = 0) -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-        self.seq = seq
-
-
-@dataclass(frozen=True)
-class Command:
-    kid: bytes
-    gw: str
-    seq: int
-    iat: float
-    exp: float
-    cmd: str
-    args: dict[str, Any]
-    hash: bytes  # SHA-256 of the exact COSE bytes received
-
-
-@dataclass(frozen=True)
-class CommandAck:
-    gw: str
-    seq: int
-    h: bytes
-    ok: bool
-    t: float
-    err: str | None = None
-    result: dict[str, Any] | None = None
-
-
-# --- COSE_Sign1 -------------------------------------------------------------------------------
-
-
-def _loads_exact(data: bytes) -> Any:
-    """One CBOR item spanning all of `data` (agent.protocol's decoder), as a CommandError."""
-    try:
-        return loads_exact(data, "command")
-    except ProtocolError as exc:
-        raise CommandError("malformed", exc.detail) from None
-
-
-def _open_sign1(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | None]
-                ) -> tuple[bytes, bytes]:
-    """Check a COSE_Sign1's size, structure, key and signature; return (kid, payload)."""
-    if len(data) > MAX_COMMAND_BYTES:
-        raise CommandError("malformed", "too large")
-    try:
-        return open_sign1(data, key_for_kid)
-    except ProtocolError as exc:
-        raise CommandError(exc.reason, exc.detail) from None
-
-
-def _uint(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 2**63 - 1
-
-
-def _time(x: object) -> TypeGuard[int | float]:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _seconds(x: object) -> float | None:
-    """A positive, finite duration, or None."""
-    return float(x) if _time(x) and x > 0 else None
-
-
-def encode_command(*, gw: str, seq: int, iat: float, exp: float, cmd: str,
-                   args: Mapping[str, Any] | None = None) -> bytes:
-    """The canonical CBOR payload of one command (sign it with `sign1`)."""
-    return cbor2.dumps({"v": FORMAT_VERSION, "gw": gw, "seq": seq, "iat": float(iat),
-                        "exp": float(exp), "cmd": cmd, "args": dict(args or {})},
-                       canonical=True)
-
-
-def verify_command(data: bytes, platform_key: Ed25519PublicKey) -> Command:
-    """Structure, pinned key and signature, then the payload's shape. Raises CommandError."""
-    pinned = kid_for(platform_key)
-    kid, payload = _open_sign1(bytes(data), lambda k: platform_key if k == pinned else None)
-    body = _loads_exact(payload)
-    if not isinstance(body, dict):
-        raise CommandError("malformed", "payload is not a map")
-    if body.get("v") != FORMAT_VERSION:
-        raise CommandError("version", repr(body.get("v")))
-    if set(body) != _PAYLOAD_KEYS:
-        raise CommandError("malformed", "payload keys")
-    gw, seq, iat, exp, cmd, args = (body[k] for k in ("gw", "seq", "iat", "exp", "cmd", "args"))
-    if not (isinstance(gw, str) and _uint(seq) and _time(iat) and _time(exp)
-            and isinstance(cmd, str) and isinstance(args, dict)
-            and all(isinstance(k, str) for k in args)):
-        raise CommandError("malformed", "payload fields")
-    return Command(kid=kid, gw=gw, seq=seq, iat=float(iat), exp=float(exp), cmd=cmd, args=args,
-                   hash=hashlib.sha256(data).digest())
-
-
-def encode_ack(key: Ed25519PrivateKey, ack: CommandAck) -> bytes:
-    doc: dict[str, Any] = {"v": FORMAT_VERSION, "gw": ack.gw, "seq": ack.seq, "h": ack.h,
-                           "ok": ack.ok, "t": ack.t}
-    if ack.err is not None:
-        doc["err"] = ack.err
-    if ack.result is not None:
-        doc["result"] = ack.result
-    return sign1(key, cbor2.dumps(doc, canonical=True, default=_json_safe))
-
-
-def _json_safe(encoder: cbor2.CBOREncoder, value: Any) -> None:
-    encoder.encode(str(value))  # e.g. a Path in a status document
-
-
-def decode_ack(data: bytes, gateway_key: Ed25519PublicKey) -> CommandAck:
-    """Verify a cmd-ack with the gateway's public key (the platform side). Raises CommandError."""
-    expected = kid_for(gateway_key)
-    _kid, payload = _open_sign1(bytes(data), lambda k: gateway_key if k == expected else None)
-    doc = _loads_exact(payload)
-    if not (isinstance(doc, dict) and {"v", "gw", "seq", "h", "ok", "t"} <= doc.keys()):
-        raise CommandError("malformed", "ack keys")
-    return CommandAck(gw=doc["gw"], seq=doc["seq"], h=doc["h"], ok=doc["ok"], t=doc["t"],
-                      err=doc.get("err"), result=doc.get("result"))
 
 
 # --- the sequence, persisted ------------------------------------------------------------------
@@ -408,7 +265,7 @@ class CommandProcessor:
         return await self._pulse(args)
 
     def _log_level(self, args: Mapping[str, Any]) -> dict[str, Any]:
-        level, seconds = args.get("level"), _seconds(args.get("seconds"))
+        level, seconds = args.get("level"), duration(args.get("seconds"))
         if not isinstance(level, str) or level not in _LOG_LEVELS or seconds is None or (
                 seconds > self.cfg.max_log_level_s):
             raise CommandError("bad-args", "level/seconds")
@@ -421,7 +278,7 @@ class CommandProcessor:
         return {"level": level, "until": self.clock.time() + seconds, "then": default}
 
     async def _pulse(self, args: Mapping[str, Any]) -> dict[str, Any]:
-        name, seconds = args.get("output"), _seconds(args.get("seconds"))
+        name, seconds = args.get("output"), duration(args.get("seconds"))
         if not isinstance(name, str) or seconds is None:
             raise CommandError("bad-args", "output/seconds")
         longest = self.cfg.allow_outputs.get(name)

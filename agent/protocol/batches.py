@@ -1,4 +1,5 @@
-"""Wire protocol v1: signed batches (COSE_Sign1, Ed25519) and acks. Pure: bytes in, bytes out.
+"""Wire protocol v1: signed batches (COSE_Sign1, Ed25519; agent.protocol.cose) and acks. Pure:
+bytes in, bytes out.
 
 docs/PROTOCOL.md is the specification; this module is its reference implementation. It imports
 no transport. cbor2 + cryptography are used directly (the hot path needs only the
@@ -17,72 +18,44 @@ import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import cbor2
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.core import cbor
+from agent.protocol.cose import (
+    KID_LEN,
+    ProtocolError,
+    decode_sign1,
+    guarded,
+    loads_exact,
+    open_sign1,
+    sign1,
+)
 
 __all__ = [
-    "ALG_EDDSA",
-    "COSE_SIGN1_TAG",
     "FORMAT_VERSION",
-    "REASONS",
+    "MAX_INT",
     "ZERO_HASH",
     "Ack",
     "Batch",
-    "ProtocolError",
     "batch_hash",
     "build_batch",
     "decode_ack",
     "decode_batch",
     "encode_ack",
     "encode_event",
-    "kid_for",
-    "loads_exact",
-    "open_sign1",
-    "sig_structure",
-    "sign1",
     "verify_batch",
 ]
 
 FORMAT_VERSION = 1
 ZERO_HASH = bytes(32)
-COSE_SIGN1_TAG = 18
-ALG_EDDSA = -8
-KID_LEN = 16
-SIG_LEN = 64
 MAX_INT = 2**63 - 1  # ids and seqs are stored as SQLite INTEGER on both sides
 
-# The reasons a platform puts in a negative ack's "err" (docs/PROTOCOL.md, "Acks").
-REASONS = frozenset(
-    {"malformed", "unknown-key", "bad-signature", "wrong-gateway", "gap", "fork", "replay",
-     "version"}
-)
-
-_T = TypeVar("_T")
 _EVENT_REQUIRED = frozenset({"id", "t", "tq", "src", "type", "v", "prio"})
 _EVENT_KEYS = _EVENT_REQUIRED | {"u", "attrs"}
 _PAYLOAD_KEYS = frozenset({"v", "gw", "seq", "prev", "created", "events"})
 _ACK_REQUIRED = frozenset({"seq", "h", "ok"})
-
-
-class ProtocolError(ValueError):
-    """Bytes that are not a valid v1 message. `reason` is one of `REASONS`."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
-def kid_for(public_key: Ed25519PublicKey) -> bytes:
-    """Key id: the first 16 bytes of SHA-256 of the raw 32-byte public key."""
-    raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return hashlib.sha256(raw).digest()[:KID_LEN]
 
 
 def batch_hash(cose: bytes) -> bytes:
@@ -191,15 +164,6 @@ _K_V, _K_GW, _K_SEQ, _K_PREV, _K_EVENTS, _K_CREATED = (
 _MAP6 = _head(5, 6)
 
 
-def _protected(kid: bytes) -> bytes:
-    return cbor2.dumps({1: ALG_EDDSA, 4: kid}, canonical=True)
-
-
-def sig_structure(protected: bytes, payload: bytes) -> bytes:
-    """The COSE Sig_structure a COSE_Sign1 signs (RFC 9052 §4.4); shared with agent.commands."""
-    return cbor2.dumps(["Signature1", protected, b"", payload])
-
-
 def build_batch(
     *,
     key: Ed25519PrivateKey,
@@ -229,14 +193,6 @@ def build_batch(
     return sign1(key, payload, kid)
 
 
-def sign1(key: Ed25519PrivateKey, payload: bytes, kid: bytes | None = None) -> bytes:
-    """A tagged COSE_Sign1 (EdDSA) over `payload`; `kid` defaults to `kid_for` the key's
-    public half (pass it when known: deriving it costs a SHA-256)."""
-    protected = _protected(kid_for(key.public_key()) if kid is None else kid)
-    signature = key.sign(sig_structure(protected, payload))
-    return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
-
-
 @dataclass(frozen=True)
 class Batch:
     """A decoded batch. `hash` is `batch_hash` of the bytes it came from."""
@@ -261,15 +217,6 @@ class Ack:
 
 
 # --- decoding untrusted bytes: everything below raises ProtocolError and nothing else ---------
-
-
-def loads_exact(data: bytes, what: str) -> Any:
-    """Decode one CBOR item that must span all of `data` (trailing bytes are malformed).
-    Arrays come back as lists and maps as dicts whatever the cbor2 version (agent.core.cbor)."""
-    try:
-        return cbor.loads_exact(data, what)
-    except cbor.CBORError as exc:
-        raise ProtocolError("malformed", str(exc)) from None
 
 
 def _is_uint(x: object, low: int = 0) -> bool:
@@ -316,51 +263,6 @@ def _check_event(ev: object) -> dict[str, Any]:
     return ev
 
 
-def _decode_envelope(data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
-    """COSE_Sign1 structure -> (protected, kid, payload, signature). The one parser of
-    COSE_Sign1 in the project: batches, commands and renewal requests all come through it."""
-    msg = loads_exact(data, "cose")
-    if not isinstance(msg, cbor2.CBORTag) or msg.tag != COSE_SIGN1_TAG:
-        raise ProtocolError("malformed", "not a tagged COSE_Sign1")
-    parts = msg.value
-    if not isinstance(parts, list) or len(parts) != 4:
-        raise ProtocolError("malformed", "COSE_Sign1 is not a 4-element array")
-    protected, unprotected, payload, signature = parts
-    if not (
-        isinstance(protected, bytes) and isinstance(unprotected, dict) and not unprotected
-        and isinstance(payload, bytes) and isinstance(signature, bytes)
-        and len(signature) == SIG_LEN
-    ):
-        raise ProtocolError("malformed", "COSE_Sign1 field types")
-    header = loads_exact(protected, "protected header")
-    if not isinstance(header, dict) or set(header) != {1, 4}:
-        raise ProtocolError("malformed", "protected header keys")
-    kid = header[4]
-    if header[1] != ALG_EDDSA or not isinstance(kid, bytes) or len(kid) != KID_LEN:
-        raise ProtocolError("malformed", "protected header alg/kid")
-    return protected, kid, payload, signature
-
-
-def _open(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | None]
-          ) -> tuple[bytes, bytes]:
-    protected, kid, payload, signature = _decode_envelope(data)
-    key = key_for_kid(kid)
-    if key is None:
-        raise ProtocolError("unknown-key", kid.hex())
-    try:
-        key.verify(signature, sig_structure(protected, payload))
-    except InvalidSignature:
-        raise ProtocolError("bad-signature", kid.hex()) from None
-    return kid, payload
-
-
-def open_sign1(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | None]
-               ) -> tuple[bytes, bytes]:
-    """Check a COSE_Sign1's structure, key and signature, in that order; return (kid,
-    payload). Raises ProtocolError ("malformed", "unknown-key", "bad-signature") only."""
-    return _guard(lambda: _open(data, key_for_kid))
-
-
 def _decode_payload(payload: bytes, kid: bytes, digest: bytes) -> Batch:
     body = loads_exact(payload, "payload")
     if not isinstance(body, dict):
@@ -381,33 +283,24 @@ def _decode_payload(payload: bytes, kid: bytes, digest: bytes) -> Batch:
                  hash=digest)
 
 
-def _guard(fn: Callable[[], _T]) -> _T:
-    try:
-        return fn()
-    except ProtocolError:
-        raise
-    except Exception as exc:  # e.g. RecursionError from a deeply nested value: still malformed
-        raise ProtocolError("malformed", type(exc).__name__) from None
-
-
 def decode_batch(data: bytes) -> tuple[Batch, bytes, bytes]:
     """Decode without checking the signature: (batch, protected header bytes, signature)."""
 
     def run() -> tuple[Batch, bytes, bytes]:
-        protected, kid, payload, signature = _decode_envelope(data)
+        protected, kid, payload, signature = decode_sign1(data)
         return _decode_payload(payload, kid, batch_hash(bytes(data))), protected, signature
 
-    return _guard(run)
+    return guarded(run)
 
 
 def verify_batch(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | None]) -> Batch:
     """Check structure, key and signature (in that order), then decode the payload."""
 
     def run() -> Batch:
-        kid, payload = _open(data, key_for_kid)
+        kid, payload = open_sign1(data, key_for_kid)
         return _decode_payload(payload, kid, batch_hash(bytes(data)))
 
-    return _guard(run)
+    return guarded(run)
 
 
 def encode_ack(ack: Ack) -> bytes:

@@ -10,7 +10,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,22 +18,24 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import __version__, protocol
-from agent.audit import AuditForwarder, AuditLog, AuditTrail
-from agent.clock import make_clock
-from agent.commands import CommandProcessor
 from agent.config import AgentConfig
 from agent.core.atomic import fsync_dir, write_atomic
-from agent.events import Event
-from agent.forwarder import Forwarder, Signer
+from agent.core.clock import make_clock
+from agent.core.types import Event
 from agent.outbox import Outbox
-from agent.pipeline import Pipeline
-from agent.sdnotify import Notifier, watchdog_interval
+from agent.runtime.forwarder import Forwarder, Signer
+from agent.runtime.pipeline import Pipeline
+from agent.runtime.sdnotify import Notifier, watchdog_interval
+from agent.security.audit import AuditForwarder, AuditLog, AuditTrail
+from agent.security.commands import CommandProcessor
 from agent.uplink.base import Uplink
 
 if TYPE_CHECKING:
     from drivers.gpio import GpioStatusOutput, StatusState
+from agent.core.backoff import Backoff
+from agent.core.types import Reading
 from drivers import synthetic
-from drivers.base import Backoff, Reading, Source, SourceContext, SourceState
+from drivers.base import Source, SourceContext, SourceState
 
 __all__ = ["PipelineSink", "Runtime", "build_sources", "build_uplinks"]
 
@@ -166,9 +168,13 @@ class Runtime:
         notifier: Notifier | None = None,
         uplinks: Sequence[Uplink] | None = None,
         config_path: Path | None = None,
+        doctor: Callable[[], Awaitable[Mapping[str, Any]]] | None = None,
     ) -> None:
+        """`doctor` answers the platform's `doctor` command: the operator's checks, lent by
+        the command line that started the runtime (the runtime does not import it)."""
         self.cfg = cfg
         self.config_path = config_path
+        self.doctor = doctor
         self.clock = make_clock(cfg.gateway.time_sync)
         self.ctx = SourceContext(clock=self.clock, pin_factory=pin_factory,
                                  extra=dict(ctx_extra or {}))
@@ -196,7 +202,7 @@ class Runtime:
     # ----------------------------------------------------------------- assembly
 
     async def _assemble(self) -> None:
-        from agent.keys import load_private_key
+        from agent.security.keys import load_private_key
 
         cfg = self.cfg
         cfg.gateway.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -272,7 +278,7 @@ class Runtime:
         )
         metrics_server: Any = None
         if self.cfg.metrics.enabled:
-            from agent.metrics import serve
+            from agent.runtime.metrics import serve
 
             metrics_server = serve(self.status_doc_sync, self.cfg.metrics.port,
                                    self.cfg.metrics.bind)
@@ -403,7 +409,7 @@ class Runtime:
 
     async def _audit_start(self) -> None:
         assert self.audit is not None and self.outbox is not None
-        from agent.audit import config_digest
+        from agent.security.audit import config_digest
 
         await self.audit.record(
             "audit.config_loaded",
@@ -479,9 +485,9 @@ class Runtime:
             self._clock_ref = (wall, mono)
 
     def _command_processor(self, cc: Any, key: Ed25519PrivateKey) -> CommandProcessor:
-        from agent.commands import CommandHooks, CommandProcessor, make_rotate_hook
-        from agent.keys import PUBLIC_NAME, load_public_key
-        from agent.log import configure_logging
+        from agent.core.log import configure_logging
+        from agent.security.commands import CommandHooks, CommandProcessor, make_rotate_hook
+        from agent.security.keys import PUBLIC_NAME, load_public_key
 
         assert self.outbox is not None and self.forwarder is not None
         cfg = self.cfg
@@ -503,11 +509,9 @@ class Runtime:
             forwarder.rotate_after(new_key, event_id, install)
 
         async def doctor() -> Mapping[str, Any]:
-            from agent.doctor import run_checks
-
-            if self.config_path is None:
-                return {"error": "no config file to check"}
-            return {"checks": [c.as_dict() for c in await run_checks(self.config_path)]}
+            if self.doctor is None:
+                return {"error": "doctor is not available in this process"}
+            return dict(await self.doctor())
 
         pulse = None
         if cfg.sources.gpio is not None and cfg.sources.gpio.outputs.pulse:

@@ -33,18 +33,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import cbor2
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
 from agent.config import AgentConfig, parse_config
 from agent.core.atomic import write_atomic
-from agent.integrity import MANIFEST_PATH, build_manifest, installed_trees, write_manifest
-from agent.keys import (
+from agent.security.integrity import MANIFEST_PATH, build_manifest, installed_trees, write_manifest
+from agent.security.keys import (
     PRIVATE_NAME,
     PUBLIC_NAME,
     KeyInfo,
@@ -57,7 +55,6 @@ from agent.keys import (
 __all__ = [
     "DEFAULT_EXEC",
     "EGRESS_DROPIN",
-    "RENEWAL_TYPE",
     "UNIT_NAME",
     "InstallResult",
     "ProvisionResult",
@@ -74,7 +71,6 @@ __all__ = [
     "render_egress",
     "renew",
     "units_dir",
-    "verify_renewal",
     "wipe",
     "wipe_check",
 ]
@@ -83,7 +79,6 @@ UNIT_NAME = "branch-agent.service"
 DEFAULT_EXEC = "/opt/branch-agent/bin/branch-agent"
 SNIPPET = "branch-agent.conf"
 EGRESS_DROPIN = Path("etc/systemd/system") / f"{UNIT_NAME}.d" / "10-egress.conf"
-RENEWAL_TYPE = "mqtt-csr-renewal"
 
 
 @dataclass(frozen=True)
@@ -474,7 +469,7 @@ def renew(cfg: AgentConfig, now: Callable[[], float] = time.time) -> RenewResult
     over the canonical CBOR map {"type": "mqtt-csr-renewal", "gw": id, "csr": SHA-256 of the
     CSR's DER, "cur": SHA-256 of the current certificate's DER or null, "iat": seconds}.
     Running it again keeps a pending key and its CSR (the CA may already have them)."""
-    from agent.protocol import sign1
+    from agent.protocol.renewal import renewal_request
 
     tls = _mqtt_tls(cfg)
     signing = load_private_key(cfg.gateway.key_file)  # KeyFileError (ValueError) if unsafe
@@ -486,48 +481,15 @@ def renew(cfg: AgentConfig, now: Callable[[], float] = time.time) -> RenewResult
         csr_pem = _csr(key, cfg.gateway.id)
         der = x509.load_pem_x509_csr(csr_pem).public_bytes(serialization.Encoding.DER)
         cur = _der_of_pem_cert(Path(tls.cert))
-        payload = cbor2.dumps({"type": RENEWAL_TYPE, "gw": cfg.gateway.id,
-                               "csr": hashlib.sha256(der).digest(),
-                               "cur": hashlib.sha256(cur).digest() if cur else None,
-                               "iat": int(now())}, canonical=True)
         write_atomic(csr_path, csr_pem, 0o644)
-        write_atomic(auth_path, sign1(signing, payload), 0o644)
+        write_atomic(auth_path, renewal_request(signing, cfg.gateway.id, der, cur, now()),
+                     0o644)
     from agent.protocol import kid_for
 
     return RenewResult(nxt / "client.key", csr_path, auth_path, new_key,
                        kid_for(signing.public_key()).hex())
 
 
-def verify_renewal(csr_pem: bytes, cose: bytes, public_key: Ed25519PublicKey,
-                   gateway_id: str) -> dict[str, Any]:
-    """What the bank's CA (or the platform, which holds the gateway's registered public key)
-    runs before signing a renewal CSR: the COSE_Sign1 verifies with `public_key`, names this
-    gateway and this CSR's hash, and the CSR is self-signed and for the gateway id. Returns the
-    signed claims; raises ValueError saying what is wrong."""
-    from agent.protocol import ProtocolError, kid_for, loads_exact, open_sign1
-
-    pinned = kid_for(public_key)
-    try:
-        _kid, payload = open_sign1(cose, lambda kid: public_key if kid == pinned else None)
-        claims = loads_exact(payload, "renewal claims")
-    except ProtocolError as exc:
-        why = {"unknown-key": "signed by another key (kid differs)",
-               "bad-signature": "bad signature"}.get(exc.reason, f"malformed: {exc.detail}")
-        raise ValueError(f"renewal authentication: {why}") from None
-    csr = x509.load_pem_x509_csr(csr_pem)
-    der = csr.public_bytes(serialization.Encoding.DER)
-    if not isinstance(claims, dict) or claims.get("type") != RENEWAL_TYPE:
-        raise ValueError("renewal authentication: wrong type")
-    if claims.get("gw") != gateway_id:
-        raise ValueError(f"renewal authentication: for gateway {claims.get('gw')!r}")
-    if claims.get("csr") != hashlib.sha256(der).digest():
-        raise ValueError("renewal authentication: signs another CSR")
-    if not csr.is_signature_valid:
-        raise ValueError("CSR: bad self-signature")
-    cn = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not cn or cn[0].value != gateway_id:
-        raise ValueError("CSR: common name is not the gateway id")
-    return claims
 
 
 def _spki(key: Any) -> bytes:
@@ -668,7 +630,7 @@ def _audit_path(cfg: AgentConfig) -> Path:
 def wipe_check(cfg: AgentConfig, keep_audit: Path | None = None) -> None:
     """The refusals of `wipe`, made before anything is touched, so that the caller records a
     wipe only once it is going ahead. Raises ValueError naming the reason."""
-    from agent import audit
+    from agent.security import audit
 
     state = cfg.gateway.state_dir
     if state.exists() and not _owned_dir(state):
@@ -688,7 +650,7 @@ def wipe(cfg: AgentConfig, config_path: Path, keep_audit: Path | None = None) ->
     in place, or exported to `keep_audit` (JSON lines, verified) and then removed too. The
     caller checks the agent is not running (`agent_pid`), runs `wipe_check`, then records
     `audit.operator_command` before calling this (which checks again)."""
-    from agent import audit
+    from agent.security import audit
 
     wipe_check(cfg, keep_audit)
     res = WipeResult()

@@ -9,7 +9,7 @@ import json
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,9 @@ import structlog
 
 from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
-from agent.errors import AgentError, ConfigError
-from agent.integrity import MANIFEST_PATH
-from agent.log import configure_logging
+from agent.core.errors import AgentError, ConfigError
+from agent.core.log import configure_logging
+from agent.security.integrity import MANIFEST_PATH
 
 __all__ = ["main"]
 
@@ -70,7 +70,7 @@ def _audit_operator(config: Path | None, command: str, **attrs: object) -> None:
     """Operator commands go to the local audit log (IEC 62443-4-2 CR 2.8), with the invoking
     user. Best effort: a command that cannot read the config or write the log still runs (the
     agent raises audit.degraded itself when it cannot write)."""
-    from agent.audit import AuditLog, AuditWriteError
+    from agent.security.audit import AuditLog, AuditWriteError
 
     if config is None or not config.exists():
         return
@@ -84,7 +84,7 @@ def _audit_operator(config: Path | None, command: str, **attrs: object) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from agent import audit
+    from agent.security import audit
 
     argv = [args.action]
     path = args.file
@@ -98,7 +98,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from agent.keys import generate_keypair
+    from agent.security.keys import generate_keypair
 
     info = generate_keypair(Path(args.dir), force=args.force)
     _audit_operator(Path(args.config) if args.config else None, "keygen",
@@ -113,12 +113,19 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(Path(args.config))
     configure_logging(args.log_level or cfg.log.level, cfg.log.format)
-    from agent.runtime import Runtime, install_signal_handlers
+    from agent.runtime.root import Runtime, install_signal_handlers
 
     async def main() -> None:
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        await Runtime(cfg, config_path=Path(args.config)).run(stop)
+        config_path = Path(args.config)
+
+        async def doctor() -> Mapping[str, Any]:
+            from agent.ops.doctor import run_checks
+
+            return {"checks": [c.as_dict() for c in await run_checks(config_path)]}
+
+        await Runtime(cfg, config_path=config_path, doctor=doctor).run(stop)
 
     asyncio.run(main())
     return EXIT_OK
@@ -137,7 +144,7 @@ def _ask(option: str, value: str | None, interactive: bool) -> str:
 
 
 def _renew(args: argparse.Namespace) -> int:
-    from agent.provision import renew
+    from agent.ops.provision import renew
 
     cfg_path = Path(args.config)
     res = renew(load_config(cfg_path))
@@ -152,7 +159,7 @@ def _renew(args: argparse.Namespace) -> int:
 
 
 def _install_cert(args: argparse.Namespace) -> int:
-    from agent.provision import install_cert
+    from agent.ops.provision import install_cert
 
     cfg_path = Path(args.config)
     res = install_cert(load_config(cfg_path), Path(args.install_cert))
@@ -168,7 +175,7 @@ def _install_cert(args: argparse.Namespace) -> int:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from agent.provision import provision, registration_text
+    from agent.ops.provision import provision, registration_text
 
     if args.renew:
         return _renew(args)
@@ -204,8 +211,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 
 def cmd_wipe(args: argparse.Namespace) -> int:
-    from agent.audit import AuditLog, AuditWriteError
-    from agent.provision import agent_pid, wipe, wipe_check
+    from agent.ops.provision import agent_pid, wipe, wipe_check
+    from agent.security.audit import AuditLog, AuditWriteError
 
     cfg_path = Path(args.config)
     cfg = load_config(cfg_path)
@@ -293,7 +300,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from agent import doctor
+    from agent.ops import doctor
 
     checks = asyncio.run(doctor.run_checks(Path(args.config), args.timeout,
                                            Path(args.manifest)))
@@ -327,7 +334,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from agent import statusview
+    from agent.ops import status as statusview
 
     cfg = load_config(Path(args.config))
     if args.json:
@@ -345,7 +352,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from agent import metrics, statusview
+    from agent.ops import status as statusview
+    from agent.runtime import metrics
 
     cfg = load_config(Path(args.config))
     stop = threading.Event()

@@ -1,4 +1,6 @@
-"""Base for every config model: strict (unknown keys are errors), frozen once loaded."""
+"""Base for every config model: strict (unknown keys are errors), frozen once loaded. Each
+family keeps its model in a light module of its own (`*_config.py`), so that loading a config
+imports no driver stack, no paho and no cryptography (tests/test_layering.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """`[commands]`: the config model of signed downlink commands, apart from their processing, so
-that loading a config does not import cryptography; and the one size limit for a command,
-which the MQTT uplink applies before buffering one and agent.commands before decoding it."""
+that loading a config does not import cryptography."""
 
 from __future__ import annotations
 
@@ -8,11 +7,9 @@ from pathlib import Path
 
 from pydantic import Field
 
-from drivers.configbase import StrictModel
+from agent.core.config import StrictModel
 
-__all__ = ["MAX_COMMAND_BYTES", "CommandsConfig"]
-
-MAX_COMMAND_BYTES = 16 * 1024  # a signed command is a few hundred bytes; larger: dropped unread
+__all__ = ["CommandsConfig"]
 
 
 class CommandsConfig(StrictModel):

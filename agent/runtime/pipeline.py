@@ -28,8 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.events import ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
-from drivers.base import Reading
+from agent.core.types import ALERT, TQ_SYNCED, TQ_UNSYNCED, Event, Reading
 
 __all__ = ["Pipeline", "Rule", "Threshold"]
 

@@ -32,10 +32,10 @@ from typing import Any
 
 import structlog
 
-from agent.clock import sync_probe
 from agent.config import AgentConfig, load_config
-from agent.errors import ConfigError
-from agent.integrity import MANIFEST_PATH, verify_manifest
+from agent.core.clock import sync_probe
+from agent.core.errors import ConfigError
+from agent.security.integrity import MANIFEST_PATH, verify_manifest
 
 __all__ = [
     "CERT_WARN_DAYS",
@@ -124,8 +124,8 @@ def check_config(path: Path) -> tuple[Check, AgentConfig | None]:
 
 
 def check_signing_key(cfg: AgentConfig) -> Check:
-    from agent.keys import KeyFileError, load_private_key
     from agent.protocol import kid_for
+    from agent.security.keys import KeyFileError, load_private_key
 
     path = cfg.gateway.key_file
     name = "signing key"

@@ -44,9 +44,9 @@ from typing import IO, Any
 import structlog
 from pydantic import Field
 
-from agent.events import ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
-from drivers.base import Clock
-from drivers.configbase import StrictModel
+from agent.core.clock import Clock
+from agent.core.config import StrictModel
+from agent.core.types import ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
 
 __all__ = [
     "AGENT_ACTORS",

@@ -29,7 +29,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import protocol
-from agent.events import ALARM
+from agent.core.types import ALARM
 from agent.outbox import Outbox, PendingBatch
 from agent.uplink.base import Uplink, UplinkDownError
 
