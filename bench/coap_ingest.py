@@ -25,7 +25,9 @@ import aiocoap.resource
 from agent.core.clock import SystemClock
 from agent.core.types import Reading
 from drivers.base import SourceContext
-from drivers.coap import CF_SENML_JSON, CoapIngestConfig, CoapIngestSource
+from drivers.coap.config import CoapIngestConfig
+from drivers.coap.senml import CF_SENML_JSON
+from drivers.coap.server import CoapIngestSource
 
 
 class CountingSink:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import stat
 import subprocess
@@ -9,7 +10,11 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from agent.config import load_config, parse_config
+from agent.core.errors import OperatorError
+from agent.ops.cli import run_command
 from tests.support.agentproc import to_toml
 
 AGENT = [sys.executable, "-m", "agent.ops.cli"]
@@ -99,3 +104,26 @@ def test_config_show_prints_the_effective_config_redacted(tmp_path: Path) -> Non
     as_json = cli("config", "show", "--config", str(cfg), "--json")
     assert as_json.returncode == 0 and BINDKEY not in as_json.stdout
     assert json.loads(as_json.stdout)["gateway"]["id"] == "gw-show"
+
+
+def test_operator_errors_are_one_line_and_programming_errors_keep_their_traceback(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """What an operator can act on (AgentError, OSError) is printed alone with exit 1; a
+    plain ValueError or KeyError from a bug is not swallowed into one line."""
+    def refuse(_: argparse.Namespace) -> int:
+        raise OperatorError("a certificate for another key")
+
+    def missing(_: argparse.Namespace) -> int:
+        raise FileNotFoundError(2, "No such file or directory", "/etc/branch-agent/agent.toml")
+
+    def bug(_: argparse.Namespace) -> int:
+        raise ValueError("invalid literal for int() with base 10: 'x'")
+
+    ns = argparse.Namespace()
+    assert run_command(refuse, ns) == 1
+    assert run_command(missing, ns) == 1
+    err = capsys.readouterr().err
+    assert "error: a certificate for another key" in err and "agent.toml" in err
+    assert "Traceback" not in err
+    with pytest.raises(ValueError, match="invalid literal"):
+        run_command(bug, ns)

@@ -18,15 +18,9 @@ from agent.core.errors import RefusedError
 from agent.core.types import ALARM, TELEMETRY, Reading
 from branchsim.coapsensors import CoapSensorSim
 from drivers.base import SourceContext
-from drivers.coap import (
-    CF_SENML_CBOR,
-    CF_SENML_JSON,
-    CoapIngestConfig,
-    CoapIngestSource,
-    SenMLRecord,
-    build_sources,
-    decode_senml,
-)
+from drivers.coap.config import CoapIngestConfig
+from drivers.coap.senml import CF_SENML_CBOR, CF_SENML_JSON, SenMLRecord, decode_senml
+from drivers.coap.server import CoapIngestSource, build_sources
 from tests.support.agentproc import until
 from tests.support.broker import free_udp_port
 from tests.support.sinks import CollectingSink

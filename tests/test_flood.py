@@ -56,8 +56,8 @@ def test_coap_flood_does_not_delay_alarms(
     within max(150 ms, 3 x the p99 measured without the flood in the same test). The budget
     is relative because this machine is shared and noisy (2 cores: the flood generator takes
     one); 150 ms is the floor so that a very quiet baseline does not make scheduler noise fail
-    the test. Without the datagram gate in drivers.coap the garbage collector alone paused the
-    loop 50-100 ms at a time under this flood."""
+    the test. Without the datagram gate in drivers.coap.server the garbage collector alone
+    paused the loop 50-100 ms at a time under this flood."""
     port = free_udp_port()
     agent = AgentProcess(
         tmp_path / "gw",

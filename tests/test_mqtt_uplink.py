@@ -206,7 +206,8 @@ async def test_wrong_ca_fails_clearly(
         "ca": pki.other_ca_cert, "cert": pki.client_cert, "key": pki.client_key}))
     await wait_until(lambda: run.uplink.last_error is not None)
     error = run.uplink.last_error
-    assert error is not None and "certificate" in error and "tls.ca" in error
+    assert error is not None and error.kind == "tls"
+    assert "certificate" in error.message and "tls.ca" in error.message
     assert not run.uplink.connected and run.states == []
 
 
@@ -217,7 +218,8 @@ async def test_client_cert_from_wrong_ca_refused(
     run = start_uplink(uplink_cfg(mosquitto_tls, pki, tls={
         "ca": pki.ca_cert, "cert": pki.other_client_cert, "key": pki.other_client_key}))
     await wait_until(lambda: run.uplink.last_error is not None)
-    assert "tls.cert" in (run.uplink.last_error or "")
+    error = run.uplink.last_error
+    assert error is not None and error.kind == "tls" and "tls.cert" in error.message
     assert not run.uplink.connected and run.states == []
 
 

@@ -4,7 +4,14 @@ catch `ValueError` or `OSError` without knowing our names."""
 
 from __future__ import annotations
 
-__all__ = ["AgentError", "ConfigError", "DriverError", "RefusedError", "StoreError"]
+__all__ = [
+    "AgentError",
+    "ConfigError",
+    "DriverError",
+    "OperatorError",
+    "RefusedError",
+    "StoreError",
+]
 
 
 class AgentError(Exception):
@@ -25,6 +32,12 @@ class ConfigError(AgentError, ValueError):
     def __init__(self, message: str, problems: list[str] | None = None) -> None:
         super().__init__(message)
         self.problems = problems or []
+
+
+class OperatorError(AgentError, ValueError):
+    """An operator command refused its input or the state it found (a certificate for another
+    key, a wipe while the agent runs ...). The command line prints the message alone; any
+    other exception is a programming error and keeps its traceback."""
 
 
 class StoreError(AgentError, OSError):

@@ -9,7 +9,7 @@ import json
 import signal
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -487,14 +487,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     # stdout belongs to the command's output (`--json`); logs go to stderr, warnings only, until
     # `run` applies the config's level.
     configure_logging("warning")
+    return run_command(args.func, args)
+
+
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run one command: an operator's error is one line and an exit code, anything else a
+    programming error that keeps its traceback."""
     try:
-        return int(args.func(args))
+        return int(func(args))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         for p in exc.problems:
             print(f"  {p}", file=sys.stderr)
         return EXIT_CONFIG
-    except (AgentError, ValueError, OSError) as exc:
+    except (AgentError, OSError) as exc:
+        # What the operator can act on: the message alone. Anything else is a programming
+        # error and keeps its traceback (Python prints it, exit 1).
         structlog.get_logger(__name__).debug("cli.failed", error=str(exc))
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAIL

@@ -41,6 +41,7 @@ from cryptography.x509.oid import NameOID
 
 from agent.config import AgentConfig, parse_config
 from agent.core.atomic import write_atomic
+from agent.core.errors import OperatorError
 from agent.security.integrity import MANIFEST_PATH, build_manifest, installed_trees, write_manifest
 from agent.security.keys import (
     PRIVATE_NAME,
@@ -151,7 +152,7 @@ def parse_broker(text: str) -> tuple[str, int]:
     else:
         host, port = text, "8883"
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"broker {text!r}: expected HOST or HOST:PORT (port 1-65535)")
+        raise OperatorError(f"broker {text!r}: expected HOST or HOST:PORT (port 1-65535)")
     return host, int(port)
 
 
@@ -219,7 +220,8 @@ def _client_key(path: Path) -> tuple[ec.EllipticCurvePrivateKey, bool]:
     if path.exists():
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ValueError(f"{path} is not an EC private key; move it aside and provision again")
+            raise OperatorError(
+                f"{path} is not an EC private key; move it aside and provision again")
         return key, False
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -439,20 +441,13 @@ class InstallResult:
 def _mqtt_tls(cfg: AgentConfig) -> Any:
     mq = cfg.uplink.mqtt
     if mq is None or mq.tls is None:
-        raise ValueError("certificate renewal needs [uplink.mqtt.tls] (ca, cert, key) in the "
+        raise OperatorError("certificate renewal needs [uplink.mqtt.tls] (ca, cert, key) in the "
                          "config")
     return mq.tls
 
 
 def _next_dir(tls: Any) -> Path:
     return Path(tls.key).parent / "next"
-
-
-def _sha256_file(path: Path) -> bytes | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).digest()
-    except OSError:
-        return None
 
 
 def _der_of_pem_cert(path: Path) -> bytes | None:
@@ -540,7 +535,7 @@ def install_cert(cfg: AgentConfig, cert_path: Path,
     try:
         chain = x509.load_pem_x509_certificates(Path(cert_path).read_bytes())
     except ValueError:
-        raise ValueError(f"{cert_path}: not a PEM certificate") from None
+        raise OperatorError(f"{cert_path}: not a PEM certificate") from None
     leaf, intermediates = chain[0], chain[1:]
     key_path, cur_cert = Path(tls.key), Path(tls.cert)
     pending = _next_dir(tls) / "client.key"
@@ -557,14 +552,14 @@ def install_cert(cfg: AgentConfig, cert_path: Path,
     elif key_spki(key_path) == want:
         new_key = None  # the key is already in place (an interrupted or repeated install)
     else:
-        raise ValueError(f"{cert_path} was not issued for the pending key {pending} (was it "
+        raise OperatorError(f"{cert_path} was not issued for the pending key {pending} (was it "
                          f"issued for {pending.parent / 'client.csr'}?)")
     try:
         anchors = x509.load_pem_x509_certificates(Path(tls.ca).read_bytes())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the configured CA {tls.ca}: {exc}") from None
+        raise OperatorError(f"cannot read the configured CA {tls.ca}: {exc}") from None
     if not _chains_to(leaf, intermediates, anchors, now()):
-        raise ValueError(f"{cert_path} does not chain to the configured CA {tls.ca}, or is not "
+        raise OperatorError(f"{cert_path} does not chain to the configured CA {tls.ca}, or is not "
                          "in date")
     kept = [p for p in (_keep_prev(key_path, 0o600) if new_key else None,
                         _keep_prev(cur_cert, 0o644)) if p is not None]
@@ -634,13 +629,13 @@ def wipe_check(cfg: AgentConfig, keep_audit: Path | None = None) -> None:
 
     state = cfg.gateway.state_dir
     if state.exists() and not _owned_dir(state):
-        raise ValueError(f"refusing to wipe {state}: gateway.state_dir must be the agent's own "
+        raise OperatorError(f"refusing to wipe {state}: gateway.state_dir must be the agent's own "
                          "directory")
     log_path = _audit_path(cfg)
     if keep_audit is not None and log_path.exists():
         checked = audit.verify(log_path)
         if not checked.ok:
-            raise ValueError(f"the audit log {log_path} does not verify ({checked.problems[0]});"
+            raise OperatorError(f"the audit log {log_path} does not verify ({checked.problems[0]});"
                              " nothing wiped: `branch-agent audit verify` names the damage")
 
 
@@ -662,7 +657,7 @@ def wipe(cfg: AgentConfig, config_path: Path, keep_audit: Path | None = None) ->
         checked = audit.export(log_path, out)
         write_atomic(keep_audit, out.getvalue().encode(), 0o640)
         if not checked.ok:
-            raise ValueError(f"the audit log {log_path} does not verify ({checked.problems[0]});"
+            raise OperatorError(f"the audit log {log_path} does not verify ({checked.problems[0]});"
                              f" exported to {keep_audit}, nothing wiped")
         res.audit_export = keep_audit
     keeping = keep_audit is None and log_path.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -28,7 +29,7 @@ from agent.runtime.pipeline import Pipeline
 from agent.runtime.sdnotify import Notifier, watchdog_interval
 from agent.security.audit import AuditForwarder, AuditLog, AuditTrail
 from agent.security.commands import CommandProcessor
-from agent.uplink.base import Uplink
+from agent.uplink.base import CommandChannel, Uplink, UplinkFailure
 
 if TYPE_CHECKING:
     from drivers.gpio import GpioStatusOutput, StatusState
@@ -98,7 +99,7 @@ def build_sources(cfg: AgentConfig, ctx: SourceContext) -> list[Source]:
 
         sources.extend(serial.build_sources(cfg.sources.serial, ctx))
     if cfg.sources.coap is not None:
-        from drivers import coap
+        from drivers.coap import server as coap
 
         sources.extend(coap.build_sources(cfg.sources.coap, ctx))
     if cfg.sources.ble is not None:
@@ -193,7 +194,7 @@ class Runtime:
         self.pulse_outputs: Any = None
         self._key: Ed25519PrivateKey | None = None
         self._seen_rejections: dict[str, int] = {}
-        self._seen_uplink_errors: dict[str, str | None] = {}
+        self._seen_uplink_errors: dict[str, UplinkFailure | None] = {}
         self._clock_ref: tuple[float, float] | None = None
         self._audit_forward_lock = asyncio.Lock()
         self._audit_forwarder: AuditForwarder | None = None
@@ -460,12 +461,13 @@ class Runtime:
                 # an operator command (doctor, renew ...) ran beside the running agent
                 await self._forward_operator_audit()
             for up in self.uplinks:
-                err = getattr(up, "last_error", None)
+                err = up.last_error
                 if err != self._seen_uplink_errors.get(up.name):
                     self._seen_uplink_errors[up.name] = err
-                    if err and "TLS" in err:
+                    if err is not None and err.kind == "tls":
                         await self.audit.record("audit.tls_failure",
-                                                {"uplink": up.name, "error": err}, actor="agent")
+                                                {"uplink": up.name, "error": err.message},
+                                                actor="agent")
             if self.forwarder is not None:
                 for reason, n in self.forwarder.stats.rejections.items():
                     # Only the platform's verdicts on our batches; gap and replay are the
@@ -532,10 +534,8 @@ class Runtime:
                                 state_dir=cfg.gateway.state_dir, clock=self.clock, hooks=hooks,
                                 audit=self.audit)
         for up in self.uplinks:
-            set_handler = getattr(up, "set_command_handler", None)
-            publish = getattr(up, "publish_command_ack", None)
-            if set_handler is not None and publish is not None:
-                set_handler(lambda raw, publish=publish: proc.submit(raw, publish))
+            if isinstance(up, CommandChannel):
+                up.set_command_handler(functools.partial(_submit_to, proc, up))
         return proc
 
     # ----------------------------------------------------------------- status
@@ -562,7 +562,8 @@ class Runtime:
             "started": self.started,
             "clock_synchronized": self.clock.synchronized(),
             "sources": [s.health.as_dict() for s in self.sources],
-            "uplinks": [{"name": u.name, "connected": u.connected} for u in self.uplinks],
+            "uplinks": [{"name": u.name, "connected": u.connected, **u.counters}
+                        for u in self.uplinks],
         }
         if st is not None:
             doc["outbox"] = st.as_dict()
@@ -576,6 +577,11 @@ class Runtime:
 
     def _write_status(self) -> None:
         _write_json_atomic(self.cfg.gateway.state_dir / "status.json", self.status_doc_sync())
+
+
+def _submit_to(proc: CommandProcessor, channel: CommandChannel, raw: bytes) -> None:
+    """A command that arrived on `channel`; its ack goes back the same way."""
+    proc.submit(raw, channel.publish_command_ack)
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

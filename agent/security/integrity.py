@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.atomic import write_atomic
+from agent.core.errors import OperatorError
 
 __all__ = [
     "DIST",
@@ -126,7 +127,7 @@ def verify_manifest(doc: Mapping[str, Any]) -> IntegrityReport:
     """Compare the manifest with the files on disk. Raises ValueError for a manifest that is
     not one (the caller reports that as a failure too)."""
     if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
-        raise ValueError("not a branch-agent integrity manifest (format 1)")
+        raise OperatorError("not a branch-agent integrity manifest (format 1)")
     rep = IntegrityReport()
     try:
         trees = dict(doc["trees"])
@@ -151,5 +152,5 @@ def verify_manifest(doc: Mapping[str, Any]) -> IntegrityReport:
             elif _sha256(p) != entry["sha256"]:
                 rep.edited.append(str(p))
     except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"malformed manifest ({type(exc).__name__}: {exc})") from None
+        raise OperatorError(f"malformed manifest ({type(exc).__name__}: {exc})") from None
     return rep

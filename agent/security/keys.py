@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.core.atomic import write_atomic
+from agent.core.errors import AgentError
 from agent.protocol import kid_for
 
 __all__ = [
@@ -34,7 +35,7 @@ PRIVATE_NAME = "signing.key"
 PUBLIC_NAME = "signing.pub"
 
 
-class KeyFileError(ValueError):
+class KeyFileError(AgentError, ValueError):
     """A key file is missing, unreadable, of the wrong kind, or unsafely readable."""
 
 

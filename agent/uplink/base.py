@@ -7,9 +7,25 @@ raw ack bytes back (the forwarder decodes them with agent.protocol).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
 
-__all__ = ["Uplink", "UplinkDownError"]
+__all__ = ["CommandChannel", "FailureKind", "Uplink", "UplinkDownError", "UplinkFailure"]
+
+FailureKind = Literal["tls", "network", "other"]
+
+
+@dataclass(frozen=True)
+class UplinkFailure:
+    """Why the last connection attempt failed. `kind` is classified where the error is caught
+    (by exception type, never by its text): "tls" (a certificate or handshake problem, audited
+    as `audit.tls_failure`), "network" (refused, unreachable, timed out, DNS) or "other"."""
+
+    kind: FailureKind
+    message: str  # with the advice for the operator
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class UplinkDownError(ConnectionError):
@@ -20,6 +36,8 @@ class UplinkDownError(ConnectionError):
 @runtime_checkable
 class Uplink(Protocol):
     name: str
+    last_error: UplinkFailure | None  # None while connected, or before the first failure
+    counters: dict[str, int]  # what the uplink refused or dropped, for status.json
 
     @property
     def connected(self) -> bool: ...
@@ -37,3 +55,12 @@ class Uplink(Protocol):
     async def publish_status(self, doc: Mapping[str, Any]) -> None:
         """Publish the gateway's retained status document; returns when the transport accepted
         it. Raises UplinkDownError when not connected."""
+
+
+@runtime_checkable
+class CommandChannel(Protocol):
+    """An uplink that also carries the platform's signed commands (MQTT does; CoAP does not)."""
+
+    def set_command_handler(self, on_command: Callable[[bytes], None]) -> None: ...
+
+    async def publish_command_ack(self, data: bytes) -> None: ...

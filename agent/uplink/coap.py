@@ -38,7 +38,7 @@ import structlog
 
 from agent.core.atomic import write_atomic  # the one atomic writer (secrets 0600)
 from agent.core.errors import AgentError
-from agent.uplink.base import UplinkDownError
+from agent.uplink.base import UplinkDownError, UplinkFailure
 from agent.uplink.coap_config import CoapOscoreConfig, CoapUplinkConfig
 
 __all__ = [
@@ -178,6 +178,8 @@ class CoapUplink:
         self._probe_uri = f"{cfg.base}/.well-known/core"
         self._ctx: aiocoap.Context | None = None
         self._connected = False
+        self.last_error: UplinkFailure | None = None  # CoAP has no connection to fail
+        self.counters: dict[str, int] = {}
         self._on_ack: Callable[[bytes], None] = lambda _: None
         self._on_state: Callable[[bool], None] = lambda _: None
         self._activity = asyncio.Event()

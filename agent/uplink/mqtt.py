@@ -39,8 +39,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.core.backoff import Backoff
+from agent.core.thirdparty import close_unconnected_socket
 from agent.protocol.commands import MAX_COMMAND_BYTES
-from agent.uplink.base import UplinkDownError
+from agent.uplink.base import FailureKind, UplinkDownError, UplinkFailure
 from agent.uplink.mqtt_config import MqttTlsConfig, MqttUplinkConfig, topics
 
 __all__ = ["MqttTlsConfig", "MqttUplink", "MqttUplinkConfig", "topics"]
@@ -51,9 +52,14 @@ log = structlog.get_logger(__name__)
 class MqttConnectError(UplinkDownError):
     """A connection attempt failed; `hint` says what the operator should check."""
 
-    def __init__(self, message: str, hint: str) -> None:
+    def __init__(self, message: str, hint: str,
+                 kind: FailureKind = "other") -> None:
         super().__init__(f"{message} ({hint})" if hint else message)
         self.hint = hint
+        self.kind: FailureKind = kind
+
+    def failure(self) -> UplinkFailure:
+        return UplinkFailure(kind=self.kind, message=str(self))
 
 
 def _classify(exc: BaseException, cfg: MqttUplinkConfig) -> MqttConnectError:
@@ -68,23 +74,28 @@ def _classify(exc: BaseException, cfg: MqttUplinkConfig) -> MqttConnectError:
             f"{exc.verify_message}",
             f"check that tls.ca ({ca}) is the CA that issued the broker's certificate and that "
             f"'{cfg.host}' is in its subjectAltName",
+            kind="tls",
         )
     if isinstance(exc, ssl.SSLError):
         return MqttConnectError(
             f"TLS handshake with {where} failed: {exc.reason or exc}",
             "the broker may have rejected the gateway certificate: check tls.cert/tls.key are "
             "issued by the CA the broker trusts and not expired",
+            kind="tls",
         )
     if isinstance(exc, ConnectionRefusedError):
         return MqttConnectError(f"connection to {where} refused",
-                                "is the broker running and listening on that port?")
+                                "is the broker running and listening on that port?",
+                                kind="network")
     if isinstance(exc, TimeoutError | socket.timeout):
         return MqttConnectError(f"connection to {where} timed out",
-                                "check the WAN link and firewall")
+                                "check the WAN link and firewall", kind="network")
     if isinstance(exc, socket.gaierror):
-        return MqttConnectError(f"cannot resolve {cfg.host}: {exc.strerror}", "check DNS")
+        return MqttConnectError(f"cannot resolve {cfg.host}: {exc.strerror}", "check DNS",
+                                kind="network")
     if isinstance(exc, OSError):
-        return MqttConnectError(f"connection to {where} failed: {exc.strerror or exc}", "")
+        return MqttConnectError(f"connection to {where} failed: {exc.strerror or exc}", "",
+                                kind="network")
     return MqttConnectError(f"connection to {where} failed: {type(exc).__name__}: {exc}", "")
 
 
@@ -97,7 +108,7 @@ class MqttUplink:
         self.name = f"mqtt:{cfg.host}:{cfg.port}"
         self.client_id = cfg.client_id or f"branch-agent-{gw}"
         self.topics = topics(cfg.topic_prefix, gw)
-        self.last_error: str | None = None
+        self.last_error: UplinkFailure | None = None
         self._log = log.bind(uplink=self.name, gw=gw)
         self._client: paho.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -108,7 +119,7 @@ class MqttUplink:
         self._disconnected: asyncio.Future[None] | None = None
         self._on_ack: Callable[[bytes], None] = lambda _b: None
         self._on_command: Callable[[bytes], None] | None = None
-        self.commands_dropped = 0  # oversized command messages, dropped unread
+        self.counters: dict[str, int] = {"commands_dropped": 0}  # oversized, dropped unread
         self._fds: set[int] = set()
         self._connecting = False
 
@@ -149,6 +160,7 @@ class MqttUplink:
                 raise MqttConnectError(
                     f"cannot load the TLS files: {exc}",
                     "check uplink.mqtt.tls ca/cert/key paths and that the agent may read them",
+                    kind="tls",
                 ) from None
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -253,10 +265,13 @@ class MqttUplink:
             if not fut.done():
                 fut.set_exception(err)
         if self._connack is not None and not self._connack.done():
+            # Under mutual TLS, a close before CONNACK is the broker refusing our certificate
+            # (mosquitto closes right after the handshake); without TLS it is the network.
             self._connack.set_exception(MqttConnectError(
                 f"the broker closed the connection before accepting it: {rc.getName()}",
                 "it may have rejected the gateway certificate: check tls.cert/tls.key are "
-                "issued by the CA the broker trusts"))
+                "issued by the CA the broker trusts",
+                kind="tls" if self.cfg.tls is not None else "network"))
         if self._disconnected is not None and not self._disconnected.done():
             self._disconnected.set_result(None)
         if was:
@@ -275,7 +290,7 @@ class MqttUplink:
 
     def _command(self, payload: bytes) -> None:
         if len(payload) > MAX_COMMAND_BYTES:
-            self.commands_dropped += 1
+            self.counters["commands_dropped"] += 1
             self._log.warning("mqtt.command_too_large", size=len(payload))
             return
         assert self._on_command is not None
@@ -333,7 +348,7 @@ class MqttUplink:
                     await asyncio.wait_for(self._connack, self.cfg.connect_timeout)
                 except Exception as exc:
                     error = _classify(exc, self.cfg)
-                    self.last_error = str(error)
+                    self.last_error = error.failure()
                     self._log.warning("mqtt.connect_failed", error=str(error).split(" (")[0],
                                       hint=error.hint, attempt=backoff.attempt + 1)
                     # A half-open socket (no CONNACK yet) is closed by the next connect().
@@ -383,8 +398,8 @@ class MqttUplink:
             on_state(False)
         self._connected = False
         if client is not None:
-            # paho has no public close for a socket that never got a CONNACK; idempotent.
-            client._sock_close()
+            # paho has no public close for a socket that never got a CONNACK
+            close_unconnected_socket(client)
         for fd in list(self._fds):
             self._forget_fd(fd)
         for fut in self._pending.values():

@@ -236,7 +236,6 @@ class LineSource(PortSource):
 
     def __init__(self, cfg: LineConfig, clock: Clock) -> None:
         super().__init__(cfg, clock)
-        self.line_cfg = cfg
         self.decoder = LineDecoder(cfg, self.name)
         self.splitter = LineSplitter(cfg.terminator.encode(), cfg.max_line)
         self.bucket = TokenBucket(cfg.rate_limit_hz, cfg.rate_burst, clock.monotonic)

@@ -1,5 +1,6 @@
-"""Configuration of the CoAP ingest source (`[sources.coap]`). Kept apart from drivers.coap so
-that loading a config does not import aiocoap unless CoAP ingest is configured."""
+"""Configuration of the CoAP ingest source (`[sources.coap]`). Kept apart from
+drivers.coap.server so that loading a config does not import aiocoap unless CoAP ingest is
+configured."""
 
 from __future__ import annotations
 
