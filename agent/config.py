@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from agent.core.config import StrictModel
 from agent.core.errors import ConfigError
+from agent.core.paths import StateLayout
 from agent.runtime.pipeline import Rule, Threshold
 from agent.security.audit import AuditConfig
 from agent.security.commands_config import CommandsConfig
@@ -183,7 +184,7 @@ class AgentConfig(StrictModel):
 
     @property
     def outbox_path(self) -> Path:
-        return self.gateway.state_dir / "outbox.db"
+        return StateLayout(self.gateway.state_dir).outbox
 
 
 def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:

@@ -19,13 +19,7 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
         p.wait(timeout=10)
 
 
-# The WAN end for any test that asks for it: a plain mosquitto and the reference platform on it
-# (`broker` / `platform`), or both with mutual TLS (`pki`, `mosquitto_tls`, `tls_platform`).
-from tests.support.wan import (  # noqa: E402, F401 - fixtures, by name
-    broker,
-    mosquitto_factory,
-    mosquitto_tls,
-    pki,
-    platform,
-    tls_platform,
-)
+# The WAN end for any test that asks for it: a mosquitto (`mosquitto`, `mosquitto_factory`,
+# `free_port`), the reference platform on it (`broker` / `platform`), or both with mutual TLS
+# (`pki`, `mosquitto_tls`, `tls_platform`).
+pytest_plugins = ["tests.support.broker", "tests.support.wan"]

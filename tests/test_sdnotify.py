@@ -14,12 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.agentproc import AgentProcess, mqtt_uplink
-from tests.support.broker import (  # noqa: F401 - pytest fixtures, used by name
-    Mosquitto,
-    free_port,
-    mosquitto,
-    mosquitto_factory,
-)
+from tests.support.broker import Mosquitto
 
 WATCHDOG_USEC = 1_000_000  # WatchdogSec=1: the agent pings every 0.5 s
 

@@ -19,6 +19,7 @@ from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from agent.core.errors import AgentError, ConfigError
 from agent.core.log import configure_logging
+from agent.core.paths import StateLayout
 from agent.security.integrity import MANIFEST_PATH
 
 __all__ = ["main"]
@@ -90,7 +91,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     path = args.file
     if path is None:
         cfg = load_config(Path(args.config))
-        path = cfg.audit.path or cfg.gateway.state_dir / "audit" / "audit.log"
+        path = cfg.audit.path or StateLayout(cfg.gateway.state_dir).audit_log
     argv += ["--file", str(path)]
     if args.json:
         argv.append("--json")

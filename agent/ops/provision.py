@@ -42,6 +42,7 @@ from cryptography.x509.oid import NameOID
 from agent.config import AgentConfig, parse_config
 from agent.core.atomic import write_atomic
 from agent.core.errors import OperatorError
+from agent.core.paths import StateLayout
 from agent.security.integrity import MANIFEST_PATH, build_manifest, installed_trees, write_manifest
 from agent.security.keys import (
     PRIVATE_NAME,
@@ -604,7 +605,7 @@ def _owned_dir(d: Path) -> bool:
 def agent_pid(cfg: AgentConfig) -> int | None:
     """The pid in the state dir's status.json if that process is alive, else None."""
     try:
-        pid = int(json.loads((cfg.gateway.state_dir / "status.json").read_text()).get("pid", 0))
+        pid = int(json.loads(StateLayout(cfg.gateway.state_dir).status.read_text()).get("pid", 0))
     except (OSError, ValueError, TypeError, AttributeError):
         return None
     if pid <= 0:
@@ -619,7 +620,7 @@ def agent_pid(cfg: AgentConfig) -> int | None:
 
 
 def _audit_path(cfg: AgentConfig) -> Path:
-    return cfg.audit.path or cfg.gateway.state_dir / "audit" / "audit.log"
+    return cfg.audit.path or StateLayout(cfg.gateway.state_dir).audit_log
 
 
 def wipe_check(cfg: AgentConfig, keep_audit: Path | None = None) -> None:

@@ -22,6 +22,7 @@ from agent import __version__, protocol
 from agent.config import AgentConfig
 from agent.core.atomic import fsync_dir, write_atomic
 from agent.core.clock import make_clock
+from agent.core.paths import StateLayout
 from agent.core.types import Event
 from agent.outbox import Outbox
 from agent.runtime.forwarder import Forwarder, Signer
@@ -135,7 +136,7 @@ def _pseudonym_key(state_dir: Path) -> bytes:
     Created whole or not at all (agent.core.atomic). A key of any other length (an empty file
     left by a power cut under an older version, which made every pseudonym computable by
     anyone) is replaced by a new one, and said so: pseudonyms change from then on."""
-    path = state_dir / "pseudonym.key"
+    path = StateLayout(state_dir).pseudonym_key
     for _ in range(2):
         try:
             key = path.read_bytes()
@@ -426,7 +427,7 @@ class Runtime:
         # the agent runs (_audit_loop looks for a changed log). The cursor sits with the
         # outbox it describes.
         self._audit_forwarder = AuditForwarder(
-            self.audit, self.cfg.gateway.state_dir / "audit-forwarded.json",
+            self.audit, StateLayout(self.cfg.gateway.state_dir).audit_forwarded,
             self.outbox.append_many)
         await self._forward_operator_audit()
 
@@ -576,7 +577,7 @@ class Runtime:
         return doc
 
     def _write_status(self) -> None:
-        _write_json_atomic(self.cfg.gateway.state_dir / "status.json", self.status_doc_sync())
+        _write_json_atomic(StateLayout(self.cfg.gateway.state_dir).status, self.status_doc_sync())
 
 
 def _submit_to(proc: CommandProcessor, channel: CommandChannel, raw: bytes) -> None:

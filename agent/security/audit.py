@@ -46,6 +46,7 @@ from pydantic import Field
 
 from agent.core.clock import Clock
 from agent.core.config import StrictModel
+from agent.core.paths import StateLayout
 from agent.core.types import ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
 
 __all__ = [
@@ -164,7 +165,7 @@ class AuditLog:
     @classmethod
     def from_config(cls, cfg: AuditConfig, state_dir: Path,
                     wall: Callable[[], float] | None = None) -> AuditLog:
-        return cls(cfg.path or state_dir / "audit" / "audit.log", max_bytes=cfg.max_bytes,
+        return cls(cfg.path or StateLayout(state_dir).audit_log, max_bytes=cfg.max_bytes,
                    keep=cfg.keep, group=cfg.group, wall=wall)
 
     def _gid(self) -> int:

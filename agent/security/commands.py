@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent.core.atomic import write_atomic
 from agent.core.clock import Clock
+from agent.core.paths import StateLayout
 from agent.core.types import ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
 from agent.protocol.commands import (
     COMMANDS,
@@ -162,7 +163,7 @@ class CommandProcessor:
         self.clock = clock
         self.hooks = hooks
         self.audit = audit
-        self.seqs = SeqStore(state_dir / "commands.json")
+        self.seqs = SeqStore(StateLayout(state_dir).command_seq)
         self.stats = CommandStats()
         self._queue: asyncio.Queue[tuple[bytes, Reply]] = asyncio.Queue(cfg.queue)
         self._log = log.bind(gw=gw)

@@ -1,7 +1,7 @@
 """pytest fixtures for the WAN end: the reference platform (a Receiver with its MQTT server)
 subscribed to a real mosquitto from tests/support/broker.py, over plain TCP (`broker`,
-`platform`) or mutual TLS (`mosquitto_tls`, `tls_platform`). Import the fixtures a module uses
-and those they depend on (`mosquitto_factory`, `pki`)."""
+`platform`) or mutual TLS (`mosquitto_tls`, `tls_platform`). A pytest plugin (tests/conftest.py
+lists it in `pytest_plugins`, with tests/support/broker.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 
 from branchsim.platform.mqtt_server import MqttPlatformServer, PlatformTls
 from branchsim.platform.receiver import Receiver
-from tests.support.broker import Mosquitto, mosquitto_factory, mosquitto_tls, pki
+from tests.support.broker import Mosquitto
 from tests.support.pki import Pki
 
-__all__ = ["broker", "mosquitto_factory", "mosquitto_tls", "pki", "platform", "tls_platform"]
+__all__ = ["broker", "platform", "tls_platform"]
 
 
 @pytest.fixture
