@@ -37,7 +37,7 @@ from agent.core.clock import make_clock
 from agent.core.types import TELEMETRY, Event
 from agent.outbox import Outbox
 from agent.runtime.pipeline import Pipeline
-from agent.runtime.root import PipelineSink
+from agent.runtime.sink import PipelineSink
 from drivers.base import SourceContext
 from drivers.synthetic import SyntheticConfig, SyntheticSource
 

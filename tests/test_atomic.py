@@ -48,19 +48,19 @@ def test_pseudonym_key_is_created_whole(tmp_path: Path) -> None:
     """A cut while the pseudonym key is created leaves no key or the whole key, never an empty
     file (which an older version then used as the HMAC key for ever)."""
     survives_cuts("""
-        from agent.runtime.root import _pseudonym_key
-        assert len(_pseudonym_key(D)) == 32
+        from agent.security.pseudonym import load_pseudonym_key
+        assert len(load_pseudonym_key(D)) == 32
     """, tmp_path, "pseudonym.key")
 
 
 def test_an_empty_pseudonym_key_is_replaced(tmp_path: Path) -> None:
     """A key file left empty (or short) by an older version is not used: a new key is made."""
-    from agent.runtime.root import _pseudonym_key
+    from agent.security.pseudonym import load_pseudonym_key
 
     (tmp_path / "pseudonym.key").write_bytes(b"")
-    key = _pseudonym_key(tmp_path)
+    key = load_pseudonym_key(tmp_path)
     assert len(key) == 32 and (tmp_path / "pseudonym.key").read_bytes() == key
-    assert _pseudonym_key(tmp_path) == key  # and it stays
+    assert load_pseudonym_key(tmp_path) == key  # and it stays
 
 
 def test_chain_position_survives_a_power_cut(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ import contextlib
 import functools
 import json
 import os
-import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -20,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import __version__, protocol
 from agent.config import AgentConfig
-from agent.core.atomic import fsync_dir, write_atomic
+from agent.core.atomic import write_atomic
+from agent.core.backoff import Backoff
 from agent.core.clock import make_clock
 from agent.core.paths import StateLayout
 from agent.core.types import Event
@@ -28,62 +28,24 @@ from agent.outbox import Outbox
 from agent.runtime.forwarder import Forwarder, Signer
 from agent.runtime.pipeline import Pipeline
 from agent.runtime.sdnotify import Notifier, watchdog_interval
+from agent.runtime.sink import PipelineSink
 from agent.security.audit import AuditForwarder, AuditLog, AuditTrail
 from agent.security.commands import CommandProcessor
+from agent.security.pseudonym import load_pseudonym_key
 from agent.uplink.base import CommandChannel, Uplink, UplinkFailure
-
-if TYPE_CHECKING:
-    from drivers.gpio import GpioStatusOutput, StatusState
-from agent.core.backoff import Backoff
-from agent.core.types import Reading
 from drivers import synthetic
 from drivers.base import Source, SourceContext, SourceState
 
-__all__ = ["PipelineSink", "Runtime", "build_sources", "build_uplinks"]
+if TYPE_CHECKING:
+    from drivers.gpio import GpioStatusOutput, StatusState
+
+__all__ = ["Runtime", "build_sources", "build_uplinks"]
 
 log = structlog.get_logger(__name__)
 
 
 _INTEGRITY_REASONS = protocol.REASONS - {"gap", "replay"}
 AUDIT_FORWARD_EVERY_S = 5  # how often the local audit log is looked at for operator records
-
-
-class PipelineSink:
-    """The Sink drivers see: readings through the pipeline into the outbox. `submit` returns
-    after the commit, so a driver that acknowledges its device afterwards never acknowledges an
-    unsaved reading."""
-
-    def __init__(self, pipeline: Pipeline, outbox: Outbox, monotonic: Callable[[], float],
-                 on_committed: Callable[[Sequence[Event]], None] | None = None) -> None:
-        self.pipeline = pipeline
-        self.outbox = outbox
-        self._mono = monotonic
-        self._on_committed = on_committed
-        self.accepted = 0
-
-    async def _commit(self, events: list[Event], key: str | None = None) -> None:
-        await self.outbox.append_many(events, key=key)
-        self.accepted += len(events)
-        if self._on_committed is not None:
-            self._on_committed(events)
-
-    async def submit(self, reading: Reading) -> None:
-        events = self.pipeline.process(reading, self._mono())
-        if events:
-            await self._commit(events)
-
-    async def submit_many(self, readings: Sequence[Reading], key: str | None = None) -> None:
-        now = self._mono()
-        events: list[Event] = []
-        for r in readings:
-            events.extend(self.pipeline.process(r, now))
-        if events:
-            await self._commit(events, key)
-
-    async def flush_due(self) -> None:
-        events = self.pipeline.due(self._mono())
-        if events:
-            await self._commit(events)
 
 
 def build_sources(cfg: AgentConfig, ctx: SourceContext) -> list[Source]:
@@ -125,31 +87,6 @@ def build_uplinks(cfg: AgentConfig) -> list[Uplink]:
             assert cfg.uplink.coap is not None  # the config's validator guarantees it
             uplinks.append(CoapUplink(cfg.uplink.coap, cfg.gateway.id))
     return uplinks
-
-
-PSEUDONYM_KEY_LEN = 32
-
-
-def _pseudonym_key(state_dir: Path) -> bytes:
-    """A random per-gateway key for pseudonymising identifiers; never leaves the gateway.
-
-    Created whole or not at all (agent.core.atomic). A key of any other length (an empty file
-    left by a power cut under an older version, which made every pseudonym computable by
-    anyone) is replaced by a new one, and said so: pseudonyms change from then on."""
-    path = StateLayout(state_dir).pseudonym_key
-    for _ in range(2):
-        try:
-            key = path.read_bytes()
-        except FileNotFoundError:
-            if write_atomic(path, secrets.token_bytes(PSEUDONYM_KEY_LEN), 0o600, exclusive=True):
-                log.info("pseudonym_key.created", path=str(path))
-            continue  # read back what is there now (ours, or another process's)
-        if len(key) == PSEUDONYM_KEY_LEN:
-            return key
-        log.error("pseudonym_key.invalid", path=str(path), length=len(key),
-                  action="replaced by a new key; pseudonyms change from now on")
-        write_atomic(path, secrets.token_bytes(PSEUDONYM_KEY_LEN), 0o600)
-    return path.read_bytes()
 
 
 def _write_json_atomic(path: Path, doc: Mapping[str, Any]) -> None:
@@ -219,7 +156,7 @@ class Runtime:
             clock_time=self.clock.time,
             reserve_bytes=ob.reserve_bytes,
         )
-        pkey = _pseudonym_key(cfg.gateway.state_dir) if cfg.privacy.pseudonymise_attrs else None
+        pkey = load_pseudonym_key(cfg.gateway.state_dir) if cfg.privacy.pseudonymise_attrs else None
         pipeline = Pipeline(
             [r.to_rule() for r in cfg.rules],
             wall=self.clock.time,
@@ -490,7 +427,7 @@ class Runtime:
     def _command_processor(self, cc: Any, key: Ed25519PrivateKey) -> CommandProcessor:
         from agent.core.log import configure_logging
         from agent.security.commands import CommandHooks, CommandProcessor, make_rotate_hook
-        from agent.security.keys import PUBLIC_NAME, load_public_key
+        from agent.security.keys import install_next_key, load_public_key
 
         assert self.outbox is not None and self.forwarder is not None
         cfg = self.cfg
@@ -499,12 +436,7 @@ class Runtime:
 
         def announced(new_key: Ed25519PrivateKey, event_id: int) -> None:
             async def install() -> None:
-                nxt = key_file.parent / "next"
-                os.replace(nxt / "signing.key", key_file)
-                os.replace(nxt / PUBLIC_NAME, key_file.with_name(PUBLIC_NAME))
-                # the platform now knows the new key: the old one must not come back after a
-                # power cut (agent.core.atomic)
-                fsync_dir(key_file.parent)
+                install_next_key(key_file)
                 if audit is not None:
                     await audit.record("audit.key_rotated",
                                        {"kid": forwarder.signer.kid.hex()}, actor="platform")

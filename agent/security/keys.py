@@ -7,6 +7,7 @@ The private key never appears in a log or an exception message; only its `kid` a
 from __future__ import annotations
 
 import hashlib
+import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.core.atomic import write_atomic
+from agent.core.atomic import fsync_dir, write_atomic
 from agent.core.errors import AgentError
 from agent.protocol import kid_for
 
@@ -26,6 +27,7 @@ __all__ = [
     "KeyInfo",
     "fingerprint",
     "generate_keypair",
+    "install_next_key",
     "key_info",
     "load_private_key",
     "load_public_key",
@@ -136,3 +138,13 @@ def public_key_from_pem(data: bytes, name: str = "public key") -> Ed25519PublicK
     if not isinstance(key, Ed25519PublicKey):
         raise KeyFileError(f"{name} is not an Ed25519 public key")
     return key
+
+
+def install_next_key(key_file: Path) -> None:
+    """Make the pending key pair in `next/` beside `key_file` the gateway's signing key (after
+    the platform acknowledged the rotation announced with the old one). Renames, then a
+    directory fsync: the old key must not come back after a power cut."""
+    nxt = key_file.parent / "next"
+    os.replace(nxt / PRIVATE_NAME, key_file)
+    os.replace(nxt / PUBLIC_NAME, key_file.with_name(PUBLIC_NAME))
+    fsync_dir(key_file.parent)
