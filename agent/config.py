@@ -24,7 +24,7 @@ from agent.uplink.coap_config import CoapUplinkConfig
 from agent.uplink.mqtt_config import MqttUplinkConfig
 from drivers.ble import BleConfig
 from drivers.coap.config import CoapIngestConfig
-from drivers.gpio_config import GpioConfig
+from drivers.gpio.config import GpioConfig
 from drivers.serial import SerialConfig
 from drivers.synthetic import SyntheticConfig
 

@@ -19,14 +19,8 @@ from agent.core.types import ALARM, ALERT, TELEMETRY, Reading
 from branchsim.scenario import parse_scenario
 from branchsim.sim import Simulator
 from drivers.base import SourceContext, SourceState
-from drivers.gpio import (
-    GpioConfig,
-    GpioOutputConfig,
-    GpioSource,
-    GpioStatusOutput,
-    build_sources,
-    build_status_output,
-)
+from drivers.gpio.config import GpioConfig, GpioOutputConfig
+from drivers.gpio.source import GpioSource, GpioStatusOutput, build_sources, build_status_output
 from tests.support.sinks import CollectingSink
 
 

@@ -16,7 +16,7 @@ from branchsim.scenario import (
     parse_scenario,
 )
 from branchsim.sim import Simulator
-from drivers.gpio import GpioConfig
+from drivers.gpio.config import GpioConfig
 
 SHIPPED = ["flaky-devices", "night-intrusion", "power-failure", "quiet-day"]
 

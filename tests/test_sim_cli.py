@@ -18,7 +18,7 @@ import pytest
 from agent.core.types import ALARM
 from branchsim.broker import get_free_port
 from branchsim.cli import CONFIG_BEGIN, CONFIG_END
-from drivers.gpio import GpioConfig
+from drivers.gpio.config import GpioConfig
 from tests.support.agentproc import AgentProcess, mqtt_uplink, wait_until
 
 CLI = [sys.executable, "-m", "branchsim.cli"]

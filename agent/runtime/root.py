@@ -37,7 +37,8 @@ from drivers import synthetic
 from drivers.base import Source, SourceContext, SourceState
 
 if TYPE_CHECKING:
-    from drivers.gpio import GpioStatusOutput, StatusState
+    from drivers.gpio.config import StatusState
+    from drivers.gpio.source import GpioStatusOutput
 
 __all__ = ["Runtime", "build_sources", "build_uplinks"]
 
@@ -54,7 +55,7 @@ def build_sources(cfg: AgentConfig, ctx: SourceContext) -> list[Source]:
     sources: list[Source] = []
     sources.extend(synthetic.build_sources(cfg.sources.synthetic, ctx))
     if cfg.sources.gpio is not None:
-        from drivers import gpio
+        from drivers.gpio import source as gpio
 
         sources.extend(gpio.build_sources(cfg.sources.gpio, ctx))
     if any((cfg.sources.serial.ups, cfg.sources.serial.modbus, cfg.sources.serial.line)):
@@ -175,7 +176,7 @@ class Runtime:
                                  on_committed=self._observe)
         self.sources = build_sources(cfg, self.ctx)
         if cfg.sources.gpio is not None:
-            from drivers.gpio import build_status_output
+            from drivers.gpio.source import build_status_output
 
             self.status_output = build_status_output(cfg.sources.gpio, self.ctx)
         self.uplinks = (
@@ -450,7 +451,7 @@ class Runtime:
 
         pulse = None
         if cfg.sources.gpio is not None and cfg.sources.gpio.outputs.pulse:
-            from drivers.gpio import GpioPulseOutputs
+            from drivers.gpio.source import GpioPulseOutputs
 
             self.pulse_outputs = GpioPulseOutputs(cfg.sources.gpio, self.ctx)
             pulse = self.pulse_outputs.pulse

@@ -37,7 +37,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from agent.core.config import StrictModel
-from drivers.gpio_config import GpioInputConfig, normalise_pin
+from drivers.gpio.config import GpioInputConfig, normalise_pin
 
 __all__ = [
     "SCENARIO_DIR",

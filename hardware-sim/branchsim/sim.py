@@ -29,7 +29,7 @@ from branchsim.scenario import (
     SerialStep,
     TimedStep,
 )
-from drivers.gpio_config import GpioConfig
+from drivers.gpio.config import GpioConfig
 
 if TYPE_CHECKING:
     from branchsim.serialdev import SimSerialDevice

@@ -1,7 +1,6 @@
-"""The GPIO driver's configuration (``[sources.gpio]``) and input kinds, apart from the driver:
-loading a config must not import gpiozero (~2 MB) on a gateway without GPIO inputs
-(docs/ARCHITECTURE.md, "Config models live in light modules"). `drivers.gpio` re-exports all
-of it."""
+"""The GPIO driver's configuration (``[sources.gpio]``) and input kinds, apart from the driver
+(drivers.gpio.source): loading a config must not import gpiozero (~2 MB) on a gateway without
+GPIO inputs (docs/ARCHITECTURE.md, "Config models live in light modules")."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ from agent.core.backoff import Backoff
 from agent.core.errors import RefusedError
 from agent.core.types import ALERT, TELEMETRY, Reading, Value
 from drivers.base import Sink, Source, SourceContext, SourceHealth, SourceState
-from drivers.gpio_config import (
+from drivers.gpio.config import (
     KINDS,
     GpioConfig,
     GpioInputConfig,
