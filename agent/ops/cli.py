@@ -311,24 +311,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"exit": code, "checks": [c.as_dict() for c in checks]}, indent=2))
         return code
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
+    from agent.ops.render import colour, table
 
-    marks = {"pass": "[green]✔ pass[/green]", "warn": "[yellow]! warn[/yellow]",
-             "fail": "[red]✘ fail[/red]", "skip": "[dim]- skip[/dim]"}
-    table = Table(show_header=True, header_style="bold")
-    table.add_column("check", no_wrap=True)
-    table.add_column("result", no_wrap=True)
-    table.add_column("detail / fix", overflow="fold")
-    for c in checks:
-        text = escape(c.detail) + (f"\n[bold]fix:[/bold] {escape(c.fix)}" if c.fix else "")
-        table.add_row(c.name, marks[str(c.status)], text)
-    console = Console()
-    console.print(table)
-    console.print({0: "[green]all checks passed[/green]",
-                   1: "[yellow]passed with warnings[/yellow]",
-                   2: "[red]failures: fix them before leaving the branch[/red]"}[code])
+    marks = {"pass": colour("✔ pass", "green"), "warn": colour("! warn", "yellow"),
+             "fail": colour("✘ fail", "red"), "skip": colour("- skip", "dim")}
+    print(table(((c.name, marks[str(c.status)], c.detail + (f"\nfix: {c.fix}" if c.fix else ""))
+                 for c in checks), ("check", "result", "detail / fix"), wrap=(None, None, 72)))
+    print({0: colour("all checks passed", "green"),
+           1: colour("passed with warnings", "yellow"),
+           2: colour("failures: fix them before leaving the branch", "red")}[code])
     return code
 
 
