@@ -182,3 +182,24 @@ def test_cli_register_verify_events(tmp_path: Path) -> None:
     receiver.close()
     ev = _cli("events", "--db", str(db), "--gw", GW)
     assert [json.loads(line)["id"] for line in ev.stdout.splitlines()] == [1, 2]
+
+
+def test_events_into_a_closed_pipe_is_no_error(tmp_path: Path) -> None:
+    """`branch-platform events --db X | head -3`: the reader leaves early; the command ends
+    quietly (no BrokenPipeError traceback) with status 0."""
+    db = tmp_path / "p.db"
+    receiver = Receiver(db)
+    g = Gateway()
+    receiver.register(GW, pem(g.key))
+    for _ in range(20):
+        send(receiver, g, g.batch(500))
+    receiver.close()
+    proc = subprocess.Popen([sys.executable, "-m", "branchsim.platform.cli", "events", "--db",
+                             str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = [proc.stdout.readline() for _ in range(3)]
+    proc.stdout.close()  # what `head -3` does once it has its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert all(json.loads(line)["gw"] == GW for line in first)
+    assert "Traceback" not in err and "BrokenPipe" not in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -213,7 +214,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"serve": _serve, "register": _register, "verify": _verify, "events": _events,
                 "oscore-pair": _oscore_pair}
-    return commands[args.cmd](args)
+    try:
+        return commands[args.cmd](args)
+    except BrokenPipeError:
+        # `branch-platform events | head`: the reader is gone, which is no error of ours. As
+        # the Python documentation advises: point stdout at /dev/null so that the interpreter's
+        # final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
