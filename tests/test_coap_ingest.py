@@ -265,12 +265,16 @@ async def test_outbox_refusal_gets_503_with_max_age(refusing: Server) -> None:
     assert len(refusing.sink.readings) == 1
 
 
-async def test_well_known_core_lists_sensors(server: Server) -> None:
-    """/.well-known/core lists the ingest resource of every configured sensor."""
+async def test_well_known_core_lists_only_what_the_asker_may_use(server: Server) -> None:
+    """/.well-known/core lists the ingest resources the asking address is allowed to post to
+    (atm1 and vault allow 127.0.0.1; "elsewhere" does not), and no implementation link naming
+    the library and its version."""
     msg = aiocoap.Message(code=aiocoap.GET, uri=server.base + "/.well-known/core")
     resp = await asyncio.wait_for(server.client.request(msg).response, 10)
     assert resp.code == aiocoap.CONTENT
     assert b"</ingest/atm1>" in resp.payload and b"</ingest/vault>" in resp.payload
+    assert b"elsewhere" not in resp.payload
+    assert b"impl-info" not in resp.payload and b"aiocoap" not in resp.payload
 
 
 async def test_simulated_sensor_every_answer(server: Server) -> None:

@@ -89,11 +89,10 @@ class _IngestResource(aiocoap.resource.Resource, aiocoap.resource.PathCapable): 
         self._src = source
 
     def get_resources_as_linkheader(self) -> Any:
-        from aiocoap.util.linkformat import Link, LinkFormat
+        # Only `_WellKnownCore` lists resources, per asker; the Site asks this too.
+        from aiocoap.util.linkformat import LinkFormat
 
-        return LinkFormat(
-            [Link("/" + s, ct=f"{CF_SENML_JSON} {CF_SENML_CBOR}") for s in self._src.sensor_names]
-        )
+        return LinkFormat([])
 
     def _precheck(self, request: aiocoap.Message) -> aiocoap.Message | None:
         """Access and size checks that must happen before any block is stored."""
@@ -145,6 +144,25 @@ class _IngestResource(aiocoap.resource.Resource, aiocoap.resource.PathCapable): 
 
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
         return await self._src.ingest(request.opt.uri_path[0], request)
+
+
+class _WellKnownCore(aiocoap.resource.Resource):  # type: ignore[misc]  # aiocoap is untyped
+    """``/.well-known/core`` (RFC 6690) for one asker: only the ingest resources its address may
+    post to, and no implementation link (aiocoap's default names the library and its version
+    to anyone who can reach the port)."""
+
+    def __init__(self, source: CoapIngestSource) -> None:
+        super().__init__()
+        self._src = source
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        from aiocoap.numbers import ContentFormat
+        from aiocoap.util.linkformat import Link, LinkFormat
+
+        links = LinkFormat([Link(f"/ingest/{name}", ct=f"{CF_SENML_JSON} {CF_SENML_CBOR}")
+                            for name in self._src.sensors_for(request.remote)])
+        return aiocoap.Message(payload=str(links).encode(),
+                               content_format=ContentFormat.LINKFORMAT)
 
 
 class _GatedUDP6(MessageInterfaceUDP6):  # type: ignore[misc]  # aiocoap is untyped
@@ -302,12 +320,16 @@ class CoapIngestSource:
 
     def _site(self) -> aiocoap.resource.Site:
         site = aiocoap.resource.Site()
-        site.add_resource(
-            (".well-known", "core"),
-            aiocoap.resource.WKCResource(site.get_resources_as_linkheader),
-        )
+        site.add_resource((".well-known", "core"), _WellKnownCore(self))
         site.add_resource(("ingest",), _IngestResource(self))
         return site
+
+    def sensors_for(self, remote: object) -> list[str]:
+        """The sensors whose allowlist has the asker's address: all it may post to."""
+        ip = _remote_ip(remote)
+        if ip is None:
+            return []
+        return [name for name, s in self.sensors.items() if any(ip in net for net in s.allow)]
 
     async def run(self, sink: Sink) -> None:
         self._sink = sink
