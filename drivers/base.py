@@ -51,6 +51,8 @@ class SourceHealth:
     readings: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     detail: str = ""
+    # Counters that are not errors (BLE: adverts dropped by the privacy filter, duplicates).
+    stats: dict[str, int] = field(default_factory=dict)
 
     def count(self, what: str, n: int = 1) -> None:
         self.errors[what] = self.errors.get(what, 0) + n
@@ -63,6 +65,7 @@ class SourceHealth:
             "last_reading": self.last_reading,
             "readings": self.readings,
             "errors": dict(self.errors),
+            "stats": dict(self.stats),
             "detail": self.detail,
         }
 

@@ -63,8 +63,12 @@ async def test_ble_sensors_reach_the_platform_and_phones_leave_no_trace(
             for _ in range(200):
                 world.bluez.advertise(crowd.next())
                 await asyncio.sleep(0)  # let the bus carry each advert, as a radio paces them
-            (ble,) = [s for s in rt.sources if s.name == "ble"]
-            await until(lambda: ble.stats["dropped_unknown"] >= 200, 10)  # type: ignore[attr-defined]
+            def dropped_unknown() -> int:
+                (ble,) = [s for s in rt.status_doc_sync()["sources"] if s["name"] == "ble"]
+                return int(ble["stats"]["dropped_unknown"])
+
+            # the privacy filter's count reaches status.json (what `branch-agent status` shows)
+            await until(lambda: dropped_unknown() >= 200, 10)
             mark = len(platform.events(GW))
             await until(lambda: len(platform.events(GW)) > mark + 5, 20)  # drained past them
         finally:

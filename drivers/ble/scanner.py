@@ -115,8 +115,10 @@ class BleSource:
         self.cfg = cfg
         self.name = "ble"
         self.health = SourceHealth(name="ble", kind="ble")
-        # Not errors: how many adverts were dropped by the privacy filter, decoded, duplicates.
+        # Not errors: how many adverts were dropped by the privacy filter, decoded, duplicates
+        # (shown in status.json with the source's health).
         self.stats: dict[str, int] = {"dropped_unknown": 0, "adverts": 0, "duplicates": 0}
+        self.health.stats = self.stats
         self._clock: Clock = ctx.clock
         mono = self._clock.monotonic
         now = mono()
