@@ -18,8 +18,7 @@ from agent.core.config import StrictModel
 from agent.core.errors import ConfigError
 from agent.core.paths import StateLayout
 from agent.runtime.pipeline import Rule, Threshold
-from agent.security.audit import AuditConfig
-from agent.security.commands_config import CommandsConfig
+from agent.security.config import AuditConfig, CommandsConfig
 from agent.uplink.coap_config import CoapUplinkConfig
 from agent.uplink.mqtt_config import MqttUplinkConfig
 from drivers.ble import BleConfig

@@ -28,7 +28,7 @@ from agent.protocol.commands import CommandAck, CommandError, decode_ack, encode
 from agent.runtime.forwarder import Signer
 from agent.security.audit import AuditLog, AuditTrail, verify
 from agent.security.commands import CommandHooks, CommandProcessor, SeqStore, make_rotate_hook
-from agent.security.commands_config import CommandsConfig
+from agent.security.config import CommandsConfig
 from agent.security.keys import load_private_key, load_public_key
 from agent.uplink.mqtt import MqttUplink, MqttUplinkConfig
 from branchsim.platform.commands import main_command, make_command, send_command

@@ -198,7 +198,7 @@ def test_doctor_reports_an_edited_missing_or_extra_file(tmp_path: Path, pki: Pki
     write_manifest(manifest, build_manifest(trees))
     clean = check_integrity(manifest)
     assert clean.status is Status.PASS, clean
-    edited = trees["agent"] / "outbox.py"
+    edited = trees["agent"] / "config.py"
     edited.write_text(edited.read_text() + "\n# changed\n")
     (trees["drivers"] / "base.py").unlink()
     (trees["drivers"] / "implant.py").write_text("print('hi')\n")

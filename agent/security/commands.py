@@ -44,7 +44,7 @@ from agent.protocol.commands import (
     verify_command,
 )
 from agent.security.audit import AuditTrail
-from agent.security.commands_config import CommandsConfig
+from agent.security.config import CommandsConfig
 from agent.security.keys import PRIVATE_NAME, generate_keypair, load_private_key
 
 __all__ = ["CommandHooks", "CommandProcessor", "SeqStore", "make_rotate_hook"]

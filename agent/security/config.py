@@ -1,5 +1,6 @@
-"""`[commands]`: the config model of signed downlink commands, apart from their processing, so
-that loading a config does not import cryptography."""
+"""`[audit]` and `[commands]`: the config models of the security pieces, apart from the pieces
+themselves, so that loading a config imports neither cryptography (the command processor) nor
+the audit trail's runtime."""
 
 from __future__ import annotations
 
@@ -9,7 +10,19 @@ from pydantic import Field
 
 from agent.core.config import StrictModel
 
-__all__ = ["CommandsConfig"]
+__all__ = ["AuditConfig", "CommandsConfig"]
+
+
+class AuditConfig(StrictModel):
+    """`[audit]`: the local audit log (the `audit.*` events go to the outbox regardless)."""
+
+    path: Path | None = Field(default=None,
+                              description="default: {gateway.state_dir}/audit/audit.log")
+    max_bytes: int = Field(default=4 * 1024 * 1024, ge=4096,
+                           description="rotate the log past this size")
+    keep: int = Field(default=4, ge=1, le=100, description="rotated files kept")
+    group: str | None = Field(default=None,
+                              description="admin group that may read the log (e.g. branch-admin)")
 
 
 class CommandsConfig(StrictModel):
