@@ -19,8 +19,7 @@ from agent.core.errors import ConfigError
 from agent.core.paths import StateLayout
 from agent.runtime.pipeline import Rule, Threshold
 from agent.security.config import AuditConfig, CommandsConfig
-from agent.uplink.coap_config import CoapUplinkConfig
-from agent.uplink.mqtt_config import MqttUplinkConfig
+from agent.uplink.config import CoapUplinkConfig, MqttUplinkConfig
 from drivers.ble import BleConfig
 from drivers.coap.config import CoapIngestConfig
 from drivers.gpio.config import GpioConfig

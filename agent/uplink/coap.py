@@ -39,7 +39,7 @@ import structlog
 from agent.core.atomic import write_atomic  # the one atomic writer (secrets 0600)
 from agent.core.errors import AgentError
 from agent.uplink.base import UplinkDownError, UplinkFailure
-from agent.uplink.coap_config import CoapOscoreConfig, CoapUplinkConfig
+from agent.uplink.config import CoapOscoreConfig, CoapUplinkConfig
 
 __all__ = [
     "CF_COSE",

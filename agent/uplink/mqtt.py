@@ -42,7 +42,7 @@ from agent.core.backoff import Backoff
 from agent.core.thirdparty import close_unconnected_socket
 from agent.protocol.commands import MAX_COMMAND_BYTES
 from agent.uplink.base import FailureKind, UplinkDownError, UplinkFailure
-from agent.uplink.mqtt_config import MqttTlsConfig, MqttUplinkConfig, topics
+from agent.uplink.config import MqttTlsConfig, MqttUplinkConfig, topics
 
 __all__ = ["MqttTlsConfig", "MqttUplink", "MqttUplinkConfig", "topics"]
 

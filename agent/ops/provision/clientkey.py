@@ -12,7 +12,7 @@ from cryptography.x509.oid import NameOID
 
 from agent.core.atomic import write_atomic
 from agent.core.errors import OperatorError
-from agent.uplink.mqtt_config import MqttTlsConfig
+from agent.uplink.config import MqttTlsConfig
 
 __all__ = ["client_key", "make_csr", "next_dir", "write_new"]
 

@@ -26,7 +26,7 @@ from agent.ops.provision.clientkey import client_key, make_csr, next_dir
 from agent.protocol import kid_for
 from agent.protocol.renewal import renewal_request
 from agent.security.keys import load_private_key
-from agent.uplink.mqtt_config import MqttTlsConfig
+from agent.uplink.config import MqttTlsConfig
 
 __all__ = ["InstallResult", "RenewResult", "install_cert", "renew"]
 
