@@ -15,7 +15,8 @@ from agent.core.types import ALERT, Reading
 from branchsim.serialdev import SimSerialDevice, create_device
 from drivers.base import Source, SourceContext, SourceState
 from drivers.serial import SerialConfig, build_sources
-from drivers.serial.port import SerialPortConfig, open_port, read_some
+from drivers.serial.config import SerialPortConfig
+from drivers.serial.port import open_port, read_some
 from tests.support.sinks import CollectingSink
 
 FAST = {"poll_interval_s": 0.05, "timeout_s": 0.3, "backoff_base_s": 0.05, "backoff_cap_s": 0.2}

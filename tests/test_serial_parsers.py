@@ -11,9 +11,10 @@ from pydantic import ValidationError
 
 from agent.core.types import ALERT, DIAGNOSTIC, TELEMETRY, Reading
 from drivers.serial import LineConfig, ModbusConfig, Q1Status, SerialConfig, parse_q1
+from drivers.serial.config import ModbusRegister
 from drivers.serial.line import LineDecoder, LineSplitter, decode_line
 from drivers.serial.megatec import q1_readings
-from drivers.serial.modbus import ModbusRegister, ReadBlock, decode_registers, plan_reads
+from drivers.serial.modbus import ReadBlock, decode_registers, plan_reads
 
 GARBAGE = settings(max_examples=10_000, deadline=None)
 # words and chunk cuts are not bytes from the wire; fewer examples cover them

@@ -24,14 +24,20 @@ TOML shape (composed by agent.config under ``[sources.serial]``)::
 
 from __future__ import annotations
 
-from pydantic import model_validator
-
-from agent.core.config import StrictModel
 from drivers.base import Source, SourceContext
-from drivers.serial.line import LineConfig, LineField, LineSource
-from drivers.serial.megatec import Q1Status, UpsConfig, UpsSource, parse_q1
-from drivers.serial.modbus import ModbusConfig, ModbusRegister, ModbusSource
-from drivers.serial.port import PortSource, PortUnavailable, SerialPortConfig
+from drivers.serial.config import (
+    LineConfig,
+    LineField,
+    ModbusConfig,
+    ModbusRegister,
+    SerialConfig,
+    SerialPortConfig,
+    UpsConfig,
+)
+from drivers.serial.line import LineSource
+from drivers.serial.megatec import Q1Status, UpsSource, parse_q1
+from drivers.serial.modbus import ModbusSource
+from drivers.serial.port import PortSource, PortUnavailable
 
 __all__ = [
     "LineConfig",
@@ -50,27 +56,6 @@ __all__ = [
     "build_sources",
     "parse_q1",
 ]
-
-
-class SerialConfig(StrictModel):
-    """``[sources.serial]``: lists of devices per protocol. Names are unique per protocol
-    (they make the source ids ``ups.<name>``, ``modbus.<name>``, ``line.<name>``), and no two
-    devices may share a port."""
-
-    ups: list[UpsConfig] = []
-    modbus: list[ModbusConfig] = []
-    line: list[LineConfig] = []
-
-    @model_validator(mode="after")
-    def _unique(self) -> SerialConfig:
-        for kind, entries in (("ups", self.ups), ("modbus", self.modbus), ("line", self.line)):
-            names = [e.name for e in entries]
-            if dups := sorted({n for n in names if names.count(n) > 1}):
-                raise ValueError(f"duplicate serial.{kind} names: {', '.join(dups)}")
-        ports = [e.port for e in [*self.ups, *self.modbus, *self.line]]
-        if dups := sorted({p for p in ports if ports.count(p) > 1}):
-            raise ValueError(f"serial port used by more than one device: {', '.join(dups)}")
-        return self
 
 
 def build_sources(cfg: SerialConfig, ctx: SourceContext) -> list[Source]:

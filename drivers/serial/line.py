@@ -20,16 +20,14 @@ import json
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
 
 import structlog
-from pydantic import Field, model_validator
 
 from agent.core.clock import Clock
-from agent.core.config import StrictModel
-from agent.core.types import TELEMETRY, Reading, Value
+from agent.core.types import Reading, Value
 from drivers.ratelimit import REJECT_LOG_INTERVAL, LogGate, TokenBucket
-from drivers.serial.port import PortSource, SerialPortConfig, open_port, read_some
+from drivers.serial.config import LineConfig, LineField, LineFormat
+from drivers.serial.port import PortSource, open_port, read_some
 
 __all__ = [
     "LineConfig",
@@ -42,7 +40,6 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-LineFormat = Literal["kv", "csv", "json"]
 Fields = dict[str, Value]
 
 
@@ -169,35 +166,6 @@ def decode_line(
     if fields is None:
         return None, "malformed"
     return fields, None
-
-
-class LineField(StrictModel):
-    """How one named field becomes a reading."""
-
-    type: str = Field(min_length=1)
-    unit: str | None = None
-    scale: float = 1.0
-    priority: int = Field(default=TELEMETRY, ge=0, le=3)
-
-
-class LineConfig(SerialPortConfig):
-    """``[[sources.serial.line]]``: a device that prints one line per measurement."""
-
-    format: LineFormat = "kv"
-    columns: list[str] = []
-    terminator: Literal["\n", "\r", "\r\n"] = "\n"
-    max_line: int = Field(default=512, ge=16, le=65536)
-    # Lines per second, after a burst (boot banners, a multi-line report); see the module doc.
-    rate_limit_hz: float = Field(default=20.0, gt=0, le=10_000)
-    rate_burst: int = Field(default=100, ge=1, le=100_000)
-    # field name -> reading; empty means every field, with its own name as the type
-    fields: dict[str, LineField] = {}
-
-    @model_validator(mode="after")
-    def _csv_needs_columns(self) -> LineConfig:
-        if self.format == "csv" and not self.columns:
-            raise ValueError("format 'csv' needs 'columns' (the names of the values in order)")
-        return self
 
 
 class LineDecoder:

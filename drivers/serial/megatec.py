@@ -14,13 +14,13 @@ from dataclasses import dataclass, fields
 from typing import Final
 
 import structlog
-from pydantic import Field
 
 from agent.core.clock import Clock
 from agent.core.types import ALERT, DIAGNOSTIC, TELEMETRY, Reading
 from drivers.base import SourceState
+from drivers.serial.config import UpsConfig
 from drivers.serial.line import LineSplitter
-from drivers.serial.port import PortSource, PortUnavailable, SerialPortConfig, open_port, read_some
+from drivers.serial.port import PortSource, PortUnavailable, open_port, read_some
 
 __all__ = ["Q1Status", "UpsConfig", "UpsSource", "parse_q1"]
 
@@ -112,14 +112,6 @@ def q1_readings(
         if previous is None or getattr(previous, attr) != value:
             readings.append(Reading(source, type_, value, None, ts, priority))
     return readings
-
-
-class UpsConfig(SerialPortConfig):
-    """``[[sources.serial.ups]]``: a Megatec/Q1 UPS. Most such units talk 2400 8N1."""
-
-    baudrate: int = Field(default=2400, gt=0)
-    # consecutive unanswered polls before the UPS counts as gone
-    missed_polls_offline: int = Field(default=3, ge=1)
 
 
 class UpsSource(PortSource):

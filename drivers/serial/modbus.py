@@ -14,50 +14,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, field_validator
-
 from agent.core.clock import Clock
-from agent.core.config import StrictModel
-from agent.core.types import TELEMETRY, Reading
-from drivers.serial.port import PortSource, PortUnavailable, SerialPortConfig
+from agent.core.types import Reading
+from drivers.serial.config import ModbusConfig, ModbusRegister
+from drivers.serial.port import PortSource, PortUnavailable
 
 if TYPE_CHECKING:
     from pymodbus.client import AsyncModbusSerialClient
 
 __all__ = ["ModbusConfig", "ModbusRegister", "ModbusSource", "decode_registers", "plan_reads"]
 
-RegisterType = Literal["int16", "uint16", "int32", "uint32", "float32"]
 MAX_READ = 125  # registers per read request (Modbus application protocol, 6.3)
 WIDTH: dict[str, int] = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "float32": 2}
-
-
-class ModbusRegister(StrictModel):
-    """One value in the device's register map."""
-
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
-    address: int = Field(ge=0, le=65535)
-    function: Literal["holding", "input"] = "holding"
-    type: RegisterType = "uint16"
-    word_order: Literal["big", "little"] = "big"
-    scale: float = 1.0
-    unit: str | None = None  # SenML: V, A, W, Wh, Hz, Cel, %RH
-    priority: int = Field(default=TELEMETRY, ge=0, le=3)
-
-
-class ModbusConfig(SerialPortConfig):
-    """``[[sources.serial.modbus]]``: one RTU device (unit id) and the registers to poll."""
-
-    baudrate: int = Field(default=9600, gt=0)
-    unit_id: int = Field(default=1, ge=0, le=247)
-    registers: list[ModbusRegister] = Field(min_length=1)
-
-    @field_validator("registers")
-    @classmethod
-    def _unique(cls, regs: list[ModbusRegister]) -> list[ModbusRegister]:
-        names = [r.name for r in regs]
-        if dups := sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"duplicate register names: {', '.join(dups)}")
-        return regs
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from typing import Literal
 
 import structlog
-from pydantic import Field
 
 from agent.core.backoff import Backoff
 from agent.core.clock import Clock
-from agent.core.config import StrictModel
 from agent.core.errors import DriverError, RefusedError
 from agent.core.types import ALERT, TELEMETRY, Reading, Value
 from drivers.base import Sink, SourceHealth, SourceState
+from drivers.serial.config import SerialPortConfig
 
 __all__ = [
     "PortSource",
@@ -28,24 +26,6 @@ __all__ = [
     "SerialPortConfig",
     "open_port",
 ]
-
-# Source names become part of source ids ("ups.main") and MQTT topics: keep them plain.
-NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-
-
-class SerialPortConfig(StrictModel):
-    """Fields every serial source has. `port` is a device path (/dev/ttyUSB0, a sim symlink)."""
-
-    name: str = Field(pattern=NAME_PATTERN)
-    port: str = Field(min_length=1)
-    baudrate: int = Field(default=9600, gt=0)
-    bytesize: Literal[5, 6, 7, 8] = 8
-    parity: Literal["N", "E", "O", "M", "S"] = "N"
-    stopbits: Literal[1, 2] = 1
-    poll_interval_s: float = Field(default=5.0, gt=0)
-    timeout_s: float = Field(default=1.0, gt=0)
-    backoff_base_s: float = Field(default=0.5, gt=0)
-    backoff_cap_s: float = Field(default=30.0, gt=0)
 
 
 class PortUnavailable(DriverError, OSError):
