@@ -65,12 +65,12 @@ def test_an_empty_pseudonym_key_is_replaced(tmp_path: Path) -> None:
 
 def test_chain_position_survives_a_power_cut(tmp_path: Path) -> None:
     """The outbox's side state (id floor, acknowledged chain head) is rewritten atomically."""
-    from agent.outbox import _SideState
+    from agent.outbox.side import SideState
 
-    _SideState(tmp_path).update(floor=1)
+    SideState(tmp_path).update(floor=1)
     survives_cuts("""
-        from agent.outbox import _SideState
-        _SideState(D).update(floor=2_000_000, seq=7)
+        from agent.outbox.side import SideState
+        SideState(D).update(floor=2_000_000, seq=7)
     """, tmp_path, "chain.json")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import random
 import select
 import sqlite3
@@ -11,12 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+import cbor2
 import pytest
 
 from agent import protocol
 from agent.core.errors import RefusedError
 from agent.core.types import Event
-from agent.outbox import Outbox, id_ranges
+from agent.outbox import OsStorage, Outbox, id_ranges
+from agent.outbox.diskfull import RECHECK_INTERVAL
 
 WORKER = Path(__file__).parent / "support" / "outbox_worker.py"
 sys.path.insert(0, str(WORKER.parent))
@@ -147,8 +151,6 @@ async def test_quota_evicts_low_priority_oldest_first_and_records_every_id(
     # the drop records account for every evicted id, exactly once
     with sqlite3.connect(db) as c:
         bodies = [bytes(b) for (b,) in c.execute("SELECT body FROM events")]
-    import cbor2
-
     named: list[int] = []
     for body in bodies:
         e = cbor2.loads(body)
@@ -394,3 +396,96 @@ async def test_v1_store_is_migrated(tmp_path: Path) -> None:
     await ob.close()
     with sqlite3.connect(db) as c:
         assert c.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+class FillableDisk(OsStorage):
+    """The real filesystem until `fill()`: from then on the store may not grow by one page
+    (SQLite's max_page_count, so a commit that needs space fails with SQLITE_FULL, as on a full
+    disk) and no reserve can be allocated; the space `release` gives back goes to the store.
+    `empty()` frees the disk again."""
+
+    PAGE = 4096
+
+    def __init__(self) -> None:
+        self.full = False
+        self._conn: sqlite3.Connection | None = None
+
+    def connect(self, path: Path) -> sqlite3.Connection:
+        # Not check_same_thread: fill() and empty() set the limit from the test's thread, while
+        # the outbox's database thread is idle.
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        return self._conn
+
+    def _limit(self, pages: int) -> None:
+        assert self._conn is not None
+        self._conn.execute(f"PRAGMA max_page_count={pages}")
+
+    def fill(self) -> None:
+        self.full = True
+        self._limit(1)  # SQLite keeps the limit at the store's size: not one page more
+
+    def empty(self) -> None:
+        self.full = False
+        self._limit(1 << 30)
+
+    def preallocate(self, path: Path, size: int) -> None:
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        super().preallocate(path, size)
+
+    def release(self, path: Path) -> None:
+        freed = path.stat().st_size if path.exists() else 0
+        super().release(path)
+        if self.full and freed:
+            assert self._conn is not None
+            limit = int(self._conn.execute("PRAGMA max_page_count").fetchone()[0])
+            self._limit(limit + freed // self.PAGE)
+
+
+async def test_full_disk_releases_the_reserve_and_keeps_alarms(tmp_path: Path) -> None:
+    """On a full disk (a fake one behind the storage seam: no root needed) the reserve is
+    released, telemetry is refused with RefusedError and counted, alarms and alerts still
+    commit, gateway.disk_full is recorded, and once space returns gateway.disk_ok follows and
+    telemetry is accepted again; nothing accepted before is lost."""
+    db = tmp_path / "o.db"
+    reserve = tmp_path / "o.db.reserve"
+    disk = FillableDisk()
+    clock = [1000.0]
+    ob = await Outbox.open(db, commit_interval=0, storage=disk, clock_monotonic=lambda: clock[0])
+    assert reserve.stat().st_size == 1024 * 1024
+    before = await ob.append_many([ev(v="x" * 200) for _ in range(20)])
+    disk.fill()
+    accepted_full: list[int] = []
+    for _ in range(200):  # until a commit needs a page the disk does not have
+        try:
+            accepted_full.append(await ob.append(ev(v="y" * 300)))
+        except RefusedError as exc:
+            assert exc.priority == 2
+            break
+    else:
+        pytest.fail("the full disk never refused telemetry")
+    assert not reserve.exists(), "the reserve must be released on a full disk"
+    st = await ob.stats()
+    assert st.disk_full and st.refused == 1
+    alarm = await ob.append(ev(v="z" * 300, prio=0))
+    alert = await ob.append(ev(prio=1))
+    with pytest.raises(RefusedError):
+        await ob.append(ev(prio=3))
+    assert (await ob.stats()).refused == 2
+
+    disk.empty()
+    clock[0] += RECHECK_INTERVAL
+    back = await ob.append(ev())
+    assert reserve.stat().st_size == 1024 * 1024
+    st = await ob.stats()
+    assert not st.disk_full and st.refused == 2
+    await ob.close()
+
+    with sqlite3.connect(db) as c:
+        types = {int(i): cbor2.loads(b)["type"] for i, b in
+                 c.execute("SELECT id, body FROM events")}
+    assert set(before + accepted_full) <= set(types), "an accepted event was lost"
+    disk_alerts = [(t, i) for i, t in sorted(types.items()) if t.startswith("gateway.disk_")]
+    assert [t for t, _ in disk_alerts] == ["gateway.disk_full", "gateway.disk_ok"]
+    (_, full), (_, ok) = disk_alerts
+    assert full < alarm < alert < ok < back

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from agent.config import AgentConfig
+from agent.outbox import OutboxError, OutboxView
 
 __all__ = ["PRIORITY_NAMES", "STALE_AFTER_S", "collect", "read_db", "render", "watch"]
 
@@ -41,30 +41,21 @@ def _pid_alive(pid: int) -> bool:
 
 def read_db(path: Path) -> dict[str, Any]:
     """Depth per priority, oldest unsent, last ack and drops, straight from the outbox file,
-    read-only (a URI `mode=ro` connection: no write, no journal created)."""
+    read-only (agent.outbox.view: no write, no journal created)."""
     if not path.exists():
         return {"error": f"{path} does not exist (the agent has never run here)"}
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
-    except sqlite3.Error as exc:
-        return {"error": f"cannot open {path} read-only: {exc}"}
-    try:
-        depth = {PRIORITY_NAMES.get(int(p), str(p)): int(n) for p, n in
-                 conn.execute("SELECT prio, COUNT(*) FROM events GROUP BY prio ORDER BY prio")}
-        oldest = conn.execute("SELECT MIN(t) FROM events WHERE batch IS NULL").fetchone()[0]
-        meta = dict(conn.execute("SELECT key, value FROM meta"))
-        batches = int(conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0])
-    except sqlite3.Error as exc:
-        return {"error": f"cannot read {path}: {exc}"}
-    finally:
-        conn.close()
+        with OutboxView.open(path, timeout=2.0) as view:
+            snap = view.snapshot()
+    except OutboxError as exc:
+        return {"error": str(exc)}
     return {
-        "depth": depth,
-        "in_flight_batches": batches,
-        "oldest_unsent": float(oldest) if oldest is not None else None,
-        "last_acked_seq": int(meta.get("last_acked_seq") or 0),
-        "last_acked_at": float(meta["last_acked_at"]) if meta.get("last_acked_at") else None,
-        "dropped": json.loads(meta.get("dropped") or "{}"),
+        "depth": {PRIORITY_NAMES.get(p, str(p)): n for p, n in snap.depth.items()},
+        "in_flight_batches": snap.in_flight_batches,
+        "oldest_unsent": snap.oldest_unsent,
+        "last_acked_seq": snap.last_acked_seq,
+        "last_acked_at": snap.last_acked_at,
+        "dropped": snap.dropped,
     }
 
 

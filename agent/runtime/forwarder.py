@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import protocol
 from agent.core.types import ALARM
-from agent.outbox import Outbox, PendingBatch
+from agent.outbox import Outbox, OutboxError, PendingBatch
 from agent.uplink.base import Uplink, UplinkDownError
 
 __all__ = ["Forwarder", "ForwarderStats", "Signer"]
@@ -158,7 +157,6 @@ class Forwarder:
         self._down_since: dict[str, float] = {u.name: time.monotonic() for u in self.uplinks}
         self._acks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10_000)
         self._active: Uplink | None = None
-        self._idle = asyncio.Event()
         self._rotation: tuple[Ed25519PrivateKey, int, Callable[[], Awaitable[None]]] | None = None
         outbox.on_commit(self._wake.set)
 
@@ -177,23 +175,12 @@ class Forwarder:
             tg.create_task(self._ack_loop(), name="forwarder-acks")
             tg.create_task(self._status_loop(), name="forwarder-status")
 
-    def wake(self) -> None:
-        self._wake.set()
-
     def rotate_after(self, new_key: Ed25519PrivateKey, event_id: int,
                      then: Callable[[], Awaitable[None]]) -> None:
         """Switch the signing key once the batch holding event `event_id` (the announcement of
         the new key, signed by the old one) is acked; then run `then` (install the key files,
         audit). Batches already signed keep their signature: they are re-sent byte for byte."""
         self._rotation = (new_key, event_id, then)
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._inflight) + len(self._unsent)
-
-    async def wait_idle(self) -> None:
-        """Until nothing is in flight and the outbox offered nothing (tests, shutdown)."""
-        await self._idle.wait()
 
     # ------------------------------------------------------------------ uplinks
 
@@ -232,7 +219,6 @@ class Forwarder:
             up = self._choose()
             if up is None:
                 self.stats.active_uplink = None
-                self._idle.clear()
                 await self._wait(1.0)
                 continue
             if up is not self._active:
@@ -272,10 +258,6 @@ class Forwarder:
                 self.stats.batches_sent += 1
                 if self.ack_mode == "broker":
                     await self._acked(batch, via="broker")
-            if not self._inflight and not self._unsent and not progressed:
-                self._idle.set()
-            else:
-                self._idle.clear()
             if not progressed:
                 await self._wait(self._next_timeout())
 
@@ -304,7 +286,7 @@ class Forwarder:
             return await self.outbox.claim_batch(
                 self.batch_max_events, self.batch_max_bytes, self.signer.build
             )
-        except (sqlite3.Error, OSError) as exc:
+        except OutboxError as exc:
             # The store could not record a new batch (disk full even after the reserve):
             # nothing was claimed; try again shortly rather than stop forwarding.
             log.error("forwarder.claim_failed", error=str(exc))
@@ -377,7 +359,7 @@ class Forwarder:
     async def _acked(self, batch: PendingBatch, via: str) -> None:
         try:
             deleted = await self.outbox.ack_batch(batch.seq, batch.hash)
-        except (sqlite3.Error, OSError) as exc:
+        except OutboxError as exc:
             # A full or read-only disk: the events stay stored; the batch is sent again and
             # the platform's `replay` ack retries the delete. Never stop the agent for this.
             log.error("forwarder.ack_store_failed", seq=batch.seq, error=str(exc))

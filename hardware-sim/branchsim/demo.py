@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import sqlite3
 import tempfile
 import time
 from collections import deque
@@ -27,6 +26,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from agent.config import AgentConfig, parse_config
+from agent.outbox import OutboxView
 from agent.runtime.root import Runtime, install_signal_handlers
 from agent.security.keys import generate_keypair
 from branchsim.agentrun import merge_sim_sources, started_sim
@@ -166,10 +166,8 @@ def _agent_config(workdir: Path, uplink: dict[str, Any], telemetry: int) -> Agen
 
 def _outbox_ids(state: Path) -> tuple[int, set[int]]:
     """(highest id ever assigned, ids still held) read from the outbox file, read-only."""
-    with sqlite3.connect(f"file:{state / 'outbox.db'}?mode=ro", uri=True) as c:
-        next_id = int(c.execute("SELECT value FROM meta WHERE key='next_id'").fetchone()[0])
-        held = {int(i) for (i,) in c.execute("SELECT id FROM events")}
-    return next_id - 1, held
+    with OutboxView.open(state / "outbox.db") as view:
+        return view.snapshot().next_id - 1, view.held_ids()
 
 
 def _view(rt: Runtime, receiver: Any, gw: str, phase: str, recent: deque[str],

@@ -184,7 +184,10 @@ def run_quiet(*cmd: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs (we run as root in CI); skipped with the reason if it cannot be mounted."""
+    """A 4 MiB tmpfs (we run as root in CI); skipped with the reason if it cannot be mounted.
+    This is the check on a real filesystem; without root, what a full disk does to the outbox
+    is still checked on a fake disk behind its storage seam, in tests/test_outbox.py:
+    test_full_disk_releases_the_reserve_and_keeps_alarms."""
     mnt = tmp_path / "smallfs"
     mnt.mkdir()
     res = run_quiet("mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mnt))

@@ -1,5 +1,6 @@
 """Disk faults under the outbox: quota reached during an outage, the filesystem full (a real
-4 MiB tmpfs), and the filesystem remounted read-only."""
+4 MiB tmpfs), and the filesystem remounted read-only. The full-disk cases need root; the same
+effects without root, on a fake disk: tests/test_outbox.py."""
 
 from __future__ import annotations
 

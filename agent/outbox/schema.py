@@ -1,0 +1,152 @@
+"""Opening the store: the schema and its migrations, the check that it can be written, and the
+quarantine of a store that fails its integrity check."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+import structlog
+
+from agent import protocol
+from agent.outbox.db import OutboxError, configure, transaction
+from agent.outbox.side import SideState
+from agent.outbox.storage import Storage
+
+__all__ = ["SCHEMA_VERSION", "open_store"]
+
+log = structlog.get_logger(__name__)
+
+SCHEMA_VERSION = 2
+
+
+def open_store(path: Path, storage: Storage,
+               side: SideState) -> tuple[sqlite3.Connection, dict[str, Any] | None]:
+    """Open the store at `path`, created or migrated to SCHEMA_VERSION. A store that fails
+    SQLite's quick check (or cannot be read as a database) is renamed aside and a fresh one
+    starts from the side state; the second value then says why and where the old one went
+    (None otherwise)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    reason: str | None = None
+    conn: sqlite3.Connection | None = None
+    try:
+        conn = storage.connect(path)
+        configure(conn)
+        row = conn.execute("PRAGMA quick_check").fetchone()
+        if row is None or row[0] != "ok":
+            reason = f"quick_check: {row[0] if row else 'no answer'}"
+        else:
+            _migrate(conn, path, side)
+    except sqlite3.DatabaseError as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    reset: dict[str, Any] | None = None
+    if reason is not None:
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        quarantined = _quarantine(path)
+        log.error("outbox.store_reset", reason=reason, quarantined=quarantined)
+        conn = configure(storage.connect(path))
+        _migrate(conn, path, side)
+        reset = {"reason": reason, "quarantined": quarantined}
+    assert conn is not None
+    _check_writable(conn, path)
+    return conn, reset
+
+
+def _check_writable(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse to start on a store that cannot be written (a failing SD card remounted
+    read-only): accepting readings that cannot be committed would be a lie. systemd restarts
+    the agent with its rate limit; doctor and the log say why."""
+    try:
+        with transaction(conn):
+            conn.execute("UPDATE meta SET value=value WHERE key='next_id'")
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        raise OutboxError(
+            f"the outbox {path} cannot be written: {exc} (read-only filesystem?)",
+            hint="check `findmnt -no OPTIONS` for the state dir and `dmesg` for SD card "
+            "errors; the agent will not accept readings it cannot store",
+        ) from None
+
+
+def _quarantine(path: Path) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{stamp}.{n}")
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(str(path) + suffix)
+        if src.exists():
+            os.replace(src, Path(str(target) + suffix))
+    return str(target)
+
+
+def _migrate(conn: sqlite3.Connection, path: Path, side: SideState) -> None:
+    """Schema versions are applied in order inside one transaction each (user_version)."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise OutboxError(
+            f"{path} has schema version {version}, newer than this agent's {SCHEMA_VERSION}",
+            hint="install the agent version that wrote it, or move the file aside",
+        )
+    if version < 1:
+        with transaction(conn):
+            db = sqlite_utils.Database(conn)
+            db.table("meta").create({"key": str, "value": str}, pk="key")
+            # body: the event's wire encoding (CBOR map, id included), built once at commit.
+            db.table("events").create(
+                {"id": int, "prio": int, "t": float, "size": int, "body": bytes, "batch": int},
+                pk="id",
+                not_null={"prio", "t", "size", "body"},
+            )
+            conn.execute(
+                "CREATE INDEX events_queue ON events(prio, id) WHERE batch IS NULL"
+            )
+            conn.execute("CREATE INDEX events_batch ON events(batch) WHERE batch IS NOT NULL")
+            db.table("batches").create(
+                {
+                    "seq": int,
+                    "hash": bytes,
+                    "created": float,
+                    "count": int,
+                    "top_prio": int,
+                    "data": bytes,
+                },
+                pk="seq",
+                not_null={"hash", "created", "count", "top_prio", "data"},
+            )
+            # A fresh store after a quarantine continues above the ids and after the chain
+            # head the platform may already hold.
+            state = side.read()
+            floor = int(state.get("id_floor", 0))
+            acked_seq = int(state.get("acked_seq", 0))
+            acked_hash = str(state.get("acked_hash", protocol.ZERO_HASH.hex()))
+            conn.executemany(
+                "INSERT INTO meta(key, value) VALUES (?, ?)",
+                [
+                    ("next_id", str(max(1, floor + 1))),
+                    ("next_seq", str(acked_seq + 1)),
+                    ("prev_hash", acked_hash),
+                    ("last_acked_seq", str(acked_seq)),
+                    ("last_acked_at", ""),
+                    ("dropped", "{}"),
+                ],
+            )
+            conn.execute("PRAGMA user_version=1")
+        version = 1
+    if version < 2:
+        # v2: idempotency keys of ingest requests (agent.outbox.keys).
+        with transaction(conn):
+            conn.execute(
+                "CREATE TABLE ingest_keys "
+                "(key TEXT PRIMARY KEY, t REAL NOT NULL, ids TEXT NOT NULL)"
+            )
+            conn.execute("PRAGMA user_version=2")
