@@ -1,9 +1,9 @@
 # The two commands of the README: `make demo` and `make test`. Each sets up .venv by itself.
 #
-# What is installed is what is locked. requirements.lock pins every runtime package, transitive
-# ones included, with hashes (CPython 3.11, Linux x86_64 and aarch64); tests/requirements.lock
-# adds the test tools, compiled with the runtime lock as a constraint so that no test tool can
-# move a runtime package; tests/compat/requirements.lock is a second environment for the
+# What is installed is what is locked. requirements.lock pins every runtime package of the
+# product, transitive ones included, with hashes (CPython 3.11, Linux x86_64 and aarch64);
+# hardware-sim/requirements.lock adds the simulator's; tests/requirements.lock adds the test
+# tools, compiled with those as a constraint so that no test tool can move a runtime package; tests/compat/requirements.lock is a second environment for the
 # protocol tests under cbor2 5.x and the independent COSE verifier cwt (which needs cbor2 < 6).
 # `make lock` refreshes all three. Every install below is `pip install --require-hashes`.
 SHELL  := /bin/bash
@@ -12,6 +12,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 LOCK        := requirements.lock
+SIM_LOCK    := hardware-sim/requirements.lock
 TEST_LOCK   := tests/requirements.lock
 COMPAT_LOCK := tests/compat/requirements.lock
 PIP_LOCKED  := python -m pip install --quiet --no-input --require-hashes
@@ -23,35 +24,40 @@ PIP_SELF    := python -m pip install --quiet --no-input --no-deps --no-build-iso
 
 all: test
 
-$(STAMP): pyproject.toml $(LOCK) $(TEST_LOCK)
+$(STAMP): pyproject.toml hardware-sim/pyproject.toml $(LOCK) $(SIM_LOCK) $(TEST_LOCK)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/$(PIP_LOCKED) -r $(LOCK) -r $(TEST_LOCK)
+	$(BIN)/$(PIP_LOCKED) -r $(SIM_LOCK) -r $(TEST_LOCK)
 	$(BIN)/$(PIP_SELF) -e . -e hardware-sim
 	touch $(STAMP)
 
 venv: $(STAMP)
 
-# The lock. uv resolves both distributions (the product and, in hardware-sim/, the simulator on
-# top of it) for CPython 3.11 on manylinux 2.36 (Debian bookworm and Raspberry Pi OS have glibc
-# 2.36), wheels only except for pyric (pure Python, published as an sdist only); the x86_64 and
-# aarch64 resolutions must agree, so one file serves both (every file's hash is in it).
-# armv7l is checked and reported: see README ("Supported platforms").
+# The locks. uv resolves for CPython 3.11 on manylinux 2.36 (Debian bookworm and Raspberry Pi
+# OS have glibc 2.36), wheels only except for pyric (pure Python, published as an sdist only).
+# requirements.lock is the product alone: what a gateway installs. hardware-sim/requirements.lock
+# adds the simulator's own (rich, for the demo) with the product's lock as a constraint. The
+# x86_64 and aarch64 resolutions must agree, so one file serves both (every file's hash is in
+# it). armv7l is checked and reported: see README ("Supported platforms").
 UV_COMPILE = $(BIN)/uv pip compile --quiet --python-version 3.11 --generate-hashes \
              --only-binary :all: --no-binary pyric --custom-compile-command "make lock" \
              --no-emit-package branch-gateway-agent --no-emit-package branch-gateway-sim
-OURS := -e .\n-e hardware-sim\n
+X86 := --python-platform x86_64-manylinux_2_36
+ARM := --python-platform aarch64-manylinux_2_36
+SAME_PINS = diff <(grep -E '^[a-z0-9]' $(1)) <(grep -E '^[a-z0-9]' $(2)) >/dev/null || \
+            { echo "$(1): x86_64 and aarch64 resolve differently"; exit 1; }
 lock: venv
-	printf -- '$(OURS)' | $(UV_COMPILE) --python-platform x86_64-manylinux_2_36 --upgrade - -o $(LOCK)
-	printf -- '$(OURS)' | $(UV_COMPILE) --python-platform aarch64-manylinux_2_36 - -o $(LOCK).aarch64
-	@if diff <(grep -E '^[a-z0-9]' $(LOCK)) <(grep -E '^[a-z0-9]' $(LOCK).aarch64); then \
-	  rm -f $(LOCK).aarch64; else echo "x86_64 and aarch64 resolve differently"; exit 1; fi
-	$(UV_COMPILE) --python-platform x86_64-manylinux_2_36 --upgrade -c $(LOCK) \
-	  tests/requirements.in -o $(TEST_LOCK)
-	sed -n 's/^\([a-z0-9._-]*==[^ ]*\).*/\1/p' $(LOCK) | grep -v '^cbor2==' > $(COMPAT_LOCK).constraints
-	printf -- '$(OURS)-r tests/requirements.in\n-r tests/compat/requirements.in\n' | \
-	  $(UV_COMPILE) --python-platform x86_64-manylinux_2_36 --upgrade \
-	  -c $(COMPAT_LOCK).constraints - -o $(COMPAT_LOCK)
+	printf -- '-e .\n' | $(UV_COMPILE) $(X86) --upgrade - -o $(LOCK)
+	printf -- '-e .\n' | $(UV_COMPILE) $(ARM) - -o $(LOCK).aarch64
+	$(call SAME_PINS,$(LOCK),$(LOCK).aarch64)
+	printf -- '-e .\n-e hardware-sim\n' | $(UV_COMPILE) $(X86) --upgrade -c $(LOCK) - -o $(SIM_LOCK)
+	printf -- '-e .\n-e hardware-sim\n' | $(UV_COMPILE) $(ARM) -c $(LOCK) - -o $(SIM_LOCK).aarch64
+	$(call SAME_PINS,$(SIM_LOCK),$(SIM_LOCK).aarch64)
+	rm -f $(LOCK).aarch64 $(SIM_LOCK).aarch64
+	$(UV_COMPILE) $(X86) --upgrade -c $(SIM_LOCK) tests/requirements.in -o $(TEST_LOCK)
+	sed -n 's/^\([a-z0-9._-]*==[^ ]*\).*/\1/p' $(SIM_LOCK) | grep -v '^cbor2==' > $(COMPAT_LOCK).constraints
+	printf -- '-e .\n-e hardware-sim\n-r tests/requirements.in\n-r tests/compat/requirements.in\n' | \
+	  $(UV_COMPILE) $(X86) --upgrade -c $(COMPAT_LOCK).constraints - -o $(COMPAT_LOCK)
 	rm -f $(COMPAT_LOCK).constraints
 	$(BIN)/python -m tests.support.lock armv7l $(LOCK)
 
@@ -86,7 +92,7 @@ test: venv sysdeps lint
 	$(MAKE) --no-print-directory test-dist
 
 COMPAT := .venv-compat
-$(COMPAT)/.installed: pyproject.toml $(COMPAT_LOCK)
+$(COMPAT)/.installed: pyproject.toml hardware-sim/pyproject.toml $(COMPAT_LOCK)
 	rm -rf $(COMPAT)
 	$(PYTHON) -m venv $(COMPAT)
 	$(COMPAT)/bin/$(PIP_LOCKED) -r $(COMPAT_LOCK)
@@ -114,8 +120,8 @@ dist: venv
 
 # Everything a gateway installs, for one architecture (ARCH=aarch64 for a Raspberry Pi; the
 # build host's by default): every locked file for CPython 3.11 on manylinux <= 2.36, checked
-# against the lock's hashes, and the built wheels (the simulator's too, for developers and the
-# platform team; a gateway installs only the product's). The runbook installs it with
+# against the locks' hashes, and the built wheels (the simulator's too, for developers and the
+# platform team; a gateway installs only requirements.lock and the product's wheel). The runbook installs it with
 # --no-index. pip.lock is the lock's own pip, installed first: Debian's pip 23 cannot build
 # pyric (the one sdist) offline, it wants the `wheel` package, which the locked pip no longer
 # needs.
@@ -126,8 +132,9 @@ wheelhouse: dist
 	rm -rf $(WHEELHOUSE)
 	$(BIN)/python -m pip download --quiet --no-input --no-deps --require-hashes \
 	  --only-binary=:all: --no-binary=pyric $(addprefix --platform ,$(MANYLINUX)) \
-	  --python-version 3.11 --implementation cp -r $(LOCK) -d $(WHEELHOUSE)
+	  --python-version 3.11 --implementation cp -r $(SIM_LOCK) -d $(WHEELHOUSE)
 	cp $(LOCK) $(DIST)/*.whl $(WHEELHOUSE)/
+	cp $(SIM_LOCK) $(WHEELHOUSE)/requirements-sim.lock
 	$(BIN)/python -m tests.support.lock pin pip $(LOCK) > $(WHEELHOUSE)/pip.lock
 	@echo "$(WHEELHOUSE): $$(ls $(WHEELHOUSE) | wc -l) files"
 
@@ -140,15 +147,18 @@ SIMVENV  := .venv-dist-sim
 WH_INSTALL = python -m pip install --quiet --no-input --no-index
 test-dist: wheelhouse sysdeps
 	rm -rf $(DISTVENV) $(SIMVENV)
-	for v in $(DISTVENV) $(SIMVENV); do \
-	  $(PYTHON) -m venv $$v && \
-	  $$v/bin/$(WH_INSTALL) --require-hashes --find-links $(WHEELHOUSE) -r $(WHEELHOUSE)/pip.lock && \
-	  $$v/bin/$(WH_INSTALL) --require-hashes --find-links $(WHEELHOUSE) -r $(WHEELHOUSE)/$(LOCK) && \
-	  $$v/bin/$(WH_INSTALL) --no-deps $(WHEELHOUSE)/branch_gateway_agent-*.whl || exit 1; done
-	$(SIMVENV)/bin/$(WH_INSTALL) --no-deps $(WHEELHOUSE)/branch_gateway_sim-*.whl
+	for v in $(DISTVENV) $(SIMVENV); do $(PYTHON) -m venv $$v && \
+	  $$v/bin/$(WH_INSTALL) --require-hashes --find-links $(WHEELHOUSE) -r $(WHEELHOUSE)/pip.lock \
+	  || exit 1; done
+	$(DISTVENV)/bin/$(WH_INSTALL) --require-hashes --find-links $(WHEELHOUSE) -r $(WHEELHOUSE)/$(LOCK)
+	$(DISTVENV)/bin/$(WH_INSTALL) --no-deps $(WHEELHOUSE)/branch_gateway_agent-*.whl
+	$(SIMVENV)/bin/$(WH_INSTALL) --require-hashes --find-links $(WHEELHOUSE) \
+	  -r $(WHEELHOUSE)/requirements-sim.lock
+	$(SIMVENV)/bin/$(WH_INSTALL) --no-deps $(WHEELHOUSE)/branch_gateway_agent-*.whl \
+	  $(WHEELHOUSE)/branch_gateway_sim-*.whl
 	@echo "== end-to-end against the built wheels ($$(cd $(DIST) && ls *.whl | tr '\n' ' '))" \
-	  "installed offline from $(WHEELHOUSE) and $(LOCK): the product alone in $(DISTVENV)," \
-	  "with the simulator on top in $(SIMVENV)"
+	  "installed offline from $(WHEELHOUSE): the product alone from $(LOCK) in $(DISTVENV)," \
+	  "with the simulator from $(SIM_LOCK) in $(SIMVENV)"
 	BRANCH_DIST_VENV=$(abspath $(DISTVENV)) BRANCH_DIST_SIM_VENV=$(abspath $(SIMVENV)) \
 	  BRANCH_DIST_DIR=$(abspath $(DIST)) $(BIN)/pytest -v -p no:cacheprovider tests/dist
 

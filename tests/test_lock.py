@@ -1,6 +1,7 @@
-"""What is tested is what is locked: requirements.lock satisfies pyproject.toml exactly (no
-missing and no stray package), every pin carries hashes, no test tool moves a runtime package,
-and the environment the tests run in holds exactly the locked runtime versions."""
+"""What is tested is what is locked: requirements.lock satisfies the product's pyproject.toml
+exactly and hardware-sim/requirements.lock the product's and the simulator's (no missing and no
+stray package), every pin carries hashes, the two agree, no test tool moves a runtime package,
+and the environment the tests run in holds exactly the locked versions."""
 
 from __future__ import annotations
 
@@ -15,9 +16,19 @@ import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
-from tests.support.lock import COMPAT_LOCK, ROOT, RUNTIME_LOCK, TEST_LOCK, normalise, read_lock
+from tests.support.lock import (
+    COMPAT_LOCK,
+    ROOT,
+    RUNTIME_LOCK,
+    SIM_LOCK,
+    TEST_LOCK,
+    Pin,
+    normalise,
+    read_lock,
+)
 
 RUNTIME = read_lock(RUNTIME_LOCK)
+SIM = read_lock(SIM_LOCK)
 # The gateway's environment: CPython 3.11 on Linux (x86_64 here; aarch64 resolves the same,
 # which `make lock` checks).
 TARGET = {**default_environment(), "sys_platform": "linux", "platform_system": "Linux",
@@ -27,15 +38,18 @@ TARGET = {**default_environment(), "sys_platform": "linux", "platform_system": "
 OURS = {"branch-gateway-agent", "branch-gateway-sim"}
 
 
-def project_requirements() -> list[Requirement]:
-    """The dependencies of both distributions (the product's and the simulator's), without
-    the simulator's dependency on the product."""
+def project_requirements(*pyprojects: Path) -> list[Requirement]:
+    """The dependencies of the given distributions, without the simulator's on the product."""
     reqs = []
-    for pyproject in (ROOT / "pyproject.toml", ROOT / "hardware-sim" / "pyproject.toml"):
+    for pyproject in pyprojects:
         doc = tomllib.loads(pyproject.read_text())
         reqs += [r for r in map(Requirement, doc["project"]["dependencies"])
                  if normalise(r.name) not in OURS]
     return reqs
+
+
+PRODUCT = ROOT / "pyproject.toml"
+SIMULATOR = ROOT / "hardware-sim" / "pyproject.toml"
 
 
 def closure(roots: list[Requirement]) -> set[str]:
@@ -60,36 +74,49 @@ def closure(roots: list[Requirement]) -> set[str]:
 
 def test_every_pin_has_hashes() -> None:
     """Each lock pins name==version with at least one sha256 (pip --require-hashes needs it)."""
-    for lock in (RUNTIME_LOCK, TEST_LOCK, COMPAT_LOCK):
+    for lock in (RUNTIME_LOCK, SIM_LOCK, TEST_LOCK, COMPAT_LOCK):
         pins = read_lock(lock)
         assert pins, lock
         assert [p.name for p in pins.values() if not p.hashes] == [], lock
 
 
-def test_lock_satisfies_pyproject_exactly() -> None:
-    """Each dependency of the two pyproject.toml files is locked at a version its specifier
-    admits, and the lock holds exactly the closure of those dependencies: a dependency added
-    to, removed from or narrowed in either without `make lock` fails here."""
-    reqs = project_requirements()
-    outside = {r.name: RUNTIME[normalise(r.name)].version for r in reqs
-               if normalise(r.name) in RUNTIME
-               and RUNTIME[normalise(r.name)].version not in r.specifier}
+@pytest.mark.parametrize(("lock", "pyprojects"), [
+    (RUNTIME, (PRODUCT,)), (SIM, (PRODUCT, SIMULATOR))], ids=["product", "simulator"])
+def test_lock_satisfies_pyproject_exactly(lock: dict[str, Pin], pyprojects: tuple[Path, ...]
+                                          ) -> None:
+    """Each dependency is locked at a version its specifier admits, and the lock holds exactly
+    the closure of those dependencies: a dependency added to, removed from or narrowed in a
+    pyproject.toml without `make lock` fails here. The product's lock has nothing of the
+    simulator's (rich is not on a gateway)."""
+    reqs = project_requirements(*pyprojects)
+    outside = {r.name: lock[normalise(r.name)].version for r in reqs
+               if normalise(r.name) in lock
+               and lock[normalise(r.name)].version not in r.specifier}
     assert outside == {}, "pinned outside pyproject.toml's range: run make lock"
-    assert sorted(normalise(r.name) for r in reqs if normalise(r.name) not in RUNTIME) == []
+    assert sorted(normalise(r.name) for r in reqs if normalise(r.name) not in lock) == []
     needed = closure(reqs)
-    assert sorted(needed - RUNTIME.keys()) == [], "needed but not locked: run make lock"
-    assert sorted(RUNTIME.keys() - needed) == [], "locked but not needed: run make lock"
+    assert sorted(needed - lock.keys()) == [], "needed but not locked: run make lock"
+    assert sorted(lock.keys() - needed) == [], "locked but not needed: run make lock"
+
+
+def test_the_simulators_lock_extends_the_products() -> None:
+    """Every package of the product's lock is in the simulator's at the same version and with
+    the same hashes: a developer's machine runs what a gateway runs."""
+    assert {n: (p.version, p.hashes) for n, p in RUNTIME.items()} == {
+        n: (SIM[n].version, SIM[n].hashes) for n in RUNTIME if n in SIM}
+    assert RUNTIME.keys() <= SIM.keys() and "rich" in SIM and "rich" not in RUNTIME
 
 
 def test_environment_is_the_lock() -> None:
-    """Every runtime package in this environment has exactly its locked version."""
+    """Every runtime package in this environment (product and simulator) has exactly its
+    locked version."""
     got = {}
-    for pin in RUNTIME.values():
+    for pin in SIM.values():
         try:
             got[pin.name] = version(pin.name)
         except PackageNotFoundError:
             got[pin.name] = "missing"
-    assert {n: v for n, v in got.items() if v != RUNTIME[n].version} == {}
+    assert {n: v for n, v in got.items() if v != SIM[n].version} == {}
 
 
 @pytest.mark.parametrize("lock", [TEST_LOCK, COMPAT_LOCK], ids=["test", "compat"])
@@ -98,12 +125,12 @@ def test_test_tools_do_not_move_runtime_packages(lock: Path) -> None:
     compat environment differs in cbor2 alone (5.x, for cwt), on purpose."""
     allowed = {"cbor2"} if lock == COMPAT_LOCK else set()
     other = read_lock(lock)
-    moved = {n: (RUNTIME[n].version, p.version) for n, p in other.items()
-             if n in RUNTIME and p.version != RUNTIME[n].version and n not in allowed}
+    moved = {n: (SIM[n].version, p.version) for n, p in other.items()
+             if n in SIM and p.version != SIM[n].version and n not in allowed}
     assert moved == {}
     if lock == COMPAT_LOCK:
         assert other["cbor2"].version.startswith("5.")
-        assert RUNTIME["cbor2"].version.startswith("6.")
+        assert SIM["cbor2"].version.startswith("6.")
 
 
 def test_a_version_changed_without_its_hashes_is_refused(tmp_path: Path) -> None:

@@ -130,3 +130,16 @@ def test_metrics_endpoint_serves_the_status_figures(agent: AgentProcess) -> None
         if p.poll() is None:
             p.kill()
             p.wait(10)
+
+
+def test_a_damaged_status_file_is_said_so(agent: AgentProcess) -> None:
+    """A status.json that is not a status document (damaged, truncated) is reported as
+    unreadable, not as missing; the figures then come from the database."""
+    wait_until(lambda: running_with_all_events(agent), 20, "events committed", agent)
+    assert agent.stop() == 0
+    (agent.state / "status.json").write_text('{"pid": 12')
+    res = status(agent, "--json")
+    doc = json.loads(res.stdout)
+    assert res.returncode == 3 and doc["running"] is False
+    assert "is unreadable (not valid JSON)" in doc["reason"], doc["reason"]
+    assert doc["outbox"]["depth"]["telemetry"] == N

@@ -324,8 +324,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from agent.ops import status as statusview
 
     cfg = load_config(Path(args.config))
@@ -333,13 +331,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         doc = statusview.collect(cfg)
         print(json.dumps(doc, indent=2, default=str))
         return EXIT_OK if doc["running"] else EXIT_NOT_RUNNING
-    console = Console()
     if args.watch:
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how --watch ends
-            statusview.watch(cfg, console, args.interval)
+            statusview.watch(cfg, args.interval)
         return EXIT_OK
     doc = statusview.collect(cfg)
-    console.print(statusview.render(doc))
+    print(statusview.render(doc))
     return EXIT_OK if doc["running"] else EXIT_NOT_RUNNING
 
 

@@ -10,26 +10,28 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
-
-from rich import box
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
+from typing import Any, TextIO
 
 from agent.config import AgentConfig
+from agent.core.paths import StateLayout
+from agent.core.types import Priority
+from agent.ops.render import colour, table
 from agent.outbox import OutboxError, OutboxView
 
-__all__ = ["PRIORITY_NAMES", "STALE_AFTER_S", "collect", "read_db", "render", "watch"]
+__all__ = ["PRIORITY_NAMES", "STALE_AFTER_S", "collect", "pid_alive", "read_db", "render",
+           "watch"]
 
 STALE_AFTER_S = 10.0
-PRIORITY_NAMES = {0: "alarm", 1: "alert", 2: "telemetry", 3: "diagnostic"}
+PRIORITY_NAMES = {int(p): p.label for p in Priority}
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is there a process `pid` (also one of another user, as the agent's is to an operator)?"""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -62,17 +64,24 @@ def read_db(path: Path) -> dict[str, Any]:
 def collect(cfg: AgentConfig, now: float | None = None) -> dict[str, Any]:
     """One JSON document (what `status --json` prints)."""
     now = time.time() if now is None else now
-    path = cfg.gateway.state_dir / "status.json"
+    path = StateLayout(cfg.gateway.state_dir).status
+    agent: dict[str, Any] = {}
+    unreadable = None
     try:
-        agent: dict[str, Any] = json.loads(path.read_text())
+        loaded = json.loads(path.read_text())
+        agent = loaded if isinstance(loaded, dict) else {}
+        if not agent:
+            unreadable = "not a status document"
     except FileNotFoundError:
-        agent = {}
-    except (OSError, ValueError):
-        agent = {}
+        pass
+    except (OSError, ValueError) as exc:  # the agent writes it atomically: damage, not a race
+        unreadable = str(exc) if isinstance(exc, OSError) else "not valid JSON"
     running, reason = True, None
-    if not agent:
+    if unreadable is not None:
+        running, reason = False, f"status file {path} is unreadable ({unreadable})"
+    elif not agent:
         running, reason = False, f"no status file {path}"
-    elif not _pid_alive(int(agent.get("pid", 0)) or -1):
+    elif not pid_alive(int(agent.get("pid", 0) or 0)):
         running, reason = False, f"process {agent.get('pid')} is gone"
     elif now - float(agent.get("updated", 0)) > STALE_AFTER_S:
         running, reason = False, (f"status file not updated for "
@@ -121,67 +130,56 @@ def _ago(t: float | None, now: float) -> str:
     return f"{s / 3600:.1f} h ago"
 
 
-def render(doc: dict[str, Any]) -> RenderableType:
+def render(doc: dict[str, Any]) -> str:
+    """The human view of `collect`'s document, as plain text (colour on a terminal)."""
     now = float(doc["now"])
-    parts: list[RenderableType] = []
+    parts: list[str] = []
     if doc["running"]:
-        parts.append(Text.assemble(("● running", "bold green"),
-                                   f"  gateway {doc['gateway']}  pid {doc.get('pid')}  "
-                                   f"up {_ago(doc.get('started'), now).removesuffix(' ago')}"))
+        parts.append(f"{colour('● running', 'green')}  gateway {doc['gateway']}  "
+                     f"pid {doc.get('pid')}  "
+                     f"up {_ago(doc.get('started'), now).removesuffix(' ago')}")
     else:
-        parts.append(Text.assemble(("● NOT RUNNING", "bold red"),
-                                   f"  gateway {doc['gateway']}: {doc['reason']}. "
-                                   "Figures below are read from the outbox database."))
+        parts.append(f"{colour('● NOT RUNNING', 'red')}  gateway {doc['gateway']}: "
+                     f"{doc['reason']}. Figures below are read from the outbox database.")
     ob = doc["outbox"]
     if "error" in ob:
-        parts.append(Text(ob["error"], style="yellow"))
-        return Group(*parts)
-
-    t = Table(title="outbox", box=box.SIMPLE, title_justify="left")
-    for col in ("alarm", "alert", "telemetry", "diagnostic", "oldest unsent",
-                "last acked batch", "dropped"):
-        t.add_column(col, justify="right")
+        parts.append(colour(ob["error"], "yellow"))
+        return "\n\n".join(parts)
     depth = ob.get("depth", {})
     dropped = ob.get("dropped") or {}
-    t.add_row(*(str(depth.get(p, 0)) for p in PRIORITY_NAMES.values()),
-              f"{ob['oldest_unsent_age_s']:.0f} s" if ob.get("oldest_unsent_age_s") else "-",
-              f"#{ob.get('last_acked_seq') or 0} ({_ago(ob.get('last_acked_at'), now)})",
-              ", ".join(f"{k}: {v}" for k, v in dropped.items()) or "0")
-    parts.append(t)
+    parts.append(table([(
+        *(str(depth.get(p, 0)) for p in PRIORITY_NAMES.values()),
+        f"{ob['oldest_unsent_age_s']:.0f} s" if ob.get("oldest_unsent_age_s") else "-",
+        f"#{ob.get('last_acked_seq') or 0} ({_ago(ob.get('last_acked_at'), now)})",
+        ", ".join(f"{k}: {v}" for k, v in dropped.items()) or "0",
+    )], (*PRIORITY_NAMES.values(), "oldest unsent", "last acked batch", "dropped"),
+        title="outbox"))
     if not doc["running"]:
-        return Group(*parts)
-
-    u = Table(title="uplinks", box=box.SIMPLE, title_justify="left")
-    u.add_column("uplink")
-    u.add_column("connected")
-    u.add_column("active")
-    for up in doc.get("uplinks", []):
-        u.add_row(up.get("name", "?"), "yes" if up.get("connected") else "[red]no[/red]",
-                  "◀" if up.get("name") == doc.get("active_uplink") else "")
-    parts.append(u)
-
-    s = Table(title="sources", box=box.SIMPLE, title_justify="left")
-    for col in ("source", "state", "last reading", "readings", "errors"):
-        s.add_column(col)
-    for src in doc.get("sources", []):
-        state = str(src.get("state", "?"))
-        style = {"online": "green", "offline": "red"}.get(state, "yellow")
-        errors = src.get("errors") or {}
-        s.add_row(str(src.get("name")), f"[{style}]{state}[/{style}]",
-                  _ago(src.get("last_reading"), now), str(src.get("readings", 0)),
-                  ", ".join(f"{k}: {v}" for k, v in errors.items()) or "0")
-    parts.append(s)
-    return Group(*parts)
+        return "\n\n".join(parts)
+    parts.append(table(
+        [(up.get("name", "?"), "yes" if up.get("connected") else colour("no", "red"),
+          "◀" if up.get("name") == doc.get("active_uplink") else "")
+         for up in doc.get("uplinks", [])],
+        ("uplink", "connected", "active"), title="uplinks"))
+    states = {"online": "green", "offline": "red"}
+    parts.append(table(
+        [(str(src.get("name")),
+          colour(str(src.get("state", "?")), states.get(str(src.get("state")), "yellow")),
+          _ago(src.get("last_reading"), now), str(src.get("readings", 0)),
+          ", ".join(f"{k}: {v}" for k, v in (src.get("errors") or {}).items()) or "0",
+          ", ".join(f"{k}: {v}" for k, v in (src.get("stats") or {}).items()))
+         for src in doc.get("sources", [])],
+        ("source", "state", "last reading", "readings", "errors", "counters"),
+        title="sources", wrap=(None, None, None, None, 40, 40)))
+    return "\n\n".join(parts)
 
 
-def watch(cfg: AgentConfig, console: Console, interval: float = 2.0) -> None:
-    """Redraw until interrupted; on a non-terminal (a log, a pipe) print one frame per refresh."""
-    if not console.is_terminal:
-        while True:
-            console.print(render(collect(cfg)))
-            console.file.flush()
-            time.sleep(interval)  # the refresh period of a display, not a wait for a condition
-    with Live(render(collect(cfg)), console=console, auto_refresh=False) as live:
-        while True:
-            time.sleep(interval)  # the refresh period of a display
-            live.update(render(collect(cfg)), refresh=True)
+def watch(cfg: AgentConfig, interval: float = 2.0, stream: TextIO | None = None) -> None:
+    """Redraw until interrupted: on a terminal the screen is cleared for each frame; on
+    anything else (a log, a pipe) one frame is printed per refresh."""
+    stream = stream or sys.stdout
+    clear = "\x1b[H\x1b[2J" if stream.isatty() else ""
+    while True:
+        stream.write(f"{clear}{render(collect(cfg))}\n\n")
+        stream.flush()
+        time.sleep(interval)  # the refresh period of a display, not a wait for a condition

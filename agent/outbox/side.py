@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from agent.core.atomic import write_atomic
+from agent.core.paths import StateLayout
 
 __all__ = ["ID_BLOCK", "SIDE_STATE_INTERVAL", "SideState"]
 
@@ -31,7 +32,7 @@ class SideState:
 
     def __init__(self, state_dir: Path,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.path = state_dir / "chain.json"
+        self.path = StateLayout(state_dir).chain
         self.id_floor = 0
         self._monotonic = monotonic
         self._acked_head: tuple[int, bytes] | None = None

@@ -15,7 +15,7 @@ import pytest
 from agent import __version__
 from tests.dist.conftest import Installed
 from tests.support.broker import Mosquitto
-from tests.support.lock import ROOT, RUNTIME_LOCK, normalise, read_lock
+from tests.support.lock import ROOT, RUNTIME_LOCK, SIM_LOCK, normalise, read_lock
 from tests.support.pki import Pki, issue
 
 # What the commands read at run time besides Python modules: the systemd units (provision) and
@@ -97,13 +97,41 @@ def test_installed_copy_is_not_the_checkout(installed: Installed,
     assert "No module named 'branchsim'" in r.stderr, r.stderr
     for path in r.stdout.split():
         assert path.startswith(str(installed.venv)) and "site-packages" in path, path
-    locked = {n: p.version for n, p in read_lock(RUNTIME_LOCK).items()}
-    for venv, ours in ((installed, {"branch-gateway-agent"}),
-                       (installed_sim, {"branch-gateway-agent", "branch-gateway-sim"})):
+    for venv, lock, ours in (
+            (installed, RUNTIME_LOCK, {"branch-gateway-agent"}),
+            (installed_sim, SIM_LOCK, {"branch-gateway-agent", "branch-gateway-sim"})):
         listing = venv.run("python", "-m", "pip", "list", "--format=json")
         got = {normalise(d["name"]): d["version"] for d in json.loads(listing.stdout)}
         assert {n: got.pop(n) for n in ours} == dict.fromkeys(ours, __version__)
-        assert got == locked
+        assert got == {n: p.version for n, p in read_lock(lock).items()}, lock
+    assert "rich" not in {normalise(n) for n in read_lock(RUNTIME_LOCK)}
+
+
+LIST_MODULES = ("import json, sys\n"
+                "from agent.ops import cli\n"
+                "try:\n"
+                "    cli.main(sys.argv[1:])\n"
+                "except SystemExit:\n"
+                "    pass\n"
+                "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})), "
+                "file=sys.stderr)\n")
+
+
+@pytest.mark.parametrize("argv", [["check-config"], ["status", "--json"],
+                                  ["audit", "verify"], ["config", "show"]],
+                         ids=lambda a: " ".join(a))
+def test_fast_operator_commands_import_nothing_heavy(installed: Installed, argv: list[str]
+                                                     ) -> None:
+    """On a gateway (the product alone), check-config, status, audit verify and config show
+    import neither paho, cryptography, prometheus_client nor rich (which is not even installed
+    there: structlog would load it, with pygments, into every process)."""
+    example = str(ROOT / "config" / "example.toml")
+    args = [*argv, example] if argv == ["check-config"] else [*argv, "--config", example]
+    r = installed.run("python", "-c", LIST_MODULES, *args)
+    loaded = set(json.loads(r.stderr.strip().splitlines()[-1]))
+    assert {"agent", "pydantic", "structlog"} <= loaded, r.stderr[-2000:]
+    assert sorted(loaded & {"paho", "cryptography", "prometheus_client", "rich"}) == []
+    assert installed.run("python", "-c", "import rich").returncode != 0
 
 
 def test_product_alone_has_no_demo(installed: Installed) -> None:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNTIME_LOCK = ROOT / "requirements.lock"
+RUNTIME_LOCK = ROOT / "requirements.lock"  # the product: what a gateway installs
+SIM_LOCK = ROOT / "hardware-sim" / "requirements.lock"  # the product and the simulator
 TEST_LOCK = ROOT / "tests" / "requirements.lock"
 COMPAT_LOCK = ROOT / "tests" / "compat" / "requirements.lock"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from agent.core.atomic import write_atomic
 from agent.core.errors import OperatorError
 from agent.core.paths import StateLayout
 from agent.ops.provision.clientkey import next_dir
+from agent.ops.status import pid_alive
 from agent.security.audit import export, verify
 from agent.security.keys import PUBLIC_NAME
 
@@ -46,15 +46,7 @@ def agent_pid(cfg: AgentConfig) -> int | None:
         pid = int(json.loads(StateLayout(cfg.gateway.state_dir).status.read_text()).get("pid", 0))
     except (OSError, ValueError, TypeError, AttributeError):
         return None
-    if pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid  # exists, owned by the agent's user
-    return pid
+    return pid if pid_alive(pid) else None
 
 
 def _audit_path(cfg: AgentConfig) -> Path:
