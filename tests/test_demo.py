@@ -28,6 +28,9 @@ def test_demo_runs_to_summary_with_zero_lost(tmp_path: Path, transport: str,
     assert r.returncode == 0, out[-3000:] + r.stderr[-3000:]
     assert "LOST: 0" in out
     assert "uplink CUT" in out and "uplink restored" in out
+    # piped, each progress line is one line (rich would wrap it at 80 columns)
+    progress = [line for line in out.splitlines() if line.startswith("t=")]
+    assert progress and all("events at platform" in line for line in progress), progress[:3]
     produced = int(out.split("events produced (accepted)")[1].split("│")[1].strip())
     delivered = int(out.split("delivered to the platform")[1].split("│")[1].strip())
     assert produced > 100 and produced == delivered

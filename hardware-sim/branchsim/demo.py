@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from rich.console import Console, Group
@@ -26,6 +26,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from agent.config import AgentConfig, parse_config
+from agent.core.types import Priority
 from agent.outbox import OutboxView
 from agent.runtime.root import Runtime, install_signal_handlers
 from agent.security.keys import generate_keypair
@@ -36,7 +37,6 @@ __all__ = ["DemoResult", "main", "run_demo"]
 log = structlog.get_logger(__name__)
 SCENARIO = "night-intrusion"
 SCENARIO_SECONDS = 60.0
-PRIO_NAMES = {0: "alarm", 1: "alert", 2: "telemetry", 3: "diagnostic"}
 
 
 @dataclass
@@ -54,20 +54,19 @@ class DemoResult:
     workdir: str = ""
 
 
-class _Transport:
+class _Transport(Protocol):
     """The WAN end: a broker + platform receiver (MQTT) or the platform's CoAP endpoint."""
 
-    name = "?"
+    name: str
 
     async def start(self) -> None: ...
     async def cut(self) -> None: ...
     async def restore(self) -> None: ...
     async def close(self) -> None: ...
-    def uplink_config(self) -> dict[str, Any]:
-        raise NotImplementedError
+    def uplink_config(self) -> dict[str, Any]: ...
 
 
-class _MqttTransport(_Transport):
+class _MqttTransport:
     name = "mqtt"
 
     def __init__(self, workdir: Path, receiver: Any) -> None:
@@ -115,7 +114,7 @@ class _MqttTransport(_Transport):
         }
 
 
-class _CoapTransport(_Transport):
+class _CoapTransport:
     name = "coap"
 
     def __init__(self, receiver: Any) -> None:
@@ -204,7 +203,8 @@ async def run_demo(duration: float, headless: bool, transport: str, workdir: Pat
     from branchsim.broker import find_mosquitto
     from branchsim.platform.receiver import Receiver
 
-    console = console or Console()
+    # soft_wrap: piped or under CI (80 columns), a progress line stays one line
+    console = console or Console(soft_wrap=True)
     _log_to_file(workdir / "demo.log")
     if transport == "auto":
         transport = "mqtt" if find_mosquitto() else "coap"
@@ -255,7 +255,7 @@ async def run_demo(duration: float, headless: bool, transport: str, workdir: Pat
                             continue
                         seen_ids.add(e["id"])
                         if e["prio"] <= 1:
-                            recent.append(f"{PRIO_NAMES[e['prio']]:>9}  {e['src']:<22} "
+                            recent.append(f"{Priority(e['prio']).label:>9}  {e['src']:<22} "
                                           f"{e['type']:<16} {e['v']}")
                     if live is not None:
                         live.update(_view(rt, receiver, gw, phase, recent, transport))
