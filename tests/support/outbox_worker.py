@@ -1,6 +1,8 @@
 """A child process for crash tests: drives the outbox and reports what it was told is durable.
 
     python outbox_worker.py append DB SEED   -> prints "A <id> <id> ..." after each append resolves
+    python outbox_worker.py append-n DB N    -> the same for N appends one after the other, then
+                                                exits (tests/test_outbox.py traces its syscalls)
     python outbox_worker.py claim DB N       -> appends N events, claims three batches, acks the
                                                 first, prints "C <seq> <hash> <ids...>" / "K <seq>",
                                                 then waits to be killed
@@ -53,6 +55,15 @@ async def append(db: Path, seed: int) -> None:
     await asyncio.gather(*(producer(k) for k in range(8)))
 
 
+async def append_n(db: Path, n: int) -> None:
+    ob = await Outbox.open(db, commit_interval=0.002)
+    for i in range(n):
+        prio = 0 if i % 5 == 0 else 2  # alarms commit at once, telemetry in a group
+        ids = await ob.append_many([Event(src="s", type="t", v=i, t=time.time(), prio=prio)])
+        out("A " + " ".join(map(str, ids)))
+    await ob.close()
+
+
 async def claim(db: Path, n: int) -> None:
     ob = await Outbox.open(db)
     evs = [Event(src="s", type="t", v=i, t=time.time(), prio=i % 4) for i in range(n)]
@@ -71,4 +82,5 @@ async def claim(db: Path, n: int) -> None:
 
 if __name__ == "__main__":
     mode, path, arg = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-    asyncio.run(append(path, arg) if mode == "append" else claim(path, arg))
+    modes = {"append": append, "append-n": append_n, "claim": claim}
+    asyncio.run(modes[mode](path, arg))
