@@ -139,6 +139,8 @@ async def test_posts_answered_changed_arrive_exactly_once_across_kills(
     seen = delivered()
     twice = {v: n for v, n in seen.items() if n > 1}
     assert not twice, f"readings delivered more than once: {twice}"
+    wire = rx.delivered_ids(agent.gw)  # counted at the wire: the store ignores a repeated id
+    assert len(wire) == len(set(wire)), "an event id delivered in two batches"
     assert set(seen) <= set(range(N_READINGS))
     assert rx.chain_head(agent.gw)[0] == rx.batch_count(agent.gw)
     assert set(rx.counters()) <= {(agent.gw, "replay")}, rx.counters()
@@ -197,6 +199,8 @@ def test_platform_cli_serves_oscore_without_a_broker(
         finally:
             assert agent.stop() == 0
         assert [e["v"] for e in load(rx.events(agent.gw))] == [float(i) for i in range(n)]
+        wire = rx.delivered_ids(agent.gw)  # counted at the wire, not in the deduping store
+        assert len(wire) == len(set(wire)), "an event id delivered in two batches"
         assert rx.chain_head(agent.gw)[0] == rx.batch_count(agent.gw)
     finally:
         rx.close()

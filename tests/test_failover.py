@@ -129,6 +129,8 @@ async def test_mqtt_outage_fails_over_to_coap_and_back(tmp_path: Path, platform:
     events = rx.events(agent.gw)
     ids = [int(e["id"]) for e in events]
     assert ids == list(range(1, max(ids) + 1)), "ids complete: every id delivered once"
+    wire = sorted(rx.delivered_ids(agent.gw))  # counted at the wire, not in the deduping store
+    assert wire == ids, "an id delivered over both uplinks, or twice over one"
     load = [e for e in events if e["src"] == "synthetic.load"]
     assert sorted(e["v"] for e in load) == [float(i) for i in range(n)]
     assert {e["type"] for e in events if e["src"] != "synthetic.load"} <= {

@@ -234,6 +234,15 @@ class Receiver:
                 args = (gw,)
             return [row_event(r) for r in self._db.execute(sql + " ORDER BY gw, id", args)]
 
+    def delivered_ids(self, gw: str) -> list[int]:
+        """Every event id in every batch accepted from `gw`, in chain order, read back from
+        the stored batch bytes (the evidence), not from the events table: the table ignores a
+        duplicate id, so only this shows an event delivered twice in two different batches."""
+        with self._lock:
+            raws = [bytes(r) for (r,) in self._db.execute(
+                "SELECT raw FROM batches WHERE gw = ? ORDER BY seq", (gw,))]
+        return [int(e["id"]) for raw in raws for e in decode_batch(raw)[0].events]
+
     def counters(self) -> dict[tuple[str, str], int]:
         """Rejections by (gw, reason)."""
         with self._lock:
