@@ -95,12 +95,12 @@ def agent_doc(gw: str, state: Path, key: Path, broker_port: int, pki: Pki,
     return doc
 
 
-def import_rss_mb() -> float:
+def import_rss_mb(python: str = sys.executable) -> float:
     """Peak RSS of a bare `python -c "import agent"`, read by that process itself (a fork's
     ru_maxrss would count the parent's pages it shared before exec)."""
     code = ("import agent, pathlib; print([l for l in pathlib.Path('/proc/self/status')"
             ".read_text().splitlines() if l.startswith('VmHWM:')][0].split()[1])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout) / 1024
 
 

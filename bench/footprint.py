@@ -58,6 +58,9 @@ from tests.support.agentproc import to_toml
 from tests.support.broker import Mosquitto
 from tests.support.pki import Pki, make_pki
 
+# The interpreter of the agent process (--agent-python); the platform and broker run here.
+AGENT_PYTHON = [sys.executable]
+
 STARTUP_TARGET_S = 1.5
 IDLE_CPU_TARGET = 0.01
 IDLE_RSS_TARGET_MB = 60.0
@@ -95,7 +98,7 @@ class Agent:
             with (self.dir / "agent.log").open("ab") as log:
                 start = time.perf_counter()
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "agent.ops.cli", "run", "--config", str(self.config)],
+                    [AGENT_PYTHON[0], "-m", "agent.ops.cli", "run", "--config", str(self.config)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
             try:
                 took = self._wait_ready(sock, start)
@@ -239,7 +242,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> list[Row]:
     warmup = 1.0 if q else 5.0
     wamp_intervals = 1 if q else max(1, round(args.wamp_s / 10))
     pki = make_pki(tmp / "pki")
-    bare_rss = [import_rss_mb() for _ in range(3)]
+    bare_rss = [import_rss_mb(AGENT_PYTHON[0]) for _ in range(3)]
     broker = Mosquitto(tmp / "broker", tls=pki).start()
     try:
         pdb = tmp / "platform.db"
@@ -309,7 +312,12 @@ def main() -> None:
     ap.add_argument("--idle-s", type=float, default=60.0)
     ap.add_argument("--soak-s", type=float, default=None, help="idle window of at least S")
     ap.add_argument("--wamp-s", type=float, default=30.0)
+    ap.add_argument("--agent-python", default=sys.executable, metavar="PATH",
+                    help="the interpreter that runs the agent, e.g. .venv-dist/bin/python: the "
+                         "product as a gateway installs it (make test-dist), without the "
+                         "simulator's packages (rich), which .venv has")
     args = ap.parse_args()
+    AGENT_PYTHON[0] = args.agent_python
     print(f"# bench/footprint.py; {machine()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-footprint-") as d:
         result = measure(args, Path(d))
