@@ -97,7 +97,8 @@ def test_sysusers_and_tmpfiles_apply_to_an_image_root(tmp_path: Path) -> None:
 
 def test_provisioned_unit_with_egress_dropin_verifies(tmp_path: Path) -> None:
     """The unit as provisioned, with its generated egress drop-in (IPAddressDeny=any plus the
-    broker), passes `systemd-analyze verify` and keeps the exposure at 2.0 or less."""
+    broker), passes `systemd-analyze verify`, and its exposure is lower than the bare unit's
+    and is the figure docs/OPERATIONS.md states for it."""
     root = tmp_path / "root"
     res = subprocess.run(
         [sys.executable, "-m", "agent.ops.cli", "provision", "--root", str(root), "--gateway-id",
@@ -113,5 +114,10 @@ def test_provisioned_unit_with_egress_dropin_verifies(tmp_path: Path) -> None:
     assert verified.returncode == 0, verified.stderr
     assert [ln for ln in verified.stderr.splitlines() if "branch-agent.service" in ln] == []
     exposure, out = _exposure(unit)
-    assert exposure <= MAX_EXPOSURE, out
+    (tmp_path / "bare").mkdir()
+    bare, _ = _exposure(_unit_with_exec(tmp_path / "bare"))
+    assert exposure <= MAX_EXPOSURE and exposure < bare, out
     assert "Service defines IP address allow list" in out, out
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "OPERATIONS.md").read_text()
+    assert f"With the drop-in the\nexposure is **{exposure}**" in doc, (
+        f"docs/OPERATIONS.md must state the exposure with the egress drop-in ({exposure})")
