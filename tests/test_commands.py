@@ -205,6 +205,47 @@ async def test_refusals_are_audited(tmp_path: Path) -> None:
     assert verify(tmp_path / "audit" / "audit.log").records == 2
 
 
+async def test_every_refusal_is_audited_with_its_reason(tmp_path: Path) -> None:
+    """Expired, replayed, out-of-order, wrong-gateway, forged and unknown-key commands are each
+    audited as audit.command_rejected with their reason code (the vectors, in order)."""
+    events: list[Event] = []
+
+    async def emit(ev: Event) -> None:
+        events.append(ev)
+
+    async def pulse(name: str, seconds: float) -> None:
+        del name, seconds
+
+    trail = AuditTrail(AuditLog(tmp_path / "audit" / "audit.log"), emit,
+                       FixedClock(EXPECTED["now"]))
+    proc, _ = processor(tmp_path, gw=EXPECTED["gw"], clock=FixedClock(EXPECTED["now"]),
+                        hooks=CommandHooks(status=lambda: {"state": "online"}, pulse=pulse,
+                                           set_log_level=lambda _level: None),
+                        allow_outputs=EXPECTED["allow_outputs"], audit=trail)
+    for case in EXPECTED["cases"]:
+        await proc.handle((VECTORS / case["file"]).read_bytes())
+    refused = [c["err"] for c in EXPECTED["cases"] if not c["ok"]]
+    audited = [e.attrs["reason"] for e in events
+               if e.type == "audit.command_rejected" and e.attrs is not None]
+    assert audited == refused
+    assert {"expired", "replay", "bad-signature", "unknown-key", "wrong-gateway"} <= set(refused)
+    assert verify(tmp_path / "audit" / "audit.log").ok
+
+
+async def test_a_hook_that_raises_fails_the_command_not_the_agent(tmp_path: Path) -> None:
+    """A hook's exception is the command's failure: the ack says `failed` and carries no
+    exception text or traceback; the processor goes on with the next command."""
+    def broken() -> Mapping[str, Any]:
+        raise RuntimeError("secret internals /etc/branch-agent/keys/signing.key")
+
+    proc, gkey = processor(tmp_path, hooks=CommandHooks(status=broken))
+    ack = await proc.handle(make_command(PLATFORM_KEY, GW, "status", seq=1))
+    assert (ack.ok, ack.err, ack.result) == (False, "failed", None)
+    wire = encode_ack(gkey, ack)
+    assert b"secret" not in wire and b"Traceback" not in wire and b"RuntimeError" not in wire
+    assert (await proc.handle(make_command(PLATFORM_KEY, GW, "ping", seq=2))).ok
+
+
 async def test_queue_is_bounded(tmp_path: Path) -> None:
     """A flood of commands is dropped beyond the queue, counted, and never waited for."""
     proc, _ = processor(tmp_path, queue=4)
