@@ -4,10 +4,12 @@ enabled, and no key material appears in logs, status, doctor or check-config out
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -177,3 +179,29 @@ def test_security_doc_names_only_existing_tests() -> None:
     missing = [f"{f}::{name}" for f, name in refs
                if not re.search(rf"^(async )?def {name}\(", (root / f).read_text(), re.M)]
     assert missing == []
+
+
+def test_tls_failure_is_audited(tmp_path: Path, mosquitto_tls: Mosquitto, pki: Pki) -> None:
+    """An agent whose client certificate the broker refuses (issued by another CA) records
+    audit.tls_failure in its local audit log, once, naming the uplink: the failure is
+    classified by exception type, not found by a word in its message (the broker's close
+    before CONNACK says nothing about TLS)."""
+    up = mqtt_uplink(mosquitto_tls.port, pki)
+    up["tls"] = {"ca": str(pki.ca_cert), "cert": str(pki.other_client_cert),
+                 "key": str(pki.other_client_key)}
+    agent = AgentProcess(tmp_path / "gw", uplink={"order": ["mqtt"], "mqtt": up})
+    log = agent.state / "audit" / "audit.log"
+
+    def tls_failures() -> list[dict[str, Any]]:
+        if not log.exists():
+            return []
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        return [r for r in records if r["type"] == "audit.tls_failure"]
+
+    agent.start()
+    try:
+        wait_until(lambda: bool(tls_failures()), 30, "audit.tls_failure recorded", agent)
+    finally:
+        assert agent.stop() == 0
+    [record] = tls_failures()
+    assert record["attrs"]["uplink"].startswith("mqtt:") and "tls.cert" in record["attrs"]["error"]
