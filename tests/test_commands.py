@@ -434,3 +434,18 @@ async def test_platform_cli_command(tmp_path: Path, mosquitto_tls: Mosquitto, pk
         "--tls-key", str(pki.platform_key)])
     assert rc == 0
     assert proc.stats.accepted == 1
+
+
+def test_platform_matches_an_ack_without_the_gateway_key() -> None:
+    """`branch-platform command` without --gateway-pub still recognises the ack of its command
+    (read unverified through the one COSE_Sign1 parser) and ignores others and garbage."""
+    from branchsim.platform.commands import _match
+
+    gkey = Ed25519PrivateKey.generate()
+    h = b"\x01" * 32
+    ack = CommandAck(gw=GW, seq=3, h=h, ok=True, t=1.0, result={"pong": True})
+    raw = encode_ack(gkey, ack)
+    assert _match(raw, h, None) == ack
+    assert _match(raw, b"\x02" * 32, None) is None
+    assert _match(b"\xff\x00garbage", h, None) is None
+    assert _match(raw, h, gkey.public_key()) == ack

@@ -88,12 +88,6 @@ class _IngestResource(aiocoap.resource.Resource, aiocoap.resource.PathCapable): 
         super().__init__()
         self._src = source
 
-    def get_resources_as_linkheader(self) -> Any:
-        # Only `_WellKnownCore` lists resources, per asker; the Site asks this too.
-        from aiocoap.util.linkformat import LinkFormat
-
-        return LinkFormat([])
-
     def _precheck(self, request: aiocoap.Message) -> aiocoap.Message | None:
         """Access and size checks that must happen before any block is stored."""
         src = self._src

@@ -22,12 +22,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import cbor2
 import paho.mqtt.client as paho
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.protocol import decode_sign1, loads_exact
 from agent.protocol.commands import CommandAck, CommandError, decode_ack, encode_command
 from agent.protocol.cose import sign1
 from agent.security.keys import KeyFileError, load_private_key, load_public_key
@@ -109,9 +109,10 @@ def _match(raw: bytes, h: bytes, gateway_key: Ed25519PublicKey | None) -> Comman
         except CommandError:
             return None
         return ack if ack.h == h else None
-    # Without the gateway's key: read the payload unverified (a lab convenience only).
+    # Without the gateway's key: read the payload unverified (a lab convenience only), through
+    # the one COSE_Sign1 parser.
     try:
-        doc = cbor2.loads(cbor2.loads(raw).value[2])
+        doc = loads_exact(decode_sign1(raw)[2], "cmd-ack")
         ack = CommandAck(gw=doc["gw"], seq=doc["seq"], h=doc["h"], ok=doc["ok"], t=doc["t"],
                          err=doc.get("err"), result=doc.get("result"))
     except Exception:  # hostile or unrelated bytes on the topic: not our ack
