@@ -19,7 +19,7 @@ PIP_LOCKED  := python -m pip install --quiet --no-input --require-hashes
 # The product itself goes in on top of a locked environment, never resolving anything.
 PIP_SELF    := python -m pip install --quiet --no-input --no-deps --no-build-isolation
 
-.PHONY: all venv sysdeps test test-compat test-dist dist wheelhouse lock lint demo bench faults sbom \
+.PHONY: all venv sysdeps test test-compat test-dist dist wheelhouse lock lint demo bench faults mutants sbom \
         audit-deps clean
 
 all: test
@@ -166,6 +166,11 @@ test-dist: wheelhouse sysdeps
 # FAULTS_KILLS to change them), with the summary table.
 faults: venv sysdeps
 	$(BIN)/pytest -q -o addopts=-ra tests/faults tests/test_faultproxy.py
+
+# Each promise's test fails when the promise breaks: every mutation of tests/support/mutants.py
+# applied to a copy of the tree, its tests run against it, each must fail (`--list` names them).
+mutants: venv sysdeps
+	$(BIN)/python -m tests.support.mutants
 
 demo: venv
 	@command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || echo "(mosquitto not installed: the demo runs over CoAP)"

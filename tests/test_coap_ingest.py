@@ -149,6 +149,10 @@ class Server:
             msg.opt.content_format = cf
         return await asyncio.wait_for(self.client.request(msg).response, 10)
 
+    async def get(self, path: str) -> aiocoap.Message:
+        msg = aiocoap.Message(code=aiocoap.GET, uri=self.base + path)
+        return await asyncio.wait_for(self.client.request(msg).response, 10)
+
 
 async def _serve(sink: CollectingSink, **over: object) -> AsyncIterator[Server]:
     port = free_udp_port()
@@ -379,7 +383,11 @@ async def test_flood_over_global_rate_is_dropped_unparsed() -> None:
 
 async def test_requests_waiting_for_the_outbox_are_bounded() -> None:
     """With max_concurrent posts already waiting for the outbox, the next one gets 5.03 with
-    Max-Age 1 at once; the waiting ones get 2.04 when the outbox commits."""
+    Max-Age 1 at once; the waiting ones stay unanswered while the outbox has not committed
+    (a 2.04 tells the sensor it may forget its readings), and get 2.04 when it commits.
+
+    Mutation: answering before the commit (`_ingest` not awaiting `submit_many`, e.g. running
+    it as a task) makes the waiting posts complete before the release: this test fails."""
     ok = json.dumps([{"n": "x", "v": 1}]).encode()
     sink = BlockingSink()
     async for s in _serve(sink, max_concurrent=2):
@@ -388,6 +396,12 @@ async def test_requests_waiting_for_the_outbox_are_bounded() -> None:
         resp = await s.post("/ingest/vault", ok)
         assert resp.code == aiocoap.SERVICE_UNAVAILABLE
         assert resp.opt.max_age == 1
+        # two more round trips through the same server after the waiting posts were received:
+        # an answer sent for them before the commit would have arrived by now
+        for _ in range(2):
+            assert (await s.get("/.well-known/core")).code == aiocoap.CONTENT
+        assert not any(w.done() for w in waiting), "answered before the outbox committed"
+        assert sink.readings == []
         sink.release.set()
         assert [(await w).code for w in waiting] == [aiocoap.CHANGED] * 2
         assert s.source.inflight == 0

@@ -52,12 +52,15 @@ def test_coap_flood_does_not_delay_alarms(
 ) -> None:
     """Alarms (5/s, priority 0) keep flowing while a separate process sends ~10 000 CoAP
     POSTs/s for 10 s: every alarm is accepted and delivered, the agent stays up, the flood is
-    counted as rejected, and alarm latency (capture -> verified at the platform) p99 stays
-    within max(150 ms, 3 x the p99 measured without the flood in the same test). The budget
-    is relative because this machine is shared and noisy (2 cores: the flood generator takes
-    one); 150 ms is the floor so that a very quiet baseline does not make scheduler noise fail
-    the test. Without the datagram gate in drivers.coap.server the garbage collector alone
-    paused the loop 50-100 ms at a time under this flood."""
+    counted as rejected (``flooded`` before aiocoap parses a datagram), and alarm latency
+    (capture -> verified at the platform) p99 stays within 2 x the p99 measured without the
+    flood in the same run, plus 10 ms. The bound is relative because this machine is shared
+    and noisy (2 cores: the flood generator takes one).
+
+    Mutation (``make mutants``, 2026-11-30): without the datagram gate (``_GatedUDP6`` admitting
+    everything) aiocoap parses and remembers every request; alarm p99 went from 5-6 ms to
+    38-45 ms (p50 4 -> 15-21 ms) against a budget of ~28 ms, and ``flooded`` stays 0: the
+    test fails on both."""
     port = free_udp_port()
     agent = AgentProcess(
         tmp_path / "gw",
@@ -86,9 +89,8 @@ def test_coap_flood_does_not_delay_alarms(
         stats = json.loads(proc.stdout)
         wait_until(lambda: any(t > flood_end + 0.5 for _, t, _ in alarms(platform, agent.gw)),
                    20, "alarms after the flood delivered", agent)
-        wait_until(lambda: coap_health(agent).get("errors", {}).get("flooded", 0) > 0
-                   and coap_health(agent).get("last_reading") is not None, 10,
-                   "status.json shows the flood", agent)
+        wait_until(lambda: agent.status().get("updated", 0) > flood_end + 0.5, 10,
+                   "status.json written after the flood", agent)
         health = coap_health(agent)
         alarm_health = next(s for s in agent.status()["sources"]
                             if s["name"] == "synthetic.alarm")
@@ -104,7 +106,7 @@ def test_coap_flood_does_not_delay_alarms(
     base = [rcv - t for _, t, rcv in rows if t0 <= t < flood_start]
     during = [rcv - t for _, t, rcv in rows if flood_start + 0.2 <= t <= flood_end - 0.2]
     assert len(base) >= BASELINE_ALARMS - 1 and len(during) >= FLOOD_SECONDS * ALARM_HZ * 0.8
-    budget = max(0.150, 3 * p99(base))
+    budget = 2 * p99(base) + 0.010
     errors = health["errors"]
     rejected = errors.get("flooded", 0) + errors.get("rate_limited", 0)
     print(
@@ -117,6 +119,7 @@ def test_coap_flood_does_not_delay_alarms(
         f"max {max(during) * 1e3:.1f} ms (n={len(during)}); budget {budget * 1e3:.0f} ms"
     )
     assert stats["rate"] >= FLOOD_RATE * 0.8, f"the generator fell short: {stats}"
+    assert p99(during) <= budget, f"alarm p99 {p99(during):.3f} s over budget {budget:.3f} s"
+    assert errors.get("flooded", 0) >= stats["sent"] * 0.8, f"not gated before parsing: {errors}"
     assert rejected >= stats["sent"] * 0.9, f"the flood was not rejected: {errors}"
     assert health["readings"] <= 20 + 5 * (FLOOD_SECONDS + 5), "only the sensor's rate got in"
-    assert p99(during) <= budget, f"alarm p99 {p99(during):.3f} s over budget {budget:.3f} s"

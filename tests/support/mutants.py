@@ -1,0 +1,216 @@
+"""`make mutants`: each promise's test fails when the promise breaks.
+
+For every entry of `MUTANTS`, a copy of the working tree (tracked and untracked, not ignored
+files) gets one small change that breaks one promise, and the tests named for that promise
+run against the copy (`PYTHONPATH` puts the copy before the editable install; the agents the
+tests start inherit it). The mutant is *killed* when those tests fail; a mutant that survives
+is a promise no test holds, and the command exits 1. First, the same tests run on the unchanged
+copy and must pass, so that a kill is the mutation's doing and not a broken test.
+
+    python -m tests.support.mutants            # all
+    python -m tests.support.mutants wal-fsync  # by name
+    python -m tests.support.mutants --list
+
+The working tree is never modified. A mutation whose text is not found exactly once is an
+error (the code moved: update the entry), never a silent pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    promise: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    Mutant(
+        "wal-fsync",
+        "an append is accepted only after the WAL holding it was fsynced",
+        "agent/outbox/db.py",
+        'conn.execute("PRAGMA synchronous=FULL")',
+        'conn.execute("PRAGMA synchronous=NORMAL")',
+        ("tests/test_outbox.py::test_acceptance_follows_the_wal_fsync",),
+    ),
+    Mutant(
+        "wire-duplicate",
+        "every event id crosses the wire once (the platform store would hide a repeat)",
+        "agent/outbox/batches.py",
+        "(seq, json.dumps([c[0] for c in chosen])))",
+        "(seq, json.dumps([c[0] for c in (chosen[:-1] if len(chosen) > 1 else chosen)])))",
+        ("tests/test_e2e_mqtt.py::test_every_event_arrives_exactly_once",),
+    ),
+    Mutant(
+        "quota-order",
+        "past the quota, diagnostics go before telemetry; alarms and alerts never",
+        "agent/outbox/quota.py",
+        "for prio in range(3, floor_prio - 1, -1):",
+        "for prio in range(floor_prio, 4):",
+        ("tests/test_outbox.py::test_quota_evicts_low_priority_oldest_first_and_records_every_id",),
+    ),
+    Mutant(
+        "disk-full-reserve",
+        "a full disk releases the reserve so that alarms still commit",
+        "agent/outbox/diskfull.py",
+        "        self.storage.release(self.reserve_path)\n        store.restart_wal()",
+        "        store.restart_wal()",
+        ("tests/test_outbox.py::test_full_disk_releases_the_reserve_and_keeps_alarms",),
+    ),
+    Mutant(
+        "disk-full-alert",
+        "a full disk is reported by a gateway.disk_full alert",
+        "agent/outbox/diskfull.py",
+        'type="gateway.disk_full"',
+        'type="gateway.disk_low"',
+        ("tests/test_outbox.py::test_full_disk_releases_the_reserve_and_keeps_alarms",),
+    ),
+    Mutant(
+        "small-file-dir-fsync",
+        "small state files survive a power cut whole (the rename is made durable)",
+        "agent/core/atomic.py",
+        "    if durable:\n        fsync_dir(path.parent)\n    return True",
+        "    return True",
+        ("tests/test_atomic.py",),
+    ),
+    Mutant(
+        "cbor-plain",
+        "the platform accepts batches whatever cbor2 a gateway resolves (arrays as lists)",
+        "agent/core/cbor.py",
+        "value = plain(cbor2.CBORDecoder(fp).decode())",
+        "value = cbor2.CBORDecoder(fp).decode()",
+        ("tests/test_cbor.py",),
+    ),
+    Mutant(
+        "coap-flood-gate",
+        "a CoAP flood does not delay alarms (datagrams over the endpoint's rate are dropped "
+        "before aiocoap parses them)",
+        "drivers/coap/server.py",
+        "if self.admit is not None and not self.admit():",
+        "if False:",
+        ("tests/test_flood.py::test_coap_flood_does_not_delay_alarms",),
+    ),
+    Mutant(
+        "coap-answer-before-commit",
+        "a CoAP sensor gets 2.04 only after its readings are committed",
+        "drivers/coap/server.py",
+        "await self._sink.submit_many(readings, key=_request_key(sensor, request))",
+        "asyncio.ensure_future(self._sink.submit_many(readings, "
+        "key=_request_key(sensor, request)))",
+        ("tests/test_coap_ingest.py::test_requests_waiting_for_the_outbox_are_bounded",),
+    ),
+    Mutant(
+        "coap-idempotency-key",
+        "a CoAP retransmission reaching a restarted agent is not stored twice",
+        "drivers/coap/server.py",
+        "await self._sink.submit_many(readings, key=_request_key(sensor, request))",
+        "await self._sink.submit_many(readings)",
+        ("tests/test_coap_e2e.py::test_retransmission_after_a_restart_is_stored_once",),
+    ),
+)
+
+
+def tree_files() -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode()
+    return [f for f in out.split("\0") if f and (REPO / f).is_file()]
+
+
+def copy_tree(dst: Path) -> None:
+    for rel in tree_files():
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+
+
+def pytest(copy: Path, tests: tuple[str, ...], log: Path) -> int:
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(copy), str(copy / "hardware-sim")]),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    with log.open("wb") as out:
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+            cwd=copy, env=env, stdout=out, stderr=subprocess.STDOUT, check=False,
+        ).returncode
+
+
+def apply(copy: Path, m: Mutant) -> str:
+    path = copy / m.path
+    text = path.read_text()
+    if text.count(m.old) != 1:
+        raise SystemExit(f"{m.name}: {m.old!r} is in {m.path} {text.count(m.old)} times, "
+                         "not once: the code moved, update tests/support/mutants.py")
+    path.write_text(text.replace(m.old, m.new))
+    return text
+
+
+def tail(log: Path, n: int = 15) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mutants", description=__doc__.split("\n\n")[0])
+    ap.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = ap.parse_args(argv)
+    by_name = {m.name: m for m in MUTANTS}
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:28} {m.path}: {m.promise}")
+        return 0
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        ap.error(f"no mutant named {', '.join(unknown)}; known: {', '.join(by_name)}")
+    chosen = [by_name[n] for n in args.names] if args.names else list(MUTANTS)
+    with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
+        copy, logs = Path(tmp) / "tree", Path(tmp) / "logs"
+        logs.mkdir()
+        copy_tree(copy)
+        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        t0 = time.monotonic()
+        if pytest(copy, tests, logs / "baseline.log") != 0:
+            print(f"the tests fail without any mutation:\n{tail(logs / 'baseline.log')}")
+            return 2
+        print(f"baseline: {len(tests)} test selections pass unmutated "
+              f"({time.monotonic() - t0:.0f} s)")
+        survived = []
+        for m in chosen:
+            original = apply(copy, m)
+            t0 = time.monotonic()
+            try:
+                rc = pytest(copy, m.tests, logs / f"{m.name}.log")
+            finally:
+                (copy / m.path).write_text(original)
+            took = time.monotonic() - t0
+            verdict = {0: "SURVIVED", 1: "killed"}.get(rc, f"error (pytest exit {rc})")
+            print(f"{m.name:28} {verdict:10} {took:5.0f} s  {m.promise}")
+            if rc != 1:
+                survived.append(m.name)
+                print(tail(logs / f"{m.name}.log"))
+    if survived:
+        print(f"{len(survived)} of {len(chosen)} mutants not killed: {', '.join(survived)}")
+        return 1
+    print(f"all {len(chosen)} mutants killed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
