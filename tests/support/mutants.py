@@ -98,6 +98,22 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_cbor.py",),
     ),
     Mutant(
+        "tls-hostname",
+        "the MQTT uplink verifies the broker's host name",
+        "agent/uplink/mqtt.py",
+        "ctx.check_hostname = True",
+        "ctx.check_hostname = False",
+        ("tests/test_tls.py::test_broker_certificate_for_another_host_refused",),
+    ),
+    Mutant(
+        "tls-1.1",
+        "the MQTT uplink never agrees on TLS below 1.2",
+        "agent/uplink/mqtt.py",
+        "ctx.minimum_version = ssl.TLSVersion.TLSv1_2",
+        'ctx.minimum_version = ssl.TLSVersion.TLSv1_1; ctx.set_ciphers("DEFAULT:@SECLEVEL=0")',
+        ("tests/test_tls.py::test_tls_1_1_server_refused",),
+    ),
+    Mutant(
         "coap-flood-gate",
         "a CoAP flood does not delay alarms (datagrams over the endpoint's rate are dropped "
         "before aiocoap parses them)",
