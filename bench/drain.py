@@ -108,7 +108,8 @@ def latencies_ms(platform_db: Path, gw: str, edges: list[float], before: float) 
     conn = sqlite3.connect(f"file:{platform_db}?mode=ro", uri=True)
     try:
         stored = [r[0] for r in conn.execute(
-            "SELECT b.received_at FROM events e JOIN batches b ON b.gw = e.gw AND b.seq = e.seq "
+            "SELECT b.received_at FROM events e JOIN batches b ON b.gw = e.gw "
+            "AND b.epoch = e.epoch AND b.seq = e.seq "
             "WHERE e.gw = ? AND e.src = 'gpio.vault' AND e.attrs IS NULL ORDER BY e.id", (gw,))]
     finally:
         conn.close()

@@ -388,20 +388,26 @@ async def test_keyed_append_is_idempotent_across_a_restart(tmp_path: Path) -> No
 
 
 async def test_v1_store_is_migrated(tmp_path: Path) -> None:
-    """A store written with schema 1 opens under schema 2 with its events intact."""
+    """A store written with schema 1 opens under schema 3 with its events intact; its chain,
+    begun before epochs, goes on without one (epoch '': batches without the key)."""
     db = tmp_path / "o.db"
     ob = await Outbox.open(db)
     ids = await ob.append_many([ev(i) for i in range(5)])
     await ob.close()
     with sqlite3.connect(db) as c:  # make it a v1 file again
         c.execute("DROP TABLE ingest_keys")
+        c.execute("DROP TABLE refused")
+        c.execute("DELETE FROM meta WHERE key='epoch'")
         c.execute("PRAGMA user_version=1")
     ob = await Outbox.open(db)
     assert [r[0] for r in rows(db)] == ids
     assert await ob.append_many([ev(9)], key="k") == [ids[-1] + 1]
+    b = await ob.claim_batch(100, 1 << 20, build)
+    assert b is not None and protocol.decode_batch(b.data)[0].epoch == b""
+    assert (await ob.stats()).epoch == ""
     await ob.close()
     with sqlite3.connect(db) as c:
-        assert c.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert c.execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 class FillableDisk(OsStorage):

@@ -32,9 +32,16 @@ class Gateway:
         self.seq = 0
         self.prev = ZERO_HASH
         self.next_id = 1
+        self.epoch = b""
+
+    def lose_state(self, epoch: bytes) -> None:
+        """What a gateway restored onto an empty state directory does: same key, a new chain
+        epoch from seq 1, ids from 1 again."""
+        self.seq, self.prev, self.next_id, self.epoch = 0, ZERO_HASH, 1, epoch
 
     def batch(self, n: int = 2, *, seq: int | None = None, prev: bytes | None = None,
-              gw: str | None = None, ids: list[int] | None = None) -> bytes:
+              gw: str | None = None, ids: list[int] | None = None,
+              epoch: bytes | None = None) -> bytes:
         ids = ids or list(range(self.next_id, self.next_id + n))
         self.next_id = max(ids) + 1
         data = build_batch(
@@ -43,6 +50,7 @@ class Gateway:
             prev=prev if prev is not None else self.prev, created=1767225600.0,
             encoded_events=[encode_event(id=i, t=1767225600.0 + i, tq=0, src="gpio.door",
                                          type="contact", v=i % 2 == 0, prio=0) for i in ids],
+            epoch=self.epoch if epoch is None else epoch,
         )
         return data
 
@@ -74,6 +82,42 @@ def send(receiver: Receiver, g: Gateway, data: bytes, topic_gw: str | None = GW)
     return ack.err
 
 
+def test_a_gateway_that_lost_its_state_rejoins_in_a_new_epoch(receiver: Receiver,
+                                                              gw: Gateway) -> None:
+    """A gateway with its registered key and no chain state starts a new epoch at seq 1 (ids
+    from 1 again): accepted, the gap recorded (where the old chain ended), the events of both
+    chains kept apart. The old epoch can no longer grow (fork), its stored bytes are still a
+    replay; a new epoch must start at seq 1 with a zero prev; another key cannot start one."""
+    first = []
+    for _ in range(3):
+        first.append(gw.batch(2))
+        assert send(receiver, gw, first[-1]) == "ok"
+    gw.lose_state(b"\x01" * 16)
+    assert send(receiver, gw, gw.batch(2)) == "ok"
+    assert send(receiver, gw, gw.batch(1)) == "ok"
+    assert receiver.epochs(GW) == [
+        {"epoch": "", "started_at": pytest.approx(receiver.epochs(GW)[0]["started_at"]),
+         "prev": None},
+        {"epoch": "01" * 16, "started_at": pytest.approx(receiver.epochs(GW)[1]["started_at"]),
+         "prev": {"epoch": "", "seq": 3, "hash": batch_hash(first[-1]).hex()}},
+    ]
+    assert [(e["epoch"], e["id"]) for e in receiver.events(GW)] == [
+        *(("", i) for i in range(1, 7)), *(("01" * 16, i) for i in range(1, 4))]
+    assert receiver.delivered_ids(GW) == [1, 2, 3, 4, 5, 6, 1, 2, 3]
+    assert receiver.chain_head(GW)[0] == 2
+    # the replaced chain: its stored bytes are a replay, anything new in it a fork
+    assert send(receiver, gw, first[1]) == "replay"
+    old = Gateway(key=gw.key)
+    assert send(receiver, old, old.batch(2, seq=4, prev=batch_hash(first[-1]), ids=[7, 8])) \
+        == "fork"
+    # a new epoch whose start has not arrived; the same from a key that is not registered
+    assert send(receiver, gw, gw.batch(1, seq=2, prev=ZERO_HASH, epoch=b"\x02" * 16)) == "gap"
+    stranger = Gateway()
+    stranger.lose_state(b"\x03" * 16)
+    assert send(receiver, stranger, stranger.batch(1)) == "unknown-key"
+    assert len(receiver.epochs(GW)) == 2
+
+
 def test_accepts_chain_and_stores_events(receiver: Receiver, gw: Gateway) -> None:
     """Consecutive batches are acked ok; events stored once each; chain head advances."""
     b1 = gw.batch(3)
@@ -82,7 +126,7 @@ def test_accepts_chain_and_stores_events(receiver: Receiver, gw: Gateway) -> Non
     assert send(receiver, gw, b2) == "ok"
     assert [e["id"] for e in receiver.events(GW)] == [1, 2, 3, 4, 5]
     assert receiver.chain_head(GW) == (2, batch_hash(b2))
-    assert receiver.events(GW)[0] == {"gw": GW, "id": 1, "t": 1767225601.0, "tq": 0,
+    assert receiver.events(GW)[0] == {"gw": GW, "epoch": "", "id": 1, "t": 1767225601.0, "tq": 0,
                                       "src": "gpio.door", "type": "contact", "v": False,
                                       "prio": 0, "seq": 1}
     assert receiver.counters() == {}

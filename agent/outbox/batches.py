@@ -4,23 +4,34 @@
 in one transaction stores the signed bytes and the new chain head and marks the events as held
 by that batch. They leave the store only with `ack` (matching seq and hash). A crash between
 claim and ack leaves the batch stored; it is re-sent byte for byte (`pending`).
+
+`restart` is for a batch the platform refuses for good (docs/PROTOCOL.md 4.3): the batch's bytes
+are kept for an operator (table ``refused``), every unacknowledged batch is dissolved (its events
+unclaimed again, or, when the batch is parked, its events removed with a
+``gateway.batch_refused`` alert naming them) and the chain starts again in a new epoch at seq 1.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from agent import protocol
+from agent.core.types import ALERT, TQ_SYNCED, Event
 from agent.outbox.db import transaction
+from agent.outbox.quota import id_ranges
+from agent.outbox.schema import REFUSED_KEPT, new_epoch
 from agent.outbox.store import Store
 from agent.outbox.tally import EVENT_OVERHEAD
 
-__all__ = ["BATCH_ENVELOPE", "BuildBatch", "PendingBatch", "ack", "claim", "pending"]
+__all__ = ["BATCH_ENVELOPE", "BuildBatch", "PendingBatch", "ack", "claim", "pending", "restart"]
 
 BATCH_ENVELOPE = 200  # COSE envelope, header fields and signature, rounded up
-BuildBatch = Callable[[int, bytes, list[bytes]], bytes]
+# build(seq, prev, bodies, epoch) -> the signed batch bytes
+BuildBatch = Callable[[int, bytes, list[bytes], bytes], bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +64,7 @@ def claim(store: Store, max_events: int, max_bytes: int,
         size += len(r[2])
     seq = int(store.meta("next_seq"))
     prev = bytes.fromhex(store.meta("prev_hash"))
-    data = build(seq, prev, [c[2] for c in chosen])
+    data = build(seq, prev, [c[2] for c in chosen], bytes.fromhex(store.meta("epoch")))
     h = protocol.batch_hash(data)
     now = store.wall()
     top = min(c[1] for c in chosen)
@@ -99,5 +110,48 @@ def ack(store: Store, seq: int, h: bytes) -> bool:
             store.set_meta("last_acked_at", repr(now))
     freed = sum(size + n * EVENT_OVERHEAD for _, size, n in per_prio) + int(row[1])
     store.tally.acked([(p, n) for p, _, n in per_prio], freed)
-    store.side.acked(seq, h)
     return True
+
+
+def restart(store: Store, refused: PendingBatch, err: str, park: bool) -> dict[str, Any] | None:
+    """The platform refuses `refused` for good (`err`). In one transaction: keep its bytes in
+    ``refused``; when `park`, remove its events and record a ``gateway.batch_refused`` alert
+    naming them, else record the alert and let them go out again; dissolve every stored batch
+    (their events unclaimed); start a new chain epoch at seq 1. Returns what the alert says, or
+    None (nothing done) when `refused` is not the oldest stored batch: an older one may still
+    be acknowledged, and its events must not go out twice."""
+    conn = store.conn
+    oldest = conn.execute("SELECT MIN(seq) FROM batches").fetchone()[0]
+    row = conn.execute("SELECT hash FROM batches WHERE seq=?", (refused.seq,)).fetchone()
+    if oldest != refused.seq or row is None or bytes(row[0]) != refused.hash:
+        return None
+    ids = [int(r[0]) for r in conn.execute(
+        "SELECT id FROM events WHERE batch=? ORDER BY id", (refused.seq,))]
+    old_epoch, epoch = store.meta("epoch"), new_epoch()
+    info: dict[str, Any] = {
+        "seq": refused.seq, "epoch": old_epoch, "hash": refused.hash.hex(), "err": err,
+        "action": "parked" if park else "new_chain", "count": len(ids), "ids": id_ranges(ids),
+        "new_epoch": epoch,
+    }
+
+    def dissolve(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO refused(seq, epoch, hash, err, action, at, ids, data) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (refused.seq, old_epoch, refused.hash, err, info["action"], store.wall(),
+             json.dumps(info["ids"]), refused.data),
+        )
+        conn.execute("DELETE FROM refused WHERE rowid NOT IN "
+                     "(SELECT rowid FROM refused ORDER BY rowid DESC LIMIT ?)", (REFUSED_KEPT,))
+        if park:
+            conn.execute("DELETE FROM events WHERE batch=?", (refused.seq,))
+        conn.execute("UPDATE events SET batch=NULL WHERE batch IS NOT NULL")
+        conn.execute("DELETE FROM batches")
+        store.set_meta("epoch", epoch)
+        store.set_meta("next_seq", "1")
+        store.set_meta("prev_hash", protocol.ZERO_HASH.hex())
+
+    store.insert([Event(src="gateway", type="gateway.batch_refused", v=info, t=store.wall(),
+                        tq=TQ_SYNCED, prio=ALERT)], extra=dissolve)
+    store.tally.load(conn)  # rare: count again rather than track every change above
+    return info

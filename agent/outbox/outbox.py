@@ -44,6 +44,8 @@ class OutboxStats:
     quota_bytes: int = 0
     next_id: int = 1
     next_seq: int = 1
+    epoch: str = ""  # hex; empty for a chain started before epochs existed
+    refused_batches: int = 0  # kept for an operator (table `refused`)
     last_acked_seq: int = 0
     last_acked_at: float | None = None
     dropped: dict[str, int] = field(default_factory=dict)
@@ -60,6 +62,8 @@ class OutboxStats:
             "quota_bytes": self.quota_bytes,
             "next_id": self.next_id,
             "next_seq": self.next_seq,
+            "epoch": self.epoch,
+            "refused_batches": self.refused_batches,
             "last_acked_seq": self.last_acked_seq,
             "last_acked_at": self.last_acked_at,
             "dropped": dict(self.dropped),
@@ -93,7 +97,7 @@ class Outbox:
         self._monotonic = clock_monotonic
         self._storage = storage or OsStorage()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-db")
-        self._side = SideState(path.parent, clock_monotonic)
+        self._side = SideState(path.parent)
         self._tally = Tally(clock_monotonic)
         self._quota = Quota(quota_bytes, low_watermark)
         self._disk = DiskFull(self._storage, path, reserve_bytes, clock_monotonic)
@@ -253,9 +257,9 @@ class Outbox:
     async def claim_batch(
         self, max_events: int, max_bytes: int, build: BuildBatch
     ) -> PendingBatch | None:
-        """Claim the next events (alarms first) into a new batch. `build(seq, prev, bodies)`
-        returns the signed bytes; they and the new chain head are stored in the same transaction
-        that marks the events as claimed. None when there is nothing to send."""
+        """Claim the next events (alarms first) into a new batch. `build(seq, prev, bodies,
+        epoch)` returns the signed bytes; they and the new chain head are stored in the same
+        transaction that marks the events as claimed. None when there is nothing to send."""
 
         def claim() -> PendingBatch | None:
             store = self._opened()
@@ -263,6 +267,19 @@ class Outbox:
                 store, lambda: batches.claim(store, max_events, max_bytes, build))
 
         return await self._call(claim)
+
+    async def restart_chain(self, refused: PendingBatch, err: str,
+                            park: bool) -> dict[str, Any] | None:
+        """The platform refuses `refused` for good: keep its bytes for an operator, start a new
+        chain epoch with every unacknowledged event (without the refused batch's when `park`),
+        and record a ``gateway.batch_refused`` alert (agent.outbox.batches.restart). None when
+        `refused` is not the oldest unacknowledged batch (then nothing changed)."""
+
+        def restart() -> dict[str, Any] | None:
+            store = self._opened()
+            return self._disk.retry(store, lambda: batches.restart(store, refused, err, park))
+
+        return await self._call(restart)
 
     async def pending_batches(self) -> list[PendingBatch]:
         """Signed batches not yet acknowledged, oldest first (re-sent after a restart)."""
@@ -296,6 +313,9 @@ class Outbox:
         st.oldest_unsent = float(oldest[0]) if oldest is not None else None
         st.next_id = tally.next_id
         st.next_seq = int(store.meta("next_seq"))
+        st.epoch = store.meta("epoch")
+        st.refused_batches = int(
+            store.conn.execute("SELECT COUNT(*) FROM refused").fetchone()[0])
         st.last_acked_seq = int(store.meta("last_acked_seq") or 0)
         at = store.meta("last_acked_at")
         st.last_acked_at = float(at) if at else None

@@ -18,11 +18,12 @@ from agent.outbox.db import OutboxError, configure, transaction
 from agent.outbox.side import SideState
 from agent.outbox.storage import Storage
 
-__all__ = ["SCHEMA_VERSION", "open_store"]
+__all__ = ["REFUSED_KEPT", "SCHEMA_VERSION", "new_epoch", "open_store"]
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+REFUSED_KEPT = 32  # refused batches kept for an operator (table `refused`), newest first
 
 
 def open_store(path: Path, storage: Storage,
@@ -57,6 +58,11 @@ def open_store(path: Path, storage: Storage,
     assert conn is not None
     _check_writable(conn, path)
     return conn, reset
+
+
+def new_epoch() -> str:
+    """A chain epoch: `protocol.EPOCH_LEN` random bytes, hex."""
+    return os.urandom(protocol.EPOCH_LEN).hex()
 
 
 def _check_writable(conn: sqlite3.Connection, path: Path) -> None:
@@ -123,19 +129,17 @@ def _migrate(conn: sqlite3.Connection, path: Path, side: SideState) -> None:
                 pk="seq",
                 not_null={"hash", "created", "count", "top_prio", "data"},
             )
-            # A fresh store after a quarantine continues above the ids and after the chain
-            # head the platform may already hold.
-            state = side.read()
-            floor = int(state.get("id_floor", 0))
-            acked_seq = int(state.get("acked_seq", 0))
-            acked_hash = str(state.get("acked_hash", protocol.ZERO_HASH.hex()))
+            # A new store starts a new chain (its own epoch, seq 1: docs/PROTOCOL.md 3.2); a
+            # fresh store after a quarantine continues above the ids the old one handed out.
+            floor = int(side.read().get("id_floor", 0))
             conn.executemany(
                 "INSERT INTO meta(key, value) VALUES (?, ?)",
                 [
                     ("next_id", str(max(1, floor + 1))),
-                    ("next_seq", str(acked_seq + 1)),
-                    ("prev_hash", acked_hash),
-                    ("last_acked_seq", str(acked_seq)),
+                    ("next_seq", "1"),
+                    ("prev_hash", protocol.ZERO_HASH.hex()),
+                    ("epoch", new_epoch()),
+                    ("last_acked_seq", "0"),
                     ("last_acked_at", ""),
                     ("dropped", "{}"),
                 ],
@@ -150,3 +154,15 @@ def _migrate(conn: sqlite3.Connection, path: Path, side: SideState) -> None:
                 "(key TEXT PRIMARY KEY, t REAL NOT NULL, ids TEXT NOT NULL)"
             )
             conn.execute("PRAGMA user_version=2")
+        version = 2
+    if version < 3:
+        # v3: chain epochs (a store made before has the chain without one: epoch ''), and the
+        # batches the platform refused for good, kept for an operator.
+        with transaction(conn):
+            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('epoch', '')")
+            conn.execute(
+                "CREATE TABLE refused (seq INTEGER NOT NULL, epoch TEXT NOT NULL, "
+                "hash BLOB NOT NULL, err TEXT NOT NULL, action TEXT NOT NULL, at REAL NOT NULL, "
+                "ids TEXT NOT NULL, data BLOB NOT NULL)"
+            )
+            conn.execute("PRAGMA user_version=3")

@@ -101,7 +101,6 @@ class Store:
             self.conn.execute("PRAGMA wal_checkpoint(RESTART)")
 
     def close(self) -> None:
-        self.side.write_acked_head()
         with contextlib.suppress(sqlite3.Error):
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.conn.close()

@@ -9,6 +9,7 @@ The names of `cose` and `batches` are re-exported here (`from agent import proto
 """
 
 from agent.protocol.batches import (
+    EPOCH_LEN,
     FORMAT_VERSION,
     MAX_INT,
     ZERO_HASH,
@@ -40,6 +41,7 @@ from agent.protocol.cose import (
 __all__ = [
     "ALG_EDDSA",
     "COSE_SIGN1_TAG",
+    "EPOCH_LEN",
     "FORMAT_VERSION",
     "KID_LEN",
     "MAX_INT",

@@ -34,6 +34,7 @@ from agent.protocol.cose import (
 )
 
 __all__ = [
+    "EPOCH_LEN",
     "FORMAT_VERSION",
     "MAX_INT",
     "ZERO_HASH",
@@ -55,6 +56,8 @@ MAX_INT = 2**63 - 1  # ids and seqs are stored as SQLite INTEGER on both sides
 _EVENT_REQUIRED = frozenset({"id", "t", "tq", "src", "type", "v", "prio"})
 _EVENT_KEYS = _EVENT_REQUIRED | {"u", "attrs"}
 _PAYLOAD_KEYS = frozenset({"v", "gw", "seq", "prev", "created", "events"})
+_PAYLOAD_OPTIONAL = frozenset({"epoch"})
+EPOCH_LEN = 16  # bytes of a chain epoch (random, chosen by the gateway when its chain starts)
 _ACK_REQUIRED = frozenset({"seq", "h", "ok"})
 
 
@@ -157,11 +160,12 @@ _K_T, _K_U, _K_VAL, _K_ID, _K_TQ, _K_SRC, _K_PRIO, _K_TYPE, _K_ATTRS = (
 _MAP_HEAD = {n: _head(5, n) for n in (7, 8, 9)}
 
 
-# The payload map's keys in canonical order (length-first): v, gw, seq, prev, events, created.
-_K_V, _K_GW, _K_SEQ, _K_PREV, _K_EVENTS, _K_CREATED = (
-    cbor2.dumps(k) for k in ("v", "gw", "seq", "prev", "events", "created")
+# The payload map's keys in canonical order (length-first):
+# v, gw, seq, prev, epoch, events, created.
+_K_V, _K_GW, _K_SEQ, _K_PREV, _K_EPOCH, _K_EVENTS, _K_CREATED = (
+    cbor2.dumps(k) for k in ("v", "gw", "seq", "prev", "epoch", "events", "created")
 )
-_MAP6 = _head(5, 6)
+_MAP6, _MAP7 = _head(5, 6), _head(5, 7)
 
 
 def build_batch(
@@ -173,19 +177,25 @@ def build_batch(
     prev: bytes,
     created: float,
     encoded_events: Sequence[bytes],
+    epoch: bytes = b"",
 ) -> bytes:
-    """Sign one batch. The payload is assembled from the pre-encoded events (no re-encoding)."""
+    """Sign one batch. The payload is assembled from the pre-encoded events (no re-encoding).
+    `epoch`: the chain's epoch (`EPOCH_LEN` bytes), or empty for a chain started without one
+    (stores made before epochs existed): then the payload has no ``epoch`` key."""
     if len(prev) != 32:
         raise ValueError("prev must be 32 bytes")
     if len(kid) != KID_LEN:
         raise ValueError("kid must be 16 bytes")
+    if epoch and len(epoch) != EPOCH_LEN:
+        raise ValueError(f"epoch must be {EPOCH_LEN} bytes or empty")
     payload = b"".join(
         (
-            _MAP6,
+            _MAP7 if epoch else _MAP6,
             _K_V, cbor2.dumps(FORMAT_VERSION),
             _K_GW, cbor2.dumps(gw),
             _K_SEQ, cbor2.dumps(seq),
             _K_PREV, cbor2.dumps(prev),
+            *((_K_EPOCH, cbor2.dumps(epoch)) if epoch else ()),
             _K_EVENTS, _head(4, len(encoded_events)), *encoded_events,
             _K_CREATED, cbor2.dumps(float(created), canonical=True),
         )
@@ -204,6 +214,7 @@ class Batch:
     created: float
     events: list[dict[str, Any]]
     hash: bytes
+    epoch: bytes = b""  # empty: the chain started without an epoch (docs/PROTOCOL.md 3.2)
 
 
 @dataclass(frozen=True)
@@ -269,18 +280,20 @@ def _decode_payload(payload: bytes, kid: bytes, digest: bytes) -> Batch:
         raise ProtocolError("malformed", "payload is not a map")
     if "v" in body and body["v"] != FORMAT_VERSION:
         raise ProtocolError("version", f"format version {body['v']!r}")
-    if set(body) != _PAYLOAD_KEYS:
+    if not _PAYLOAD_KEYS <= body.keys() <= _PAYLOAD_KEYS | _PAYLOAD_OPTIONAL:
         raise ProtocolError("malformed", "payload keys")
     gw, seq, prev, created, events = (body[k] for k in ("gw", "seq", "prev", "created", "events"))
+    epoch = body.get("epoch", b"")
     if not (
         isinstance(gw, str) and gw and _is_uint(seq, 1)
         and isinstance(prev, bytes) and len(prev) == 32
         and _is_number(created) and isinstance(events, list)
+        and isinstance(epoch, bytes) and len(epoch) == (EPOCH_LEN if "epoch" in body else 0)
     ):
         raise ProtocolError("malformed", "payload fields")
     checked = [_check_event(ev) for ev in events]
     return Batch(kid=kid, gw=gw, seq=seq, prev=prev, created=float(created), events=checked,
-                 hash=digest)
+                 hash=digest, epoch=epoch)
 
 
 def decode_batch(data: bytes) -> tuple[Batch, bytes, bytes]:

@@ -13,6 +13,17 @@ the platform acks each batch once and dedups.
 
 Backlog drain is rate-limited by a byte budget (`drain_rate_bytes_per_s`); batches that carry an
 alarm bypass it.
+
+Refusals (docs/PROTOCOL.md 4.3): a batch the platform refuses is sent again after the ack
+timeout; at the `MAX_REFUSALS`-th refusal of the same bytes the refusal is taken as final. For
+`fork` (the platform holds another chain at this position: a store restored from an old copy,
+a cloned card) the chain starts again in a new epoch with every unacknowledged event; for
+`malformed` or a reason this gateway does not know, the batch is parked (kept for an operator
+with its events) and the rest goes on in a new epoch; for a refused key (`unknown-key`,
+`bad-signature`, `wrong-gateway`, `version`: a registration matter no new chain can fix) the
+batch is held and sent again at exponentially growing intervals, up to `MAX_HOLD_S`. Each of the
+three is raised once per episode: a ``gateway.batch_refused`` alert and `on_refused` (the
+runtime's ``audit.batch_refused``).
 """
 
 from __future__ import annotations
@@ -28,13 +39,19 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import protocol
-from agent.core.types import ALARM
+from agent.core.types import ALARM, ALERT, Event
 from agent.outbox import Outbox, OutboxError, PendingBatch
 from agent.uplink.base import Uplink, UplinkDownError
 
-__all__ = ["Forwarder", "ForwarderStats", "Signer"]
+__all__ = ["HOLD_REASONS", "MAX_HOLD_S", "MAX_REFUSALS", "RECHAIN_REASONS", "Forwarder",
+           "ForwarderStats", "Signer"]
 
 log = structlog.get_logger(__name__)
+
+MAX_REFUSALS = 3  # refusals of the same batch bytes before the refusal counts as final
+RECHAIN_REASONS = frozenset({"fork"})
+HOLD_REASONS = frozenset({"unknown-key", "bad-signature", "wrong-gateway", "version"})
+MAX_HOLD_S = 600.0  # longest wait between two sends of a batch held for a refused key
 
 
 class Signer:
@@ -52,7 +69,7 @@ class Signer:
         self._key = new_key
         self.kid = protocol.kid_for(new_key.public_key())
 
-    def build(self, seq: int, prev: bytes, bodies: list[bytes]) -> bytes:
+    def build(self, seq: int, prev: bytes, bodies: list[bytes], epoch: bytes = b"") -> bytes:
         return protocol.build_batch(
             key=self._key,
             kid=self.kid,
@@ -61,6 +78,7 @@ class Signer:
             prev=prev,
             created=self._wall(),
             encoded_events=bodies,
+            epoch=epoch,
         )
 
 
@@ -75,6 +93,7 @@ class ForwarderStats:
     active_transport: str | None = None  # "mqtt" / "coap": the kind of the active uplink
     last_ack_at: float | None = None
     last_acked_seq: int = 0
+    chain_restarts: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +106,7 @@ class ForwarderStats:
             "active_transport": self.active_transport if self.active_uplink else None,
             "last_ack_at": self.last_ack_at,
             "last_acked_seq": self.last_acked_seq,
+            "chain_restarts": self.chain_restarts,
         }
 
 
@@ -133,6 +153,7 @@ class Forwarder:
         failover_after_s: float = 30.0,
         status_interval_s: float = 30.0,
         status_doc: Callable[[], Mapping[str, Any]] | None = None,
+        on_refused: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
     ) -> None:
         if not uplinks:
             raise ValueError("at least one uplink is needed")
@@ -158,6 +179,10 @@ class Forwarder:
         self._acks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10_000)
         self._active: Uplink | None = None
         self._rotation: tuple[Ed25519PrivateKey, int, Callable[[], Awaitable[None]]] | None = None
+        self._on_refused = on_refused
+        self._refusals: dict[bytes, int] = {}  # batch hash -> refusals of those bytes
+        self._hold_until = 0.0  # monotonic; no send before (a held batch's backoff)
+        self._hold_level = 0  # consecutive final key refusals (0: not holding)
         outbox.on_commit(self._wake.set)
 
     # ------------------------------------------------------------------ public
@@ -228,6 +253,10 @@ class Forwarder:
                 self._requeue_all()
             self.stats.active_uplink = up.name
             self.stats.active_transport = up.name.split(":", 1)[0]
+            held = self._hold_until - time.monotonic()
+            if held > 0:
+                await self._wait(held)
+                continue
             self._requeue_expired()
             progressed = False
             # One slot beyond the window is kept for alarms: an alarm's batch never waits for
@@ -321,22 +350,24 @@ class Forwarder:
                 log.warning("forwarder.bad_ack", error=str(exc), size=len(raw))
                 continue
             flight = self._inflight.get(ack.seq)
-            if flight is None:
-                # Late ack for a batch already acked or re-queued: still valid if it matches.
-                match = next((b for b in self._unsent if b.seq == ack.seq), None)
+            if flight is None or flight.batch.hash != ack.h:
+                # Matched by `h` (docs/PROTOCOL.md 4): a late ack for a batch re-queued, or a
+                # refusal of bytes the platform could not read a seq from (seq 0).
+                match = next((b for b in (*(f.batch for f in self._inflight.values()),
+                                          *self._unsent) if b.hash == ack.h), None)
                 if match is None:
-                    self._count("unknown_ack")
+                    self._count("unknown_ack" if flight is None else "ack_hash_mismatch")
+                    if flight is not None:
+                        log.error("forwarder.ack_hash_mismatch", seq=ack.seq)
                     continue
                 batch = match
             else:
                 batch = flight.batch
-            if ack.h != batch.hash:
-                self._count("ack_hash_mismatch")
-                log.error("forwarder.ack_hash_mismatch", seq=ack.seq)
-                continue
             if ack.ok or ack.err == "replay":
                 self._unsent = [b for b in self._unsent if b.seq != batch.seq]
                 self._inflight.pop(batch.seq, None)
+                self._refusals.pop(batch.hash, None)
+                self._hold_level, self._hold_until = 0, 0.0
                 await self._acked(batch, via="platform")
                 continue
             err = ack.err or "unspecified"
@@ -346,15 +377,61 @@ class Forwarder:
                 log.warning("forwarder.platform_gap", seq=ack.seq)
                 self._requeue_all()
             else:
+                n = self._refusals[batch.hash] = self._refusals.get(batch.hash, 0) + 1
                 log.error(
                     "forwarder.batch_rejected",
                     seq=ack.seq,
                     reason=err,
+                    refusals=n,
                     advice="the platform refuses this gateway's batches; check the registered "
                     "key (`branch-agent status` shows the kid) and the gateway id",
                 )
-                # Keep the batch (never delete unacked events); retry after the ack timeout.
+                # Keep the batch (never delete unacked events); retry after the ack timeout,
+                # until the refusal counts as final.
+                if n >= MAX_REFUSALS:
+                    await self._refused_for_good(batch, err)
             self._wake.set()
+
+    async def _refused_for_good(self, batch: PendingBatch, err: str) -> None:
+        if err in HOLD_REASONS:
+            self._hold_level += 1
+            wait = min(self.ack_timeout_s * 2 ** self._hold_level, MAX_HOLD_S)
+            self._hold_until = time.monotonic() + wait
+            self._refusals[batch.hash] = 0  # counted again after the wait
+            log.error("forwarder.batch_held", seq=batch.seq, reason=err, next_try_s=wait)
+            if self._hold_level == 1:  # once per episode
+                info: dict[str, Any] = {"seq": batch.seq, "hash": batch.hash.hex(),
+                                        "err": err, "action": "held"}
+                with contextlib.suppress(OutboxError):
+                    await self.outbox.append(Event(src="gateway", type="gateway.batch_refused",
+                                                   v=info, t=time.time(), prio=ALERT))
+                await self._report_refused(info)
+            return
+        try:
+            restarted = await self.outbox.restart_chain(batch, err,
+                                                        park=err not in RECHAIN_REASONS)
+        except OutboxError as exc:
+            log.error("forwarder.restart_failed", seq=batch.seq, error=str(exc))
+            return
+        if restarted is None:  # an older batch still waits for its ack: decide once it has one
+            return
+        info = restarted
+        # Every stored batch was dissolved: what was in flight or queued is gone with them.
+        self._inflight.clear()
+        self._unsent = []
+        self._refusals.clear()
+        self.stats.chain_restarts += 1
+        log.error("forwarder.chain_restarted", seq=batch.seq, reason=err,
+                  action=info["action"], events=info["count"], epoch=info["new_epoch"])
+        await self._report_refused(info)
+
+    async def _report_refused(self, info: dict[str, Any]) -> None:
+        if self._on_refused is None:
+            return
+        try:
+            await self._on_refused(info)
+        except Exception:  # the audit trail reports its own failures; forwarding goes on
+            log.exception("forwarder.on_refused_failed")
 
     async def _acked(self, batch: PendingBatch, via: str) -> None:
         try:

@@ -92,7 +92,7 @@ class PlatformView:
     """What the reference platform's store holds for one gateway (read-only)."""
 
     delivered: dict[int, dict[str, Any]]  # id -> event (deduplicated by the platform)
-    received_at: dict[int, float]  # batch seq -> when the platform stored it
+    received_at: dict[tuple[bytes, int], float]  # (epoch, batch seq) -> when it was stored
     dropped: set[int]  # ids named by gateway.dropped records
     drop_priorities: list[int]
     resets: list[int]  # first_new_id of each gateway.store_reset record
@@ -101,23 +101,28 @@ class PlatformView:
 def platform_view(store: Path, gw: str) -> PlatformView:
     with _ro(store) as c:
         rows = c.execute(
-            "SELECT id, t, tq, src, type, v, prio, seq FROM events WHERE gw=? ORDER BY id", (gw,)
+            "SELECT id, t, tq, src, type, v, prio, seq, epoch FROM events WHERE gw=? ORDER BY id",
+            (gw,),
         ).fetchall()
-        received = dict(c.execute("SELECT seq, received_at FROM batches WHERE gw=?", (gw,)))
+        received = {(bytes(e), int(seq)): float(at) for e, seq, at in c.execute(
+            "SELECT epoch, seq, received_at FROM batches WHERE gw=?", (gw,))}
     delivered: dict[int, dict[str, Any]] = {}
     dropped: set[int] = set()
     prios: list[int] = []
     resets: list[int] = []
-    for id_, t, tq, src, type_, v, prio, seq in rows:
+    for id_, t, tq, src, type_, v, prio, seq, epoch in rows:
         value = json.loads(v)
+        # ids are unique across epochs here: a quarantined store's successor starts above the
+        # id floor (the fault suite never loses chain.json)
+        assert int(id_) not in delivered, f"id {id_} delivered in two epochs"
         delivered[int(id_)] = {"id": int(id_), "t": t, "tq": tq, "src": src, "type": type_,
-                               "v": value, "prio": prio, "seq": seq}
+                               "v": value, "prio": prio, "seq": seq, "epoch": bytes(epoch)}
         if type_ == "gateway.dropped" and isinstance(value, dict):
             dropped |= _ranges_to_ids(value.get("ids", []))
             prios.append(int(value.get("priority", -1)))
         elif type_ == "gateway.store_reset" and isinstance(value, dict):
             resets.append(int(value["first_new_id"]))
-    return PlatformView(delivered, {int(k): float(x) for k, x in received.items()}, dropped,
+    return PlatformView(delivered, received, dropped,
                         prios, sorted(resets))
 
 
@@ -193,24 +198,33 @@ def check_platform(ledger: Ledger, counter_sources: Iterable[str] = (),
     store, gw = ledger.platform_store, ledger.gw
     with _ro(store) as c:
         pem = c.execute("SELECT pubkey FROM gateways WHERE gw=?", (gw,)).fetchone()
-        raws = c.execute("SELECT seq, hash, raw FROM batches WHERE gw=? ORDER BY seq",
-                         (gw,)).fetchall()
-        head = c.execute("SELECT last_seq FROM chain WHERE gw=?", (gw,)).fetchone()
+        raws = c.execute(
+            "SELECT b.epoch, b.seq, b.hash, b.raw FROM batches b JOIN epochs p "
+            "ON p.gw = b.gw AND p.epoch = b.epoch WHERE b.gw=? ORDER BY p.n, b.seq", (gw,),
+        ).fetchall()
+        head = c.execute("SELECT epoch, last_seq FROM chain WHERE gw=?", (gw,)).fetchone()
     assert pem is not None, f"{gw} is not registered at the platform"
     key = serialization.load_pem_public_key(bytes(pem[0]))
     assert isinstance(key, Ed25519PublicKey)
     rep = Report(batches=len(raws))
-    # Signature and chain, from the raw bytes (the Receiver verified them once already).
-    prev = ZERO_HASH
+    # Signature and chain, from the raw bytes (the Receiver verified them once already): each
+    # epoch (a new one after a quarantined store) a whole chain from seq 1.
+    prev, epoch, i = ZERO_HASH, None, 0
     per_id: Counter[int] = Counter()
-    for i, (seq, h, raw) in enumerate(raws, start=1):
+    for ep, seq, h, raw in raws:
+        if bytes(ep) != epoch:
+            prev, epoch, i = ZERO_HASH, bytes(ep), 0
+        i += 1
         batch = verify_batch(bytes(raw), lambda _kid: key)
+        assert batch.epoch == epoch, f"batch {seq}: stored under another epoch"
         assert batch.seq == seq == i, f"batch seqs not contiguous at {i}: {seq}"
         assert batch.hash == bytes(h), f"batch {seq}: stored hash does not match its bytes"
         assert batch.prev == prev, f"batch {seq}: prev does not chain to batch {seq - 1}"
         prev = batch.hash
         per_id.update(int(ev["id"]) for ev in batch.events)
-    assert (int(head[0]) if head else 0) == len(raws), "chain head seq != batch count"
+    assert (head is None and not raws) or (
+        head is not None and bytes(head[0]) == epoch and int(head[1]) == i
+    ), "chain head is not the last batch of the last epoch"
     rep.duplicates = sum(1 for n in per_id.values() if n > 1)
 
     view = platform_view(store, gw)
@@ -249,7 +263,7 @@ def check_platform(ledger: Ledger, counter_sources: Iterable[str] = (),
               ev["src"] != "gateway"]
     rep.alarms = len(alarms)
     if latency_clock_ok and alarms:
-        rep.max_alarm_latency = max(view.received_at[int(ev["seq"])] - float(ev["t"])
+        rep.max_alarm_latency = max(view.received_at[(ev["epoch"], int(ev["seq"]))] - float(ev["t"])
                                     for ev in alarms)
     return rep
 

@@ -49,6 +49,15 @@ BATCH2_EVENTS: list[dict[str, Any]] = [
 ]
 
 
+# A gateway that lost its state (a new card, its key restored) rejoins: a new chain epoch from
+# seq 1 with a zero prev, ids from 1 again (docs/PROTOCOL.md 3.2, 4.2).
+EPOCH = bytes(range(0x10, 0x20))
+EPOCH1_EVENTS: list[dict[str, Any]] = [
+    {"id": 1, "t": 1767312000.5, "tq": 1, "src": "gpio.vault_door", "type": "contact",
+     "v": False, "prio": 0},
+]
+
+
 def load_or_create_key(new: bool) -> Ed25519PrivateKey:
     if new or not KEY.exists():
         key = Ed25519PrivateKey.generate()
@@ -69,6 +78,8 @@ def make(key: Ed25519PrivateKey) -> tuple[dict[str, bytes], dict[str, Any]]:
                      encoded_events=[encode_event(**e) for e in BATCH1_EVENTS])
     b2 = build_batch(key=key, kid=kid, gw=GW, seq=2, prev=batch_hash(b1), created=1767225702.0,
                      encoded_events=[encode_event(**e) for e in BATCH2_EVENTS])
+    e1 = build_batch(key=key, kid=kid, gw=GW, seq=1, prev=ZERO_HASH, created=1767312001.0,
+                     encoded_events=[encode_event(**e) for e in EPOCH1_EVENTS], epoch=EPOCH)
     tampered = bytearray(b2)
     # Flip a bit inside the payload (the value 123456 of event 7): still decodes, bad signature.
     at = bytes(b2).index((123456).to_bytes(4, "big"))
@@ -79,6 +90,7 @@ def make(key: Ed25519PrivateKey) -> tuple[dict[str, bytes], dict[str, Any]]:
         "batch-1.cose": b1,
         "batch-2.cose": b2,
         "batch-2-tampered.cose": bytes(tampered),
+        "batch-epoch-1.cose": e1,
         "ack-1.cbor": ack1,
         "ack-2-replay.cbor": ack_replay,
     }
@@ -93,6 +105,8 @@ def make(key: Ed25519PrivateKey) -> tuple[dict[str, bytes], dict[str, Any]]:
              "hash": batch_hash(b2).hex(), "events": BATCH2_EVENTS},
             {"file": "batch-2-tampered.cose", "result": "bad-signature",
              "hash": batch_hash(bytes(tampered)).hex()},
+            {"file": "batch-epoch-1.cose", "result": "ok", "seq": 1, "prev": ZERO_HASH.hex(),
+             "epoch": EPOCH.hex(), "hash": batch_hash(e1).hex(), "events": EPOCH1_EVENTS},
         ],
         "acks": [
             {"file": "ack-1.cbor", "seq": 1, "h": batch_hash(b1).hex(), "ok": True},

@@ -2,11 +2,15 @@
 
 Every check of docs/PROTOCOL.md ("Platform rules") happens here, in this order: decode and
 verify the signature with the registered key, bind the key to its gateway (and to the topic the
-batch came on), check the hash chain (replay, fork, gap), then store the batch, its events and
-the new chain head. The checks and the store are one write transaction, so several receivers
-(processes) on one store file see one chain head: of two copies of a batch handled at once, one
-is stored and the other is a replay. Nothing of a rejected batch is stored; the rejection is
-counted. Thread-safe (one lock; the MQTT server calls it from paho's thread, CoAP from asyncio).
+batch came on), check the hash chain (replay, fork, gap) within the batch's epoch, then store the
+batch, its events and the new chain head. A batch of an epoch the platform has not seen, seq 1
+with a zero `prev`, starts a new chain for its gateway: the chain it replaces and where that one
+ended are recorded (`epochs`), so that a gateway that lost its state rejoins with the gap on
+record; a batch of an epoch that was replaced is refused as a `fork`. The checks and the store
+are one write transaction, so several receivers (processes) on one store file see one chain
+head: of two copies of a batch handled at once, one is stored and the other is a replay.
+Nothing of a rejected batch is stored; the rejection is counted. Thread-safe (one lock; the
+MQTT server calls it from paho's thread, CoAP from asyncio).
 """
 
 from __future__ import annotations
@@ -132,36 +136,61 @@ class Receiver:
                                 f"key of {registered[batch.kid]!r} signed for {batch.gw!r}")
         if topic_gw is not None and topic_gw != batch.gw:
             raise ProtocolError("wrong-gateway", f"batch of {batch.gw!r} on {topic_gw!r} topic")
-        last_seq, last_hash = self.chain_head(batch.gw)
+        cur = self._db.execute("SELECT epoch, last_seq, last_hash FROM chain WHERE gw = ?",
+                               (batch.gw,)).fetchone()
+        if cur is not None and bytes(cur[0]) == batch.epoch:
+            last_seq, last_hash = int(cur[1]), bytes(cur[2])
+        else:
+            known = self._db.execute("SELECT 1 FROM epochs WHERE gw = ? AND epoch = ?",
+                                     (batch.gw, batch.epoch)).fetchone()
+            if known is not None:
+                self._replay_or(batch, "fork", f"epoch {batch.epoch.hex()} was replaced")
+            last_seq, last_hash = 0, ZERO_HASH  # a new chain: it must start at seq 1
         if batch.seq <= last_seq:
-            row = self._db.execute("SELECT hash FROM batches WHERE gw = ? AND seq = ?",
-                                   (batch.gw, batch.seq)).fetchone()
-            if row is not None and row[0] == batch.hash:
-                raise ProtocolError("replay", f"seq {batch.seq} already accepted")
-            raise ProtocolError("fork", f"seq {batch.seq} <= head {last_seq}, other bytes")
+            self._replay_or(batch, "fork", f"seq {batch.seq} <= head {last_seq}, other bytes")
         if batch.seq > last_seq + 1:
             raise ProtocolError("gap", f"seq {batch.seq} after head {last_seq}")
         if batch.prev != last_hash:
             raise ProtocolError("fork", f"seq {batch.seq}: prev does not match head")
         return batch
 
+    def _replay_or(self, batch: Batch, reason: str, detail: str) -> None:
+        """Raise `replay` if these exact bytes are stored, else `reason`."""
+        row = self._db.execute("SELECT hash FROM batches WHERE gw = ? AND epoch = ? AND seq = ?",
+                               (batch.gw, batch.epoch, batch.seq)).fetchone()
+        if row is not None and bytes(row[0]) == batch.hash:
+            raise ProtocolError("replay", f"seq {batch.seq} already accepted")
+        raise ProtocolError(reason, detail)
+
     def _store(self, batch: Batch, data: bytes) -> None:
         """Runs inside _check_and_store's transaction."""
         db = self._db
+        cur = db.execute("SELECT epoch, last_seq, last_hash FROM chain WHERE gw = ?",
+                         (batch.gw,)).fetchone()
+        if cur is None or bytes(cur[0]) != batch.epoch:
+            db.execute(
+                "INSERT INTO epochs (gw, epoch, started_at, prev_epoch, prev_seq, prev_hash) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (batch.gw, batch.epoch, time.time(), *(cur if cur is not None else (None,) * 3)),
+            )
+            if cur is not None:
+                log.warning("platform.chain_restarted", gw=batch.gw, epoch=batch.epoch.hex(),
+                            prev_epoch=bytes(cur[0]).hex(), prev_seq=int(cur[1]))
         db.execute(
-            "INSERT INTO batches (gw, seq, hash, received_at, raw) VALUES (?, ?, ?, ?, ?)",
-            (batch.gw, batch.seq, batch.hash, time.time(), data),
+            "INSERT INTO batches (gw, epoch, seq, hash, received_at, raw) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (batch.gw, batch.epoch, batch.seq, batch.hash, time.time(), data),
         )
         db.executemany(
-            "INSERT OR IGNORE INTO events (gw, id, t, tq, src, type, v, u, prio, attrs, seq) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [event_row(batch.gw, batch.seq, ev) for ev in batch.events],
+            "INSERT OR IGNORE INTO events (gw, epoch, id, t, tq, src, type, v, u, prio, attrs, "
+            "seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [event_row(batch.gw, batch.epoch, batch.seq, ev) for ev in batch.events],
         )
         db.execute(
-            "INSERT INTO chain (gw, last_seq, last_hash) VALUES (?, ?, ?) "
-            "ON CONFLICT (gw) DO UPDATE SET last_seq = excluded.last_seq, "
-            "last_hash = excluded.last_hash",
-            (batch.gw, batch.seq, batch.hash),
+            "INSERT INTO chain (gw, epoch, last_seq, last_hash) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (gw) DO UPDATE SET epoch = excluded.epoch, "
+            "last_seq = excluded.last_seq, last_hash = excluded.last_hash",
+            (batch.gw, batch.epoch, batch.seq, batch.hash),
         )
         self._rotate_keys(batch)
 
@@ -219,28 +248,48 @@ class Receiver:
     # --- queries (tests, CLI) -------------------------------------------------------------
 
     def chain_head(self, gw: str) -> tuple[int, bytes]:
-        """(last accepted seq, its hash); (0, 32 zero bytes) before the first batch."""
+        """(last accepted seq, its hash) in the gateway's current epoch; (0, 32 zero bytes)
+        before the first batch."""
         row = self._db.execute("SELECT last_seq, last_hash FROM chain WHERE gw = ?",
                                (gw,)).fetchone()
         return (0, ZERO_HASH) if row is None else (int(row[0]), bytes(row[1]))
 
-    def events(self, gw: str | None = None) -> list[dict[str, Any]]:
-        """Stored events ordered by (gw, id)."""
+    def epochs(self, gw: str) -> list[dict[str, Any]]:
+        """The gateway's chains in the order they started: `epoch` (hex), `started_at`, and
+        `prev` = {epoch, seq, hash} where the chain it replaced ended (None for the first)."""
         with self._lock:
-            sql = "SELECT gw, id, t, tq, src, type, v, u, prio, attrs, seq FROM events"
+            rows = self._db.execute(
+                "SELECT epoch, started_at, prev_epoch, prev_seq, prev_hash FROM epochs "
+                "WHERE gw = ? ORDER BY n", (gw,)).fetchall()
+        return [{"epoch": bytes(e).hex(), "started_at": float(at),
+                 "prev": None if pe is None else {"epoch": bytes(pe).hex(), "seq": int(ps),
+                                                  "hash": bytes(ph).hex()}}
+                for e, at, pe, ps, ph in rows]
+
+    def events(self, gw: str | None = None) -> list[dict[str, Any]]:
+        """Stored events ordered by gateway, then epoch (in the order the chains started),
+        then id."""
+        with self._lock:
+            sql = ("SELECT e.gw, e.epoch, e.id, e.t, e.tq, e.src, e.type, e.v, e.u, e.prio, "
+                   "e.attrs, e.seq FROM events e JOIN epochs p ON p.gw = e.gw "
+                   "AND p.epoch = e.epoch")
             args: tuple[str, ...] = ()
             if gw is not None:
-                sql += " WHERE gw = ?"
+                sql += " WHERE e.gw = ?"
                 args = (gw,)
-            return [row_event(r) for r in self._db.execute(sql + " ORDER BY gw, id", args)]
+            return [row_event(r)
+                    for r in self._db.execute(sql + " ORDER BY e.gw, p.n, e.id", args)]
 
     def delivered_ids(self, gw: str) -> list[int]:
-        """Every event id in every batch accepted from `gw`, in chain order, read back from
-        the stored batch bytes (the evidence), not from the events table: the table ignores a
-        duplicate id, so only this shows an event delivered twice in two different batches."""
+        """Every event id in every batch accepted from `gw`, in chain order (epoch after
+        epoch), read back from the stored batch bytes (the evidence), not from the events
+        table: the table ignores a duplicate id, so only this shows an event delivered twice in
+        two different batches. Ids are unique per epoch: a gateway that lost its state starts
+        them again."""
         with self._lock:
             raws = [bytes(r) for (r,) in self._db.execute(
-                "SELECT raw FROM batches WHERE gw = ? ORDER BY seq", (gw,))]
+                "SELECT b.raw FROM batches b JOIN epochs p ON p.gw = b.gw AND p.epoch = b.epoch "
+                "WHERE b.gw = ? ORDER BY p.n, b.seq", (gw,))]
         return [int(e["id"]) for raw in raws for e in decode_batch(raw)[0].events]
 
     def counters(self) -> dict[tuple[str, str], int]:
