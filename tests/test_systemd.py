@@ -61,7 +61,7 @@ def test_security_exposure_at_most_2(tmp_path: Path) -> None:
 
 def test_unit_has_the_service_contract() -> None:
     """The unit is Type=notify with a watchdog, restarts always, runs as its own user and is
-    bounded in memory and tasks."""
+    bounded in memory, tasks and open files."""
     text = UNIT.read_text()
     for line in ("Type=notify", "WatchdogSec=30", "Restart=always", "User=branch-agent",
                  "SupplementaryGroups=gpio dialout bluetooth", "StateDirectory=branch-agent",
@@ -69,7 +69,7 @@ def test_unit_has_the_service_contract() -> None:
                  "DevicePolicy=closed", "UMask=0077", "NoNewPrivileges=yes",
                  "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_BLUETOOTH AF_NETLINK",
                  "SystemCallFilter=@system-service", "StartLimitBurst=", "MemoryMax=256M",
-                 "TasksMax=64"):
+                 "TasksMax=64\n", "LimitNOFILE=1024\n"):
         assert line in text, line
 
 

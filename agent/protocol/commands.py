@@ -102,12 +102,17 @@ def _open_sign1(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | N
         raise CommandError(exc.reason, exc.detail) from None
 
 
-def _uint(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 2**63 - 1
+def _uint(x: object, low: int = 1) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and low <= x <= 2**63 - 1
 
 
 def _time(x: object) -> TypeGuard[int | float]:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, int | float) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # a CBOR bignum longer than any double: no time at all
+        return False
 
 
 def duration(x: object) -> float | None:
@@ -130,8 +135,9 @@ def verify_command(data: bytes, platform_key: Ed25519PublicKey) -> Command:
     body = _loads_exact(payload)
     if not isinstance(body, dict):
         raise CommandError("malformed", "payload is not a map")
-    if body.get("v") != FORMAT_VERSION:
-        raise CommandError("version", repr(body.get("v")))
+    version = body.get("v")
+    if type(version) is not int or version != FORMAT_VERSION:  # a uint: not true, not 1.0
+        raise CommandError("version", repr(version))
     if set(body) != _PAYLOAD_KEYS:
         raise CommandError("malformed", "payload keys")
     gw, seq, iat, exp, cmd, args = (body[k] for k in ("gw", "seq", "iat", "exp", "cmd", "args"))
@@ -164,5 +170,10 @@ def decode_ack(data: bytes, gateway_key: Ed25519PublicKey) -> CommandAck:
     doc = _loads_exact(payload)
     if not (isinstance(doc, dict) and {"v", "gw", "seq", "h", "ok", "t"} <= doc.keys()):
         raise CommandError("malformed", "ack keys")
-    return CommandAck(gw=doc["gw"], seq=doc["seq"], h=doc["h"], ok=doc["ok"], t=doc["t"],
-                      err=doc.get("err"), result=doc.get("result"))
+    gw, seq, h, ok, t = (doc[k] for k in ("gw", "seq", "h", "ok", "t"))
+    err, result = doc.get("err"), doc.get("result")
+    if not (isinstance(gw, str) and _uint(seq, 0) and isinstance(h, bytes) and len(h) == 32
+            and isinstance(ok, bool) and _time(t) and (err is None or isinstance(err, str))
+            and (result is None or isinstance(result, dict))):
+        raise CommandError("malformed", "ack fields")
+    return CommandAck(gw=gw, seq=seq, h=h, ok=ok, t=float(t), err=err, result=result)

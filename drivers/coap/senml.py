@@ -139,7 +139,17 @@ def decode_senml(
 def _relabel(record: object) -> object:
     if not isinstance(record, Mapping):
         return record
-    return {_CBOR_LABELS.get(k, k) if isinstance(k, int) else k: v for k, v in record.items()}
+    # type(k) is int: CBOR `true` is no label, although Python's True == 1
+    return {_CBOR_LABELS.get(k, k) if type(k) is int else k: v for k, v in record.items()}
+
+
+def _finite(x: object) -> bool:
+    """A number a double holds, neither infinite nor NaN. A JSON or CBOR integer can be longer
+    than any double (300 digits, a bignum): float() of it raises OverflowError."""
+    try:
+        return isinstance(x, int | float) and math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def resolve_senml(pack: object, now: float, max_records: int | None = None) -> SenMLResult:
@@ -172,7 +182,7 @@ def resolve_senml(pack: object, now: float, max_records: int | None = None) -> S
                 return _fail(f"record {i}: {key} has the wrong type")
             if not isinstance(val, types):
                 return _fail(f"record {i}: {key} has the wrong type")
-            if isinstance(val, float) and not math.isfinite(val):
+            if types is _NUMBER and not _finite(val):
                 return _fail(f"record {i}: {key} is not finite")
         if "bver" in rec and rec["bver"] > 10:
             return _fail(f"record {i}: SenML version {rec['bver']} not supported")
@@ -183,6 +193,8 @@ def resolve_senml(pack: object, now: float, max_records: int | None = None) -> S
         if not _NAME_RE.match(name):
             return _fail(f"record {i}: invalid name")
         t = base.get("bt", 0) + rec.get("t", 0)
+        if not _finite(t):  # each part is finite, their sum may not be
+            return _fail(f"record {i}: time out of range")
         if t < _RELATIVE_TIME_LIMIT:
             t = now + t
         present = [k for k in _VALUE_FIELDS if k in rec]
@@ -191,6 +203,8 @@ def resolve_senml(pack: object, now: float, max_records: int | None = None) -> S
         value: Value | bytes = None
         if present == ["v"]:
             value = base.get("bv", 0) + rec["v"]
+            if not _finite(value):
+                return _fail(f"record {i}: v out of range")
         elif present == ["vd"]:
             raw = rec["vd"]
             if isinstance(raw, str):
@@ -207,6 +221,8 @@ def resolve_senml(pack: object, now: float, max_records: int | None = None) -> S
         total: float | None = None
         if "s" in rec:
             total = base.get("bs", 0) + rec["s"]
+            if not _finite(total):
+                return _fail(f"record {i}: s out of range")
         elif not present:
             return _fail(f"record {i}: no value and no sum")
         out.append(SenMLRecord(name, float(t), value, rec.get("u", base.get("bu")), total))
