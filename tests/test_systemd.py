@@ -88,11 +88,20 @@ def test_sysusers_and_tmpfiles_apply_to_an_image_root(tmp_path: Path) -> None:
     assert re.search(r"^branch-agent:x:\d+:\d+:.*:/usr/sbin/nologin$", passwd, re.M), passwd
     for g in ("gpio", "dialout", "bluetooth"):
         assert re.search(rf"^{g}:x:\d+:branch-agent$", group, re.M), group
+    # what `provision --root` leaves: the image's audit log, written as root
+    audit = root / "var" / "lib" / "branch-agent" / "audit"
+    audit.mkdir(parents=True, mode=0o750)
+    (audit / "audit.log").write_text("{}\n")
+    (audit / "audit.log").chmod(0o640)
     res = _run("systemd-tmpfiles", f"--root={root}", "--create")
     assert res.returncode == 0, res.stderr
     state = root / "var" / "lib" / "branch-agent"
     assert state.is_dir() and (state.stat().st_mode & 0o777) == 0o700
     assert (root / "etc" / "branch-agent" / "keys").stat().st_mode & 0o007 == 0
+    uid = int(re.search(r"^branch-agent:x:(\d+):", passwd, re.M).group(1))  # type: ignore[union-attr]
+    for p in (audit, audit / "audit.log"):  # the agent can write the log from the first boot
+        assert (p.stat().st_uid, p.stat().st_mode & 0o777) == (
+            uid, 0o750 if p.is_dir() else 0o640), p
 
 
 def test_provisioned_unit_with_egress_dropin_verifies(tmp_path: Path) -> None:

@@ -67,18 +67,24 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _audit_operator(config: Path | None, command: str, **attrs: object) -> None:
+def _audit_operator(config: Path | None, command: str, *, image: Path | None = None,
+                    **attrs: object) -> None:
     """Operator commands go to the local audit log (IEC 62443-4-2 CR 2.8), with the invoking
     user. Best effort: a command that cannot read the config or write the log still runs (the
-    agent raises audit.degraded itself when it cannot write)."""
+    agent raises audit.degraded itself when it cannot write). `image`: the root file system
+    the command worked on (`provision --root`), whose config names paths as the gateway sees
+    them: the record goes to the log in that root, which the gateway's agent forwards, not to
+    the provisioning machine's."""
     from agent.security.audit import AuditLog, AuditWriteError
 
     if config is None or not config.exists():
         return
     try:
         cfg = load_config(config)
-        AuditLog.from_config(cfg.audit, cfg.gateway.state_dir).append(
-            "audit.operator_command", {"cmd": command, **attrs})
+        log = AuditLog.from_config(cfg.audit, cfg.gateway.state_dir)
+        if image is not None:
+            log.path = image / log.path.relative_to(log.path.anchor)
+        log.append("audit.operator_command", {"cmd": command, **attrs})
     except (ConfigError, AuditWriteError, OSError) as exc:
         structlog.get_logger(__name__).warning("audit.operator_not_recorded", cmd=command,
                                                error=str(exc))
@@ -187,7 +193,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     broker = _ask("broker", args.broker, interactive)
     res = provision(Path(args.root), gw, broker, args.coap, exec_path=args.exec_path,
                     allow_ips=args.allow_ip)
-    _audit_operator(res.config, "provision",
+    _audit_operator(res.config, "provision", image=Path(args.root),
                     gateway=gw, root=str(args.root), kid=res.info.kid.hex())
     for p in res.created:
         print(f"created       {p}")

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import __version__, protocol
+from agent import __version__
 from agent.config import AgentConfig
 from agent.core.atomic import write_atomic
 from agent.core.backoff import Backoff
-from agent.core.clock import make_clock
+from agent.core.clock import Clock, make_clock
 from agent.core.paths import StateLayout
 from agent.core.types import Event
 from agent.outbox import Outbox
@@ -45,7 +45,6 @@ __all__ = ["Runtime", "build_sources", "build_uplinks"]
 log = structlog.get_logger(__name__)
 
 
-_INTEGRITY_REASONS = protocol.REASONS - {"gap", "replay"}
 AUDIT_FORWARD_EVERY_S = 5  # how often the local audit log is looked at for operator records
 
 
@@ -109,13 +108,16 @@ class Runtime:
         uplinks: Sequence[Uplink] | None = None,
         config_path: Path | None = None,
         doctor: Callable[[], Awaitable[Mapping[str, Any]]] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         """`doctor` answers the platform's `doctor` command: the operator's checks, lent by
-        the command line that started the runtime (the runtime does not import it)."""
+        the command line that started the runtime (the runtime does not import it). `clock`
+        is every part's wall and monotonic time and time quality (default: the system's,
+        synchronised as `[gateway] time_sync` says); tests pass one that steps."""
         self.cfg = cfg
         self.config_path = config_path
         self.doctor = doctor
-        self.clock = make_clock(cfg.gateway.time_sync)
+        self.clock: Clock = clock if clock is not None else make_clock(cfg.gateway.time_sync)
         self.ctx = SourceContext(clock=self.clock, pin_factory=pin_factory,
                                  extra=dict(ctx_extra or {}))
         self.notifier = notifier or Notifier()
@@ -132,7 +134,6 @@ class Runtime:
         self.commands: CommandProcessor | None = None
         self.pulse_outputs: Any = None
         self._key: Ed25519PrivateKey | None = None
-        self._seen_rejections: dict[str, int] = {}
         self._seen_uplink_errors: dict[str, UplinkFailure | None] = {}
         self._clock_ref: tuple[float, float] | None = None
         self._audit_forward_lock = asyncio.Lock()
@@ -199,6 +200,7 @@ class Runtime:
             failover_after_s=cfg.uplink.failover_after_s,
             status_interval_s=fw.status_interval_s,
             status_doc=self.status_doc_sync,
+            on_refused=self._batch_refused,
         )
         if cfg.commands is not None:
             self.commands = self._command_processor(cfg.commands, key)
@@ -347,19 +349,30 @@ class Runtime:
                     self.audit.record("audit.tamper_contact",
                                       {"source": e.src, "state": str(e.v)}, actor="sensor"))
 
+    async def _batch_refused(self, info: dict[str, Any]) -> None:
+        """The forwarder took a platform refusal as final (docs/PROTOCOL.md 4.3): one record
+        per episode, apart from the audit log's own `audit.integrity_failure`."""
+        if self.audit is not None:
+            await self.audit.record("audit.batch_refused", dict(info), actor="agent")
+
     async def _audit_start(self) -> None:
         assert self.audit is not None and self.outbox is not None
         from agent.security.audit import config_digest
 
         await self.audit.record(
             "audit.config_loaded",
-            {"sha256": config_digest(self.cfg.model_dump(mode="json")),
+            {"sha256": config_digest(self.cfg),
              "path": str(self.config_path) if self.config_path else None},
             actor="agent",
         )
         if self.outbox.reset_info is not None:
-            await self.audit.record("audit.store_reset", dict(self.outbox.reset_info),
-                                    actor="agent")
+            # Two facts: the store failed its integrity check (what it found), and a fresh
+            # store replaced it (where the old one went).
+            reset = dict(self.outbox.reset_info)
+            await self.audit.record("audit.integrity_failure",
+                                    {"reason": "outbox", "problems": [reset["reason"]],
+                                     "quarantined": reset["quarantined"]}, actor="agent")
+            await self.audit.record("audit.store_reset", reset, actor="agent")
         # Operator commands (provision, keygen, renew, doctor, wipe) run without the agent and
         # only write the local log: their records join the outbox here, each once, and while
         # the agent runs (_audit_loop looks for a changed log). The cursor sits with the
@@ -386,9 +399,9 @@ class Runtime:
             self._audit_log_seen = seen
 
     async def _audit_loop(self) -> None:
-        """What is seen by polling: TLS/connection failures of the uplinks, batches the
-        platform rejects (integrity), wall-clock jumps against the monotonic clock, and
-        operator records added to the local audit log while the agent runs."""
+        """What is seen by polling: TLS/connection failures of the uplinks, wall-clock jumps
+        against the monotonic clock, and operator records added to the local audit log while
+        the agent runs. (The platform's final refusals come from the forwarder itself.)"""
         assert self.audit is not None
         ticks = 0
         while True:
@@ -407,16 +420,6 @@ class Runtime:
                         await self.audit.record("audit.tls_failure",
                                                 {"uplink": up.name, "error": err.message},
                                                 actor="agent")
-            if self.forwarder is not None:
-                for reason, n in self.forwarder.stats.rejections.items():
-                    # Only the platform's verdicts on our batches; gap and replay are the
-                    # normal aftermath of an outage, late or unknown acks are bookkeeping.
-                    if reason not in _INTEGRITY_REASONS or n == self._seen_rejections.get(reason,
-                                                                                          0):
-                        continue
-                    self._seen_rejections[reason] = n
-                    await self.audit.record("audit.integrity_failure",
-                                            {"reason": reason, "count": n}, actor="agent")
             wall, mono = self.clock.time(), self.clock.monotonic()
             if self._clock_ref is not None:
                 jump = (wall - self._clock_ref[0]) - (mono - self._clock_ref[1])

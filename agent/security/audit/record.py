@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, SecretBytes, SecretStr
+
 __all__ = ["ZERO", "AuditRecord", "config_digest", "current_actor", "digest"]
 
 ZERO = "0" * 64  # the `prev` of the first record ever written
@@ -39,10 +41,29 @@ def digest(body: Mapping[str, Any]) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
-def config_digest(doc: Mapping[str, Any]) -> str:
-    """SHA-256 of a configuration's canonical JSON (`cfg.model_dump(mode="json")`): what the
-    `audit.config_loaded` record holds instead of the configuration itself."""
-    return digest(doc)
+def config_digest(cfg: BaseModel | Mapping[str, Any]) -> str:
+    """SHA-256 of a configuration's canonical JSON: what the `audit.config_loaded` record holds
+    instead of the configuration itself. A model counts as `model_dump(mode="json")` with each
+    secret (a BTHome bindkey) as "sha256:" and the SHA-256 of its value, not the mask pydantic
+    writes: a changed secret is a changed configuration, and the digest does not reveal it."""
+    if isinstance(cfg, BaseModel):
+        return digest(_secrets_hashed(cfg.model_dump(mode="python"), cfg.model_dump(mode="json")))
+    return digest(cfg)
+
+
+def _secrets_hashed(py: Any, js: Any) -> Any:
+    """`js` (a JSON dump) with the secrets of `py` (the same model's Python dump, which keeps
+    them as Secret objects, in the same order) in place of their masks."""
+    if isinstance(py, SecretStr | SecretBytes):
+        value = py.get_secret_value()
+        raw = value.encode() if isinstance(value, str) else value
+        return "sha256:" + hashlib.sha256(raw).hexdigest()
+    if isinstance(py, Mapping) and isinstance(js, Mapping):
+        return {k: _secrets_hashed(p, j) for (k, j), p in zip(js.items(), py.values(),
+                                                                strict=True)}
+    if isinstance(py, list | tuple) and isinstance(js, list):
+        return [_secrets_hashed(p, j) for p, j in zip(py, js, strict=True)]
+    return js
 
 
 def current_actor() -> str:
