@@ -190,9 +190,10 @@ async def test_line_garbage_counted_not_fatal(devices: Callable[..., SimSerialDe
         env.apply({"set": {"temp": 30.5}, "emit": "reading"})
         await sink.wait_for(has("temperature", 30.5))
         assert not task.done()
-    # garbage (seeded) and framing lines are not text; a kv half-line glued to the next
-    # line still parses (as it would from a real device), so partial adds no error here
-    assert source.health.errors == {"framing": 4, "overlong": 2}
+    # garbage (seeded) and framing lines are not text; a kv half-line run into the next line
+    # ("temp=21.5temp=21.5 hum=40.0") is malformed, never a reading
+    assert source.health.errors == {"framing": 4, "overlong": 2, "malformed": 2}
+    assert all(isinstance(r.value, float) for r in sink.readings if r.type == "temperature")
 
 
 @pytest.mark.parametrize(

@@ -112,10 +112,12 @@ def _scalar(text: str) -> Value:
 
 
 def _parse_kv(text: str, _columns: Sequence[str]) -> Fields | None:
+    """``key=value`` tokens. A second ``=`` in a token is two tokens run together (the tail of
+    a line cut off by a reset, then a whole one): the line is malformed, never a reading."""
     fields: Fields = {}
     for token in text.split():
         key, sep, value = token.partition("=")
-        if not sep or not key or not value:
+        if not sep or not key or not value or "=" in value:
             return None
         fields[key] = _scalar(value)
     return fields or None
