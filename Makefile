@@ -65,10 +65,12 @@ lock: venv
 # systemd-analyze (unit checks). Installed with apt-get when missing and running as root.
 # libfaketime: the fault suite's clock-jump test (skipped, with the reason, without it).
 # strace: tests/test_atomic.py replays a writer's real system calls against a power-cut model.
+# fuse3 (fusermount3 and libfuse3, which mfusepy loads): the power-cut file system,
+# branchsim.powerfs (tests/test_powerfs.py, tests/faults/test_powercut.py).
 LIBFAKETIME := $(or $(wildcard /usr/lib/*/faketime/libfaketime.so.1),/usr/lib/faketime/libfaketime.so.1)
 SYSPKGS := mosquitto:/usr/sbin/mosquitto dbus-daemon:/usr/bin/dbus-daemon \
            systemd:/usr/bin/systemd-analyze libfaketime:$(LIBFAKETIME) iproute2:/usr/bin/ss \
-           strace:/usr/bin/strace
+           strace:/usr/bin/strace fuse3:/usr/bin/fusermount3
 sysdeps:
 	@missing=""; for pair in $(SYSPKGS); do pkg=$${pair%%:*}; path=$${pair#*:}; \
 	  [ -e "$$path" ] || missing="$$missing $$([ $$pkg = dbus-daemon ] && echo dbus || echo $$pkg)"; done; \
@@ -162,8 +164,8 @@ test-dist: wheelhouse sysdeps
 	BRANCH_DIST_VENV=$(abspath $(DISTVENV)) BRANCH_DIST_SIM_VENV=$(abspath $(SIMVENV)) \
 	  BRANCH_DIST_DIR=$(abspath $(DIST)) $(BIN)/pytest -v -p no:cacheprovider tests/dist
 
-# The whole fault suite, slow runs included (50 kills, the 30-minute soak: FAULTS_SOAK_S,
-# FAULTS_KILLS to change them), with the summary table.
+# The whole fault suite, slow runs included (50 kills, 50 power cuts on branchsim.powerfs, the
+# 30-minute soak: FAULTS_SOAK_S, FAULTS_KILLS, FAULTS_CUTS to change them), with the summary table.
 faults: venv sysdeps
 	$(BIN)/pytest -q -o addopts=-ra tests/faults tests/test_faultproxy.py
 

@@ -50,6 +50,23 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_outbox.py::test_acceptance_follows_the_wal_fsync",),
     ),
     Mutant(
+        "wal-fsync-power-cut",
+        "nothing committed before a power cut is missing after it (simulated: unsynced writes "
+        "dropped, not a process kill)",
+        "agent/outbox/db.py",
+        'conn.execute("PRAGMA synchronous=FULL")',
+        'conn.execute("PRAGMA synchronous=OFF")',
+        ("tests/faults/test_powercut.py::test_three_power_cuts_lose_nothing",),
+    ),
+    Mutant(
+        "audit-log-name-durable",
+        "the local audit log survives a power cut (its name fsynced before its first record)",
+        "agent/security/audit/logfile.py",
+        "        if created:\n            try:\n                fsync_dir(self.path.parent)",
+        "        if False:\n            try:\n                fsync_dir(self.path.parent)",
+        ("tests/faults/test_powercut.py::test_three_power_cuts_lose_nothing",),
+    ),
+    Mutant(
         "wire-duplicate",
         "every event id crosses the wire once (the platform store would hide a repeat)",
         "agent/outbox/batches.py",

@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from agent.core.atomic import fsync_dir
 from agent.core.paths import StateLayout
 from agent.security.audit.record import ZERO, AuditRecord, current_actor, digest
 from agent.security.audit.verification import VerifyResult, check, generations, records
@@ -70,16 +71,27 @@ class AuditLog:
             return -1
 
     def _open(self) -> int:
-        """Open (creating 0640 in a 0750 directory) for appending; the umask cannot widen it."""
+        """Open (creating 0640 in a 0750 directory) for appending; the umask cannot widen it.
+        A directory or file created here is made durable (its parent fsynced) before the first
+        record goes in: each record is fsynced, and a power cut must not take its name away
+        (tests/faults/test_powercut.py showed the whole log gone after a cut)."""
         if not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, mode=0o750)
             with contextlib.suppress(OSError):
                 os.chown(self.path.parent, -1, self._gid())
+            fsync_dir(self.path.parent.parent)
+        created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         st = os.fstat(fd)
         if st.st_size == 0:
             with contextlib.suppress(OSError):
                 os.fchown(fd, -1, self._gid())
+        if created:
+            try:
+                fsync_dir(self.path.parent)
+            except OSError:
+                os.close(fd)
+                raise
         return fd
 
     def _locked_fd(self) -> int:
@@ -128,6 +140,7 @@ class AuditLog:
             if src.exists():
                 os.replace(src, self.path.with_name(f"{self.path.name}.{k + 1}"))
         os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        fsync_dir(self.path.parent)  # the renames, before the new file takes records
 
     def append(self, type: str, attrs: Mapping[str, Any] | None = None,
                actor: str | None = None) -> AuditRecord:
