@@ -60,6 +60,13 @@ class OutboxConfig(StrictModel):
     low_watermark: float = Field(default=0.9, gt=0.1, lt=1.0)
     commit_interval_ms: float = Field(default=5.0, ge=0, le=1000)
     commit_max_events: int = Field(default=500, ge=1, le=100_000)
+    telemetry_window_ms: float = Field(
+        default=10_000.0, ge=0, le=60_000,
+        description="how long locally produced telemetry and diagnostics may wait to be "
+        "committed together (one fsync per window, not per reading: SD card wear). A power "
+        "cut loses at most this much of them; alarms, alerts and CoAP readings commit at "
+        "once and take the waiting telemetry with them. 0 = commit every reading at once",
+    )
     reserve_bytes: int = Field(
         default=1024 * 1024, ge=0,
         description="space kept allocated beside the store and released when the disk fills, "

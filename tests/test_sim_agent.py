@@ -33,6 +33,8 @@ def agent_cfg(tmp_path: Path) -> dict[str, Any]:
         # outbox, where the test reads it.
         "uplink": {"order": ["mqtt"], "mqtt": {"host": "127.0.0.1", "port": get_free_port(),
                                                "insecure": True, "backoff_max": 1.0}},
+        # each reading committed at once, so the outbox shows the timeline as it is played
+        "outbox": {"telemetry_window_ms": 0.0},
     }
 
 

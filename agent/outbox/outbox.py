@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.core.errors import RefusedError
 from agent.core.types import ALERT, TQ_SYNCED, Event
 from agent.outbox import batches
 from agent.outbox.batches import BuildBatch, PendingBatch
@@ -91,6 +92,7 @@ class Outbox:
         reserve_bytes: int = 1024 * 1024,
         storage: Storage | None = None,
         clock_monotonic: Callable[[], float] = time.monotonic,
+        telemetry_window: float = 0.0,
     ) -> None:
         self.path = path
         self._time = clock_time
@@ -104,7 +106,8 @@ class Outbox:
         self._commit = GroupCommit(self._quota, self._disk, KeyPruner(clock_time,
                                                                       clock_monotonic))
         self._writer = GroupWriter(self._commit_group, self._executor,
-                                   commit_interval=commit_interval, commit_max=commit_max)
+                                   commit_interval=commit_interval, commit_max=commit_max,
+                                   window=telemetry_window)
         self._store: Store | None = None
         self.reset_info: dict[str, Any] | None = None
 
@@ -128,6 +131,11 @@ class Outbox:
     def commit_max(self) -> int:
         return self._writer.commit_max
 
+    @property
+    def telemetry_window(self) -> float:
+        """Seconds locally produced telemetry may wait to be committed (agent.outbox.writer)."""
+        return self._writer.window
+
     # ---------------------------------------------------------------- opening and closing
 
     @classmethod
@@ -143,6 +151,7 @@ class Outbox:
         reserve_bytes: int = 1024 * 1024,
         storage: Storage | None = None,
         clock_monotonic: Callable[[], float] = time.monotonic,
+        telemetry_window: float = 0.0,
     ) -> Outbox:
         ob = cls(
             path,
@@ -154,6 +163,7 @@ class Outbox:
             reserve_bytes=reserve_bytes,
             storage=storage,
             clock_monotonic=clock_monotonic,
+            telemetry_window=telemetry_window,
         )
         try:
             await ob._call(ob._open_sync)
@@ -218,6 +228,13 @@ class Outbox:
     def on_commit(self, callback: Callable[[], None]) -> None:
         """Call `callback` (on the loop) after each commit of new events (wakes the forwarder)."""
         self._writer.on_commit(callback)
+
+    def check_accepts(self, prio: int) -> None:
+        """Raise RefusedError now if a commit would refuse `prio` for a full disk (only alarms
+        and alerts are taken then): for appends whose producer does not wait for the commit."""
+        if self._disk.active and prio > ALERT:
+            raise RefusedError("disk full: only alarms and alerts are accepted",
+                               priority=prio, retry_after=60.0)
 
     async def append(self, event: Event) -> int:
         """Resolve with the event's id once it is committed; raise RefusedError if over quota."""

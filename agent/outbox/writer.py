@@ -1,5 +1,13 @@
 """The group-commit writer, on the event loop: appends queue up and are handed to the database
-thread in groups, so the cost of one fsync is shared; an alarm's group goes at once."""
+thread in groups, so the cost of one fsync is shared; an alarm's group goes at once.
+
+The telemetry window (`window`, seconds): an append of locally produced telemetry or
+diagnostics only (no alarm, no alert, no idempotency key) may wait up to `window` for company,
+so that a branch's trickle of readings costs one fsync'd transaction per window rather than one
+per reading (an SD card's wear: bench/footprint.py). Such a reading is accepted once its
+window commits, and a power cut before that loses at most `window` seconds of it. Alarms,
+alerts and keyed appends (CoAP readings, answered 2.04 to a sensor) commit within
+`commit_interval` and take the waiting telemetry with them."""
 
 from __future__ import annotations
 
@@ -12,7 +20,7 @@ from dataclasses import dataclass
 import structlog
 
 from agent.core.errors import StoreError
-from agent.core.types import ALARM, Event
+from agent.core.types import ALARM, ALERT, Event
 from agent.outbox.db import OutboxError
 
 __all__ = ["Append", "GroupWriter", "Result"]
@@ -28,6 +36,8 @@ class Append:
     future: asyncio.Future[list[int]]
     urgent: bool
     key: str | None = None
+    immediate: bool = True  # not telemetry that may wait for the window
+    at: float = 0.0  # loop time it was queued
 
 
 class GroupWriter:
@@ -35,9 +45,10 @@ class GroupWriter:
     append of the group; it raises only when the whole transaction failed."""
 
     def __init__(self, commit: Callable[[list[Append]], list[Result]], executor: Executor, *,
-                 commit_interval: float, commit_max: int) -> None:
+                 commit_interval: float, commit_max: int, window: float = 0.0) -> None:
         self.commit_interval = commit_interval
         self.commit_max = commit_max
+        self.window = window
         self._commit = commit
         self._executor = executor
         self._queue: list[Append] = []
@@ -66,9 +77,11 @@ class GroupWriter:
             raise OutboxError("outbox is closed")
         if not events:
             return []
-        fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[int]] = loop.create_future()
         urgent = any(e.prio == ALARM for e in events)
-        self._queue.append(Append(events, fut, urgent, key))
+        immediate = key is not None or any(e.prio <= ALERT for e in events)
+        self._queue.append(Append(events, fut, urgent, key, immediate, loop.time()))
         self._queued += len(events)
         self._urgent += urgent
         self._wake.set()
@@ -100,12 +113,14 @@ class GroupWriter:
                     await self._wait_for_wake(running, None)
                 if len(running) >= 2 and not running[0].done():
                     await asyncio.wait([running[0]])
+                if not self._due(loop.time()):
+                    continue  # only telemetry waits, its window still open: idle below
             else:
-                # Idle: give producers `commit_interval` to join, unless an alarm waits, the
-                # group is full, or we are closing.
-                deadline = loop.time() + self.commit_interval
+                # Idle: give producers `commit_interval` to join (telemetry alone: until its
+                # window closes), unless an alarm waits, the group is full, or we are closing.
+                idle_since = loop.time()
                 while not self.closed and self._queued < self.commit_max and not self._urgent:
-                    remaining = deadline - loop.time()
+                    remaining = self._deadline(idle_since) - loop.time()
                     if remaining <= 0:
                         break
                     self._wake.clear()
@@ -130,6 +145,21 @@ class GroupWriter:
                                        return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
+
+    def _deadline(self, idle_since: float) -> float:
+        """When the queued group is to be committed: `commit_interval` after the first
+        immediate append (or after the writer went idle), or when the oldest telemetry's
+        window closes."""
+        first = next((a.at for a in self._queue if a.immediate), None)
+        if first is not None or self.window <= 0:
+            return max(first or idle_since, idle_since) + self.commit_interval
+        return max(self._queue[0].at + self.window, idle_since + self.commit_interval)
+
+    def _due(self, now: float) -> bool:
+        """Whether the queue may be committed now that the running commit ended."""
+        return (self.closed or self._urgent > 0 or self._queued >= self.commit_max
+                or self.window <= 0 or any(a.immediate for a in self._queue)
+                or now >= self._queue[0].at + self.window)
 
     def _take(self) -> list[Append]:
         """The next group: whole appends up to `commit_max` events (at least one append), or

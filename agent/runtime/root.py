@@ -154,6 +154,7 @@ class Runtime:
             quota_bytes=ob.quota_bytes,
             commit_interval=ob.commit_interval_ms / 1000.0,
             commit_max=ob.commit_max_events,
+            telemetry_window=ob.telemetry_window_ms / 1000.0,
             low_watermark=ob.low_watermark,
             clock_time=self.clock.time,
             reserve_bytes=ob.reserve_bytes,

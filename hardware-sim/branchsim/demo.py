@@ -151,6 +151,8 @@ def _agent_config(workdir: Path, uplink: dict[str, Any], telemetry: int) -> Agen
         "gateway": {"id": "demo-branch", "state_dir": str(workdir / "state"),
                     "key_file": str(workdir / "keys" / "signing.key"), "time_sync": "auto"},
         "log": {"level": "warning"},
+        # telemetry commits once a second here (10 s by default on a gateway): the demo is short
+        "outbox": {"telemetry_window_ms": 1000.0},
         "forwarder": {"ack_timeout_s": 3.0, "status_interval_s": 2.0, "batch_max_events": 200},
         "uplink": {**uplink, "failover_after_s": 2.0},
         "sources": {"synthetic": [

@@ -84,7 +84,9 @@ class AgentProcess:
             "gateway": {"id": gw, "state_dir": str(self.state),
                         "key_file": str(self.keys / "signing.key"), "time_sync": "synced"},
             "log": {"level": "info", "format": "json"},
-            "outbox": {"commit_interval_ms": 2.0},
+            # every reading committed at once: the tests wait on deliveries, not on the
+            # telemetry window (tests/test_outbox.py and tests/test_window.py check it)
+            "outbox": {"commit_interval_ms": 2.0, "telemetry_window_ms": 0.0},
             "forwarder": {"ack_timeout_s": 3.0, "status_interval_s": 1.0},
             "uplink": {"order": ["mqtt"], "failover_after_s": 1.0},
         }
