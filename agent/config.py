@@ -36,6 +36,11 @@ GatewayId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")]
 class GatewayConfig(StrictModel):
     id: GatewayId
     state_dir: Path = Path("/var/lib/branch-agent")
+    runtime_dir: Path = Field(
+        default=Path("/run/branch-agent"),
+        description="advisory files rewritten while the agent runs (status.json): a tmpfs "
+        "(the unit's RuntimeDirectory=), so that they cost the SD card nothing",
+    )
     key_file: Path = Path("/etc/branch-agent/keys/signing.key")
     time_sync: str = Field(
         default="auto",

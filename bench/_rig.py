@@ -6,6 +6,7 @@ Nothing here is timed by itself; the bench scripts time what they measure with i
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -78,12 +79,24 @@ def new_gateway(dir: Path, gw: str, platform_db: Path) -> Path:
     return dir / "signing.key"
 
 
+def tmpfs_runtime_dir(state: Path) -> Path:
+    """A runtime dir for the agent of `state` on a tmpfs (/dev/shm), as /run/branch-agent is
+    on a gateway, so that write figures count what a gateway's card sees. The caller removes
+    it."""
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        return shm / f"branch-bench-{hashlib.sha256(str(state).encode()).hexdigest()[:16]}"
+    return state.parent / "run"
+
+
 def agent_doc(gw: str, state: Path, key: Path, broker_port: int, pki: Pki,
-              **sections: Any) -> dict[str, Any]:
+              run: Path | None = None, **sections: Any) -> dict[str, Any]:
     """An agent config with production defaults everywhere except what `sections` set
-    (whole tables: `outbox={...}` replaces the outbox table)."""
+    (whole tables: `outbox={...}` replaces the outbox table). `run`: the runtime dir
+    (status.json), beside `state` by default."""
     doc: dict[str, Any] = {
-        "gateway": {"id": gw, "state_dir": str(state), "key_file": str(key),
+        "gateway": {"id": gw, "state_dir": str(state),
+                    "runtime_dir": str(run or state.parent / "run"), "key_file": str(key),
                     "time_sync": "synced"},
         "log": {"level": "info", "format": "json"},
         "uplink": {"order": ["mqtt"],

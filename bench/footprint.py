@@ -72,6 +72,7 @@ from _rig import (
     import_rss_mb,
     new_gateway,
     proc_status_kb,
+    tmpfs_runtime_dir,
 )
 from _writes import INSERT, STRACE_ARGS, Attribution, attribute
 
@@ -120,6 +121,7 @@ class Agent:
         self.state = state or dir / "state"
         self.config = dir / "agent.toml"
         self.config.write_text(to_toml(agent_doc(gw, self.state, key, broker.port, pki,
+                                                 tmpfs_runtime_dir(self.state),
                                                  sources=sensors(rate_hz))))
         # bench/_writes.py as the main: statements announced on /dev/null for strace
         self.main = [str(WRITES), "-m"] if announce_sql else ["-m"]
@@ -170,7 +172,8 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         try:
-            doc: dict[str, Any] = json.loads((self.state / "status.json").read_text())
+            doc: dict[str, Any] = json.loads((tmpfs_runtime_dir(self.state) / "status.json")
+                                              .read_text())
         except (FileNotFoundError, ValueError):
             return {}
         return doc
@@ -187,14 +190,14 @@ class Agent:
 
     def stop(self) -> None:
         p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        shutil.rmtree(tmpfs_runtime_dir(self.state), ignore_errors=True)  # under /dev/shm
 
 
 def spawn_seconds(cmd: list[str]) -> float:

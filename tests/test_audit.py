@@ -87,6 +87,7 @@ def test_log_and_directory_belong_to_the_audit_group(tmp_path: Path) -> None:
                     "cannot be told apart from the default group")
     cfg = parse_config({
         "gateway": {"id": "gw", "state_dir": str(tmp_path / "state"),
+                    "runtime_dir": str(tmp_path / "run"),
                     "key_file": str(tmp_path / "signing.key")},
         "uplink": {"order": ["mqtt"], "mqtt": {"host": "127.0.0.1", "insecure": True}},
         "audit": {"group": group.gr_name, "max_bytes": 4096, "keep": 2},

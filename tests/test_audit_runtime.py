@@ -67,6 +67,7 @@ def gateway_config(dir: Path, *, tamper: bool = False, **extra: Any) -> AgentCon
         generate_keypair(dir / "keys")
     doc: dict[str, Any] = {
         "gateway": {"id": "gw-audit", "state_dir": str(dir / "state"),
+                    "runtime_dir": str(dir / "run"),
                     "key_file": str(dir / "keys" / "signing.key"), "time_sync": "synced"},
         # nothing listens there: every event stays in the outbox, where the test reads it
         "uplink": {"order": ["mqtt"], "mqtt": {"host": "127.0.0.1", "port": get_free_port(),

@@ -38,6 +38,7 @@ async def test_ble_sensors_reach_the_platform_and_phones_leave_no_trace(
     platform.register(GW, info.public_pem)
     cfg = parse_config({
         "gateway": {"id": GW, "state_dir": str(tmp_path / "state"),
+                    "runtime_dir": str(tmp_path / "run"),
                     "key_file": str(tmp_path / "keys" / "signing.key"), "time_sync": "synced"},
         "uplink": {"order": ["mqtt"], "mqtt": {"host": "127.0.0.1", "port": broker.port,
                                                "insecure": True}},

@@ -105,6 +105,7 @@ async def test_pulse_command_drives_a_configured_output(tmp_path: Path, broker: 
     platform.register(gw, info.public_pem)
     cfg = parse_config({
         "gateway": {"id": gw, "state_dir": str(tmp_path / "state"),
+                    "runtime_dir": str(tmp_path / "run"),
                     "key_file": str(tmp_path / "keys" / "signing.key"), "time_sync": "synced"},
         "uplink": {"order": ["mqtt"], "mqtt": mqtt_uplink(broker.port, None)},
         "sources": {"gpio": {"pin_factory": "mock", "outputs": {

@@ -139,10 +139,11 @@ def test_wipe_refuses_without_confirmation_or_while_running(tmp_path: Path, pki:
     assert no_tty.returncode == 1 and "--yes-i-am-sure" in no_tty.stderr
     wrong = cli("wipe", "--config", str(gw.config_path), "--yes-i-am-sure", "gw-other")
     assert wrong.returncode == 1 and "nothing removed" in wrong.stderr
-    (gw.state / "status.json").write_text(json.dumps({"pid": os.getpid()}))
+    gw.run.mkdir(parents=True)
+    (gw.run / "status.json").write_text(json.dumps({"pid": os.getpid()}))
     running = cli("wipe", "--config", str(gw.config_path), "--yes-i-am-sure", GW)
     assert running.returncode == 1 and "running" in running.stderr
-    assert sorted(p for p in gw.dir.rglob("*") if p.name != "status.json") == before
+    assert sorted(p for p in gw.dir.rglob("*") if gw.run not in (p, *p.parents)) == before
 
 
 def test_wipe_removes_keys_state_config_and_keeps_the_audit_log(tmp_path: Path,

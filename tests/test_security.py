@@ -118,7 +118,7 @@ def test_no_key_material_in_logs_status_or_tools(tmp_path: Path, mosquitto_tls: 
     secrets["pseudonym.key"] = {pseudonym.hex(), pseudonym.hex().upper(),
                                 base64.b64encode(pseudonym).decode().rstrip("=")}
     texts = {"agent log": agent.log_text(),
-             "status.json": (agent.state / "status.json").read_text(), **outputs}
+             "status.json": (agent.run / "status.json").read_text(), **outputs}
     assert "mqtt.connected" in texts["agent log"] and texts["doctor"].strip()  # not vacuous
     assert "thermo" in texts["config-show"] and "csr auth" in texts["renew"]
     assert leaks(pki.client_key.read_text(), secrets)  # the detector itself works

@@ -28,6 +28,7 @@ def agent_cfg(tmp_path: Path) -> dict[str, Any]:
     generate_keypair(tmp_path / "keys")
     return {
         "gateway": {"id": "sim-gw", "state_dir": str(tmp_path / "state"),
+                    "runtime_dir": str(tmp_path / "run"),
                     "key_file": str(tmp_path / "keys" / "signing.key"), "time_sync": "synced"},
         # A port where nothing listens: the uplink stays down and every event stays in the
         # outbox, where the test reads it.

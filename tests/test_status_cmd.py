@@ -137,7 +137,7 @@ def test_a_damaged_status_file_is_said_so(agent: AgentProcess) -> None:
     unreadable, not as missing; the figures then come from the database."""
     wait_until(lambda: running_with_all_events(agent), 20, "events committed", agent)
     assert agent.stop() == 0
-    (agent.state / "status.json").write_text('{"pid": 12')
+    (agent.run / "status.json").write_text('{"pid": 12')
     res = status(agent, "--json")
     doc = json.loads(res.stdout)
     assert res.returncode == 3 and doc["running"] is False

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent.config import AgentConfig
-from agent.core.paths import StateLayout
+from agent.core.paths import RuntimeLayout
 from agent.core.types import Priority
 from agent.ops.render import colour, table
 from agent.outbox import OutboxError, OutboxView
@@ -64,7 +64,7 @@ def read_db(path: Path) -> dict[str, Any]:
 def collect(cfg: AgentConfig, now: float | None = None) -> dict[str, Any]:
     """One JSON document (what `status --json` prints)."""
     now = time.time() if now is None else now
-    path = StateLayout(cfg.gateway.state_dir).status
+    path = RuntimeLayout(cfg.gateway.runtime_dir).status
     agent: dict[str, Any] = {}
     unreadable = None
     try:

@@ -22,7 +22,7 @@ from agent.config import AgentConfig
 from agent.core.atomic import write_atomic
 from agent.core.backoff import Backoff
 from agent.core.clock import Clock, make_clock
-from agent.core.paths import StateLayout
+from agent.core.paths import RuntimeLayout, StateLayout
 from agent.core.types import Event
 from agent.outbox import Outbox
 from agent.runtime.forwarder import Forwarder, Signer
@@ -514,7 +514,9 @@ class Runtime:
         return doc
 
     def _write_status(self) -> None:
-        _write_json_atomic(StateLayout(self.cfg.gateway.state_dir).status, self.status_doc_sync())
+        path = RuntimeLayout(self.cfg.gateway.runtime_dir).status
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        _write_json_atomic(path, self.status_doc_sync())
 
 
 def _submit_to(proc: CommandProcessor, channel: CommandChannel, raw: bytes) -> None:

@@ -149,6 +149,7 @@ class _CoapTransport:
 def _agent_config(workdir: Path, uplink: dict[str, Any], telemetry: int) -> AgentConfig:
     return parse_config({
         "gateway": {"id": "demo-branch", "state_dir": str(workdir / "state"),
+                    "runtime_dir": str(workdir / "run"),
                     "key_file": str(workdir / "keys" / "signing.key"), "time_sync": "auto"},
         "log": {"level": "warning"},
         # telemetry commits once a second here (10 s by default on a gateway): the demo is short

@@ -74,6 +74,7 @@ class AgentProcess:
         self.dir = dir
         self.gw = gw
         self.state = dir / "state"
+        self.run = dir / "run"  # the runtime dir: status.json
         self.keys = dir / "keys"
         dir.mkdir(parents=True, exist_ok=True)
         if not (self.keys / "signing.key").exists():
@@ -81,7 +82,7 @@ class AgentProcess:
         self.pubkey = self.keys / "signing.pub"
         self.config_path = dir / "agent.toml"
         self.doc: dict[str, Any] = {
-            "gateway": {"id": gw, "state_dir": str(self.state),
+            "gateway": {"id": gw, "state_dir": str(self.state), "runtime_dir": str(self.run),
                         "key_file": str(self.keys / "signing.key"), "time_sync": "synced"},
             "log": {"level": "info", "format": "json"},
             # every reading committed at once: the tests wait on deliveries, not on the
@@ -162,7 +163,7 @@ class AgentProcess:
 
     def status(self) -> dict[str, Any]:
         try:
-            doc: dict[str, Any] = json.loads((self.state / "status.json").read_text())
+            doc: dict[str, Any] = json.loads((self.run / "status.json").read_text())
         except (FileNotFoundError, ValueError):
             return {}
         return doc

@@ -13,7 +13,7 @@ from pathlib import Path
 from agent.config import AgentConfig
 from agent.core.atomic import write_atomic
 from agent.core.errors import OperatorError
-from agent.core.paths import StateLayout
+from agent.core.paths import RuntimeLayout, StateLayout
 from agent.ops.provision.clientkey import next_dir
 from agent.ops.status import pid_alive
 from agent.security.audit import export, verify
@@ -41,9 +41,10 @@ def _owned_dir(d: Path) -> bool:
 
 
 def agent_pid(cfg: AgentConfig) -> int | None:
-    """The pid in the state dir's status.json if that process is alive, else None."""
+    """The pid in the runtime dir's status.json if that process is alive, else None."""
     try:
-        pid = int(json.loads(StateLayout(cfg.gateway.state_dir).status.read_text()).get("pid", 0))
+        pid = int(json.loads(RuntimeLayout(cfg.gateway.runtime_dir).status.read_text())
+                  .get("pid", 0))
     except (OSError, ValueError, TypeError, AttributeError):
         return None
     return pid if pid_alive(pid) else None
