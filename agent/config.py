@@ -85,6 +85,12 @@ class ForwarderConfig(StrictModel):
     ack_mode: Literal["platform", "broker"] = "platform"
     ack_timeout_s: float = Field(default=15.0, gt=0)
     window: int = Field(default=4, ge=1, le=64, description="signed batches in flight at once")
+    compression: Literal["none", "zstd"] = Field(
+        default="none",
+        description="zstd: each batch's signed payload compressed (docs/PROTOCOL.md 3.1; about "
+        "a sixth of the bytes on the wire). The batch says so in its header; a platform that "
+        "does not support it refuses such batches as malformed, so turn it on once yours does",
+    )
     batch_linger_ms: float = Field(
         default=250.0, ge=0, le=60_000,
         description="wait up to this long for a batch to fill; alarms never wait",

@@ -8,12 +8,15 @@ from typing import Any
 
 import cbor2
 import pytest
+import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.protocol import (
+    MAX_PAYLOAD,
     ZERO_HASH,
+    ZSTD,
     Ack,
     ProtocolError,
     batch_hash,
@@ -23,8 +26,11 @@ from agent.protocol import (
     encode_ack,
     encode_event,
     kid_for,
+    open_sign1,
+    sign1,
     verify_batch,
 )
+from agent.protocol import batches as batches_module
 
 KEY = Ed25519PrivateKey.generate()
 KID = kid_for(KEY.public_key())
@@ -250,3 +256,73 @@ def test_build_batch_speed() -> None:
                     encoded_events=evs)
     per = (time.perf_counter() - start) / runs
     assert per < 0.005, f"{per * 1000:.2f} ms per 500-event batch"  # generous for a loaded CI
+
+
+# --- compressed batches (docs/PROTOCOL.md 3.1: content type "application/zstd") --------------
+
+
+def zstd_batch(payload: bytes, content_type: str = ZSTD) -> bytes:
+    """A signed batch whose payload is `payload` as given (already a zstd frame, or not)."""
+    return sign1(KEY, payload, KID, content_type=content_type)
+
+
+def test_compressed_batch_round_trip_and_size() -> None:
+    """A compressed batch verifies to exactly the events of the same batch uncompressed, takes
+    a fraction of its bytes, and says so in its protected header (content type 3)."""
+    plain = build_batch(key=KEY, kid=KID, gw="gw-1", seq=1, prev=ZERO_HASH, created=1.0,
+                        encoded_events=events(100))
+    packed = build_batch(key=KEY, kid=KID, gw="gw-1", seq=1, prev=ZERO_HASH, created=1.0,
+                         encoded_events=events(100), compress=True)
+    a, b = verify_batch(plain, keys), verify_batch(packed, keys)
+    assert (b.events, b.seq, b.gw) == (a.events, a.seq, a.gw)
+    assert len(packed) < len(plain) / 3
+    protected = cbor2.loads(cbor2.loads(packed).value[0])
+    assert protected == {1: -8, 3: ZSTD, 4: KID}
+
+
+def test_compressed_payload_is_checked_before_it_is_expanded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A payload declaring more than MAX_PAYLOAD is refused from its frame header, before any
+    decompression (a 17 MiB bomb in a few hundred bytes: no decompressor is even made); a
+    frame without a declared size, a frame that is not zstd, or one that ends early are
+    malformed; a bit flipped in the compressed bytes is a bad signature; an unknown content
+    type is malformed."""
+    bomb = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(MAX_PAYLOAD + 1))
+    assert len(bomb) < 4096
+    made: list[int] = []
+    real = zstandard.ZstdDecompressor
+
+    def counting() -> zstandard.ZstdDecompressor:
+        made.append(1)
+        return real()
+
+    monkeypatch.setattr(batches_module.zstandard, "ZstdDecompressor", counting)
+    with pytest.raises(ProtocolError):
+        verify_batch(zstd_batch(bomb), keys)
+    assert made == [], "a decompressor was made for a payload over the limit"
+    monkeypatch.undo()
+    unsized = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    no_size = unsized.compress(cbor2.dumps({"v": 1})) + unsized.flush()
+    good = zstandard.ZstdCompressor(write_content_size=True).compress(cbor2.dumps({"v": 1}))
+    cases = {"bomb": zstd_batch(bomb), "no size": zstd_batch(no_size),
+             "not zstd": zstd_batch(b"\x00" * 32), "short": zstd_batch(good[:-3]),
+             "other type": zstd_batch(good, "application/gzip")}
+    for what, data in cases.items():
+        with pytest.raises(ProtocolError) as exc:
+            verify_batch(data, keys)
+        assert exc.value.reason == "malformed", what
+    packed = bytearray(build_batch(key=KEY, kid=KID, gw="gw-1", seq=1, prev=ZERO_HASH,
+                                   created=1.0, encoded_events=events(20), compress=True))
+    packed[-80] ^= 1
+    with pytest.raises(ProtocolError) as exc:
+        verify_batch(bytes(packed), keys)
+    assert exc.value.reason == "bad-signature"
+
+
+def test_content_type_is_refused_outside_batches() -> None:
+    """Only batches may be compressed: a command or renewal envelope carrying a content type
+    is malformed (one parser, each caller names what it allows)."""
+    with pytest.raises(ProtocolError) as exc:
+        open_sign1(zstd_batch(b"x"), keys)
+    assert exc.value.reason == "malformed"

@@ -21,15 +21,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import cbor2
+import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.protocol.cose import (
     KID_LEN,
     ProtocolError,
-    decode_sign1,
+    decode_sign1_typed,
     guarded,
     loads_exact,
-    open_sign1,
+    open_sign1_typed,
     sign1,
 )
 
@@ -37,7 +38,9 @@ __all__ = [
     "EPOCH_LEN",
     "FORMAT_VERSION",
     "MAX_INT",
+    "MAX_PAYLOAD",
     "ZERO_HASH",
+    "ZSTD",
     "Ack",
     "Batch",
     "batch_hash",
@@ -58,6 +61,10 @@ _EVENT_KEYS = _EVENT_REQUIRED | {"u", "attrs"}
 _PAYLOAD_KEYS = frozenset({"v", "gw", "seq", "prev", "created", "events"})
 _PAYLOAD_OPTIONAL = frozenset({"epoch"})
 EPOCH_LEN = 16  # bytes of a chain epoch (random, chosen by the gateway when its chain starts)
+ZSTD = "application/zstd"  # content type (COSE header 3) of a compressed batch's payload
+MAX_PAYLOAD = 16 * 1024 * 1024  # largest payload a compressed batch may expand to
+ZSTD_LEVEL = 3
+_BATCH_CONTENT_TYPES = frozenset({ZSTD})
 _ACK_REQUIRED = frozenset({"seq", "h", "ok"})
 
 
@@ -178,10 +185,12 @@ def build_batch(
     created: float,
     encoded_events: Sequence[bytes],
     epoch: bytes = b"",
+    compress: bool = False,
 ) -> bytes:
     """Sign one batch. The payload is assembled from the pre-encoded events (no re-encoding).
     `epoch`: the chain's epoch (`EPOCH_LEN` bytes), or empty for a chain started without one
-    (stores made before epochs existed): then the payload has no ``epoch`` key."""
+    (stores made before epochs existed): then the payload has no ``epoch`` key. `compress`:
+    the payload as a zstd frame (content type "application/zstd", docs/PROTOCOL.md 3.1)."""
     if len(prev) != 32:
         raise ValueError("prev must be 32 bytes")
     if len(kid) != KID_LEN:
@@ -200,6 +209,10 @@ def build_batch(
             _K_CREATED, cbor2.dumps(float(created), canonical=True),
         )
     )
+    if compress:  # signed as sent: the platform verifies before it decompresses anything
+        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True,
+                                          write_checksum=False).compress(payload)
+        return sign1(key, packed, kid, content_type=ZSTD)
     return sign1(key, payload, kid)
 
 
@@ -274,8 +287,29 @@ def _check_event(ev: object) -> dict[str, Any]:
     return ev
 
 
-def _decode_payload(payload: bytes, kid: bytes, digest: bytes) -> Batch:
-    body = loads_exact(payload, "payload")
+def _unpack(payload: bytes, content_type: str | None) -> bytes:
+    """The payload map's bytes: as sent, or out of a zstd frame whose declared content size is
+    checked against MAX_PAYLOAD before anything is decompressed (no memory bomb)."""
+    if content_type is None:
+        return payload
+    try:
+        size = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError:
+        raise ProtocolError("malformed", "not a zstd frame") from None
+    if size < 0 or size > MAX_PAYLOAD:
+        raise ProtocolError("malformed", f"zstd frame content size {size} not in 0..{MAX_PAYLOAD}")
+    try:
+        out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=MAX_PAYLOAD)
+    except zstandard.ZstdError as exc:
+        raise ProtocolError("malformed", f"zstd: {exc}") from None
+    if len(out) != size:
+        raise ProtocolError("malformed", "zstd frame shorter than it declares")
+    return bytes(out)
+
+
+def _decode_payload(payload: bytes, kid: bytes, digest: bytes,
+                    content_type: str | None = None) -> Batch:
+    body = loads_exact(_unpack(payload, content_type), "payload")
     if not isinstance(body, dict):
         raise ProtocolError("malformed", "payload is not a map")
     if "v" in body and body["v"] != FORMAT_VERSION:
@@ -300,8 +334,9 @@ def decode_batch(data: bytes) -> tuple[Batch, bytes, bytes]:
     """Decode without checking the signature: (batch, protected header bytes, signature)."""
 
     def run() -> tuple[Batch, bytes, bytes]:
-        protected, kid, payload, signature = decode_sign1(data)
-        return _decode_payload(payload, kid, batch_hash(bytes(data))), protected, signature
+        protected, kid, payload, signature, ctype = decode_sign1_typed(data, _BATCH_CONTENT_TYPES)
+        return (_decode_payload(payload, kid, batch_hash(bytes(data)), ctype), protected,
+                signature)
 
     return guarded(run)
 
@@ -310,8 +345,8 @@ def verify_batch(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | 
     """Check structure, key and signature (in that order), then decode the payload."""
 
     def run() -> Batch:
-        kid, payload = open_sign1(data, key_for_kid)
-        return _decode_payload(payload, kid, batch_hash(bytes(data)))
+        kid, payload, ctype = open_sign1_typed(data, key_for_kid, _BATCH_CONTENT_TYPES)
+        return _decode_payload(payload, kid, batch_hash(bytes(data)), ctype)
 
     return guarded(run)
 

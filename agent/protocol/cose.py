@@ -24,10 +24,12 @@ __all__ = [
     "SIG_LEN",
     "ProtocolError",
     "decode_sign1",
+    "decode_sign1_typed",
     "guarded",
     "kid_for",
     "loads_exact",
     "open_sign1",
+    "open_sign1_typed",
     "sig_structure",
     "sign1",
 ]
@@ -61,8 +63,11 @@ def kid_for(public_key: Ed25519PublicKey) -> bytes:
     return hashlib.sha256(raw).digest()[:KID_LEN]
 
 
-def _protected(kid: bytes) -> bytes:
-    return cbor2.dumps({1: ALG_EDDSA, 4: kid}, canonical=True)
+def _protected(kid: bytes, content_type: str | None = None) -> bytes:
+    header: dict[int, object] = {1: ALG_EDDSA, 4: kid}
+    if content_type is not None:
+        header[3] = content_type
+    return cbor2.dumps(header, canonical=True)
 
 
 def sig_structure(protected: bytes, payload: bytes) -> bytes:
@@ -70,10 +75,12 @@ def sig_structure(protected: bytes, payload: bytes) -> bytes:
     return cbor2.dumps(["Signature1", protected, b"", payload])
 
 
-def sign1(key: Ed25519PrivateKey, payload: bytes, kid: bytes | None = None) -> bytes:
+def sign1(key: Ed25519PrivateKey, payload: bytes, kid: bytes | None = None,
+          content_type: str | None = None) -> bytes:
     """A tagged COSE_Sign1 (EdDSA) over `payload`; `kid` defaults to `kid_for` the key's
-    public half (pass it when known: deriving it costs a SHA-256)."""
-    protected = _protected(kid_for(key.public_key()) if kid is None else kid)
+    public half (pass it when known: deriving it costs a SHA-256). `content_type` (COSE header
+    3, protected): how the payload is encoded, e.g. a compressed batch's "application/zstd"."""
+    protected = _protected(kid_for(key.public_key()) if kid is None else kid, content_type)
     signature = key.sign(sig_structure(protected, payload))
     return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
 
@@ -87,9 +94,11 @@ def loads_exact(data: bytes, what: str) -> Any:
         raise ProtocolError("malformed", str(exc)) from None
 
 
-def _envelope(data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
-    """COSE_Sign1 structure -> (protected, kid, payload, signature). The one parser of
-    COSE_Sign1 in the project: batches, commands and renewal requests all come through it."""
+def _envelope(data: bytes, content_types: frozenset[str] = frozenset()
+              ) -> tuple[bytes, bytes, bytes, bytes, str | None]:
+    """COSE_Sign1 structure -> (protected, kid, payload, signature, content type). The one
+    parser of COSE_Sign1 in the project: batches, commands and renewal requests all come
+    through it. A content type (header 3) is allowed only where the caller names it."""
     msg = loads_exact(data, "cose")
     if not isinstance(msg, cbor2.CBORTag) or msg.tag != COSE_SIGN1_TAG:
         raise ProtocolError("malformed", "not a tagged COSE_Sign1")
@@ -104,17 +113,19 @@ def _envelope(data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     ):
         raise ProtocolError("malformed", "COSE_Sign1 field types")
     header = loads_exact(protected, "protected header")
-    if not isinstance(header, dict) or set(header) != {1, 4}:
+    if not isinstance(header, dict) or set(header) not in ({1, 4}, {1, 3, 4}):
         raise ProtocolError("malformed", "protected header keys")
-    kid = header[4]
+    kid, content_type = header[4], header.get(3)
     if header[1] != ALG_EDDSA or not isinstance(kid, bytes) or len(kid) != KID_LEN:
         raise ProtocolError("malformed", "protected header alg/kid")
-    return protected, kid, payload, signature
+    if 3 in header and not (isinstance(content_type, str) and content_type in content_types):
+        raise ProtocolError("malformed", "protected header content type")
+    return protected, kid, payload, signature, content_type
 
 
-def _open(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | None]
-          ) -> tuple[bytes, bytes]:
-    protected, kid, payload, signature = _envelope(data)
+def _open(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | None],
+          content_types: frozenset[str] = frozenset()) -> tuple[bytes, bytes, str | None]:
+    protected, kid, payload, signature, content_type = _envelope(data, content_types)
     key = key_for_kid(kid)
     if key is None:
         raise ProtocolError("unknown-key", kid.hex())
@@ -122,20 +133,35 @@ def _open(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | None]
         key.verify(signature, sig_structure(protected, payload))
     except InvalidSignature:
         raise ProtocolError("bad-signature", kid.hex()) from None
-    return kid, payload
+    return kid, payload, content_type
 
 
 def open_sign1(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | None]
                ) -> tuple[bytes, bytes]:
     """Check a COSE_Sign1's structure, key and signature, in that order; return (kid,
     payload). Raises ProtocolError ("malformed", "unknown-key", "bad-signature") only."""
-    return guarded(lambda: _open(data, key_for_kid))
+    kid, payload, _ = guarded(lambda: _open(data, key_for_kid))
+    return kid, payload
+
+
+def open_sign1_typed(data: bytes, key_for_kid: Callable[[bytes], Ed25519PublicKey | None],
+                     content_types: frozenset[str]) -> tuple[bytes, bytes, str | None]:
+    """`open_sign1` for messages whose payload may carry one of `content_types` (header 3):
+    (kid, payload as signed, content type or None)."""
+    return guarded(lambda: _open(data, key_for_kid, content_types))
 
 
 def decode_sign1(data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     """A COSE_Sign1's structure, unverified: (protected header bytes, kid, payload,
     signature). Raises ProtocolError ("malformed") only."""
-    return guarded(lambda: _envelope(data))
+    protected, kid, payload, signature, _ = guarded(lambda: _envelope(data))
+    return protected, kid, payload, signature
+
+
+def decode_sign1_typed(data: bytes, content_types: frozenset[str]
+                       ) -> tuple[bytes, bytes, bytes, bytes, str | None]:
+    """`decode_sign1` allowing `content_types`: (protected, kid, payload, signature, type)."""
+    return guarded(lambda: _envelope(data, content_types))
 
 
 def guarded(fn: Callable[[], _T]) -> _T:

@@ -57,8 +57,10 @@ MAX_HOLD_S = 600.0  # longest wait between two sends of a batch held for a refus
 class Signer:
     """Builds and signs batches for one gateway with its Ed25519 key."""
 
-    def __init__(self, key: Ed25519PrivateKey, gw: str, wall: Callable[[], float]) -> None:
+    def __init__(self, key: Ed25519PrivateKey, gw: str, wall: Callable[[], float],
+                 compress: bool = False) -> None:
         self._key = key
+        self.compress = compress
         self.kid = protocol.kid_for(key.public_key())
         self.gw = gw
         self._wall = wall
@@ -79,6 +81,7 @@ class Signer:
             created=self._wall(),
             encoded_events=bodies,
             epoch=epoch,
+            compress=self.compress,
         )
 
 

@@ -190,7 +190,7 @@ class Runtime:
         self.forwarder = Forwarder(
             self.outbox,
             self.uplinks,
-            Signer(key, cfg.gateway.id, self.clock.time),
+            Signer(key, cfg.gateway.id, self.clock.time, compress=fw.compression == "zstd"),
             batch_max_events=fw.batch_max_events,
             batch_max_bytes=fw.batch_max_bytes,
             ack_mode=fw.ack_mode,

@@ -187,6 +187,23 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_platform.py::test_a_gateway_that_lost_its_state_rejoins_in_a_new_epoch",),
     ),
     Mutant(
+        "zstd-size-checked-first",
+        "a compressed batch's declared size is checked before anything is decompressed",
+        "agent/protocol/batches.py",
+        "if size < 0 or size > MAX_PAYLOAD:",
+        "if size < 0:",
+        ("tests/test_protocol.py::test_compressed_payload_is_checked_before_it_is_expanded",),
+    ),
+    Mutant(
+        "zstd-on-the-wire",
+        "with compression on, a branch's telemetry takes at most 25 bytes per event on the wire",
+        "agent/runtime/forwarder.py",
+        "            compress=self.compress,\n",
+        "",
+        ("tests/test_e2e_mqtt.py::"
+         "test_compressed_batches_arrive_exactly_once_in_a_fraction_of_the_bytes",),
+    ),
+    Mutant(
         "tls-hostname",
         "the MQTT uplink verifies the broker's host name",
         "agent/uplink/mqtt.py",

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.protocol import (
     ZERO_HASH,
+    ZSTD,
     Ack,
     batch_hash,
     build_batch,
@@ -48,6 +49,13 @@ BATCH2_EVENTS: list[dict[str, Any]] = [
      "v": 123456, "u": "Wh", "prio": 3},
 ]
 
+
+# Batch 3, compressed (docs/PROTOCOL.md 3.1): the payload is a zstd frame, content type
+# "application/zstd" in the protected header, the signature over the compressed bytes.
+BATCH3_EVENTS: list[dict[str, Any]] = [
+    {"id": 8 + i, "t": 1767225800.0 + i, "tq": 0, "src": f"ble.room{i % 4}",
+     "type": "temperature", "v": 21.0 + i / 10, "u": "Cel", "prio": 2} for i in range(12)
+]
 
 # A gateway that lost its state (a new card, its key restored) rejoins: a new chain epoch from
 # seq 1 with a zero prev, ids from 1 again (docs/PROTOCOL.md 3.2, 4.2).
@@ -78,6 +86,8 @@ def make(key: Ed25519PrivateKey) -> tuple[dict[str, bytes], dict[str, Any]]:
                      encoded_events=[encode_event(**e) for e in BATCH1_EVENTS])
     b2 = build_batch(key=key, kid=kid, gw=GW, seq=2, prev=batch_hash(b1), created=1767225702.0,
                      encoded_events=[encode_event(**e) for e in BATCH2_EVENTS])
+    b3 = build_batch(key=key, kid=kid, gw=GW, seq=3, prev=batch_hash(b2), created=1767225812.0,
+                     encoded_events=[encode_event(**e) for e in BATCH3_EVENTS], compress=True)
     e1 = build_batch(key=key, kid=kid, gw=GW, seq=1, prev=ZERO_HASH, created=1767312001.0,
                      encoded_events=[encode_event(**e) for e in EPOCH1_EVENTS], epoch=EPOCH)
     tampered = bytearray(b2)
@@ -90,6 +100,7 @@ def make(key: Ed25519PrivateKey) -> tuple[dict[str, bytes], dict[str, Any]]:
         "batch-1.cose": b1,
         "batch-2.cose": b2,
         "batch-2-tampered.cose": bytes(tampered),
+        "batch-3-zstd.cose": b3,
         "batch-epoch-1.cose": e1,
         "ack-1.cbor": ack1,
         "ack-2-replay.cbor": ack_replay,
@@ -105,6 +116,8 @@ def make(key: Ed25519PrivateKey) -> tuple[dict[str, bytes], dict[str, Any]]:
              "hash": batch_hash(b2).hex(), "events": BATCH2_EVENTS},
             {"file": "batch-2-tampered.cose", "result": "bad-signature",
              "hash": batch_hash(bytes(tampered)).hex()},
+            {"file": "batch-3-zstd.cose", "result": "ok", "seq": 3, "prev": batch_hash(b2).hex(),
+             "content_type": ZSTD, "hash": batch_hash(b3).hex(), "events": BATCH3_EVENTS},
             {"file": "batch-epoch-1.cose", "result": "ok", "seq": 1, "prev": ZERO_HASH.hex(),
              "epoch": EPOCH.hex(), "hash": batch_hash(e1).hex(), "events": EPOCH1_EVENTS},
         ],
