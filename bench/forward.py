@@ -64,8 +64,10 @@ def events_for(n: int, now: float) -> list[Event]:
 
 
 async def agent_drain(work: Path, n: int, broker: Mosquitto, pki: Pki,
-                      key: Ed25519PrivateKey) -> float:
-    """Pre-fill a fresh outbox with n events, then forward them all: delivered events/s."""
+                      key: Ed25519PrivateKey, ack_mode: str = "platform") -> float:
+    """Pre-fill a fresh outbox with n events, then forward them all: delivered events/s.
+    `ack_mode="broker"` is the agent alone: claim, sign, publish, delete on PUBACK; nobody
+    verifies (run it with no platform subscribed)."""
     ob = await Outbox.open(work / "outbox.db", quota_bytes=1 << 40)
     try:
         evs = events_for(n, time.time())
@@ -76,7 +78,7 @@ async def agent_drain(work: Path, n: int, broker: Mosquitto, pki: Pki,
                                tls=MqttTlsConfig(ca=pki.ca_cert, cert=pki.client_cert,
                                                  key=pki.client_key))
         fwd = Forwarder(ob, [MqttUplink(cfg, GW)], Signer(key, GW, time.time),
-                        batch_max_events=BATCH, drain_rate_bytes_per_s=0)
+                        batch_max_events=BATCH, drain_rate_bytes_per_s=0, ack_mode=ack_mode)
         start = time.perf_counter()
         task = asyncio.create_task(fwd.run())
         try:
@@ -114,6 +116,23 @@ def sample_batches(n: int, key: Ed25519PrivateKey) -> list[bytes]:
     return out
 
 
+def platform_alone(batches: list[bytes], db: Path, pem: bytes) -> float:
+    """The reference platform's batch handling alone: verify and store pre-made batches (one
+    chain) with `Receiver.handle_batch`, no transport: events/s."""
+    rx = Receiver(db)
+    try:
+        rx.register(GW, pem)
+        start = time.perf_counter()
+        for data in batches:
+            ack = rx.handle_batch(data, GW)
+            if not ack.ok:
+                raise RuntimeError(f"platform refused a bench batch: {ack.err}")
+        took = time.perf_counter() - start
+    finally:
+        rx.close()
+    return len(batches) * BATCH / took
+
+
 def raw_publish(batches: list[bytes], broker: Mosquitto, pki: Pki) -> float:
     """Bare paho, QoS 1, same TLS: events/s until the last PUBACK."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-raw-{os.getpid()}",
@@ -147,6 +166,8 @@ def measure(n: int, runs: int, tmp: Path) -> list[Row]:
     batches = sample_batches(n, key)
     agent_rates: list[float] = []
     raw_rates: list[float] = []
+    alone_rates: list[float] = []
+    platform_rates: list[float] = []
     for r in range(runs):
         work = tmp / f"run{r}"
         work.mkdir()
@@ -163,8 +184,14 @@ def measure(n: int, runs: int, tmp: Path) -> list[Row]:
                 cpu = platform.cpu_seconds()
             finally:
                 platform.stop()
+            (work / "alone").mkdir()
+            alone_rates.append(asyncio.run(agent_drain(work / "alone", n, broker, pki, key,
+                                                       ack_mode="broker")))
+            platform_rates.append(platform_alone(batches, work / "platform-alone.db", pem))
             print(f"run {r + 1}: agent {agent_rates[-1]:,.0f} ev/s, raw paho "
-                  f"{raw_rates[-1]:,.0f} ev/s, platform process CPU {cpu:.2f} s", flush=True)
+                  f"{raw_rates[-1]:,.0f} ev/s, platform process CPU {cpu:.2f} s; agent alone "
+                  f"{alone_rates[-1]:,.0f} ev/s, platform alone {platform_rates[-1]:,.0f} ev/s",
+                  flush=True)
             delivered = Receiver(work / "platform.db")
             try:
                 got = len(delivered.events(GW))
@@ -175,10 +202,22 @@ def measure(n: int, runs: int, tmp: Path) -> list[Row]:
             broker.stop()
     med, spread = summarise(agent_rates)
     raw_med, raw_spread = summarise(raw_rates)
+    alone_med, alone_spread = summarise(alone_rates)
+    plat_med, plat_spread = summarise(platform_rates)
+    slower = min(alone_med, plat_med)
     return [Row(figure=f"end-to-end delivery ({BATCH}/batch, mTLS)", value=med, unit="ev/s",
                 spread=spread, baseline=raw_med, baseline_what="raw paho",
                 target=f">= {TARGET:,.0f} ev/s", met=med >= TARGET,
-                note=f"{n} events per run; raw paho spread {raw_spread or '-'}")]
+                note=f"{n} events per run; raw paho spread {raw_spread or '-'}"),
+            Row(figure="agent alone (claim, sign, publish; PUBACK deletes)", value=alone_med,
+                unit="ev/s", spread=alone_spread, baseline=raw_med, baseline_what="raw paho"),
+            Row(figure="platform alone (verify and store pre-made batches)", value=plat_med,
+                unit="ev/s", spread=plat_spread),
+            Row(figure="pipeline efficiency: end to end / the slower alone", value=med / slower,
+                unit="x", target=">= 0.7x", met=med / slower >= 0.7,
+                note="the slower alone: "
+                + ("the agent" if alone_med <= plat_med else "the platform")
+                + f" ({slower:,.0f} ev/s)")]
 
 
 def wire_rows(key: Ed25519PrivateKey) -> list[Row]:
