@@ -75,6 +75,14 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_window.py::test_telemetry_waits_for_its_window_and_commits_once",),
     ),
     Mutant(
+        "telemetry-window-bound",
+        "a power cut loses at most one telemetry window of telemetry",
+        "agent/outbox/writer.py",
+        "return max(self._queue[0].at + self.window, idle_since + self.commit_interval)",
+        "return max(self._queue[0].at + self.window + 60, idle_since + self.commit_interval)",
+        ("tests/faults/test_powercut.py::test_telemetry_lost_at_a_cut_stays_within_its_window",),
+    ),
+    Mutant(
         "window-alarms-at-once",
         "alarms, alerts and CoAP readings never wait for the telemetry window",
         "agent/outbox/writer.py",
