@@ -387,6 +387,24 @@ async def test_keyed_append_is_idempotent_across_a_restart(tmp_path: Path) -> No
     await ob.close()
 
 
+async def test_store_reset_alert_carries_the_clocks_time_quality(tmp_path: Path) -> None:
+    """The outbox's own alert of a quarantined store says what the clock was: tq 1 when it is
+    not synchronised (a Pi without RTC at boot), not a hard-coded 0 (CR 2.11).
+
+    Mutation: `tq=TQ_SYNCED` back in `Outbox._open_sync`: this test fails."""
+    db = tmp_path / "outbox.db"
+    db.write_bytes(b"\xff" * 8192)  # not a database: quarantined at open
+    ob = await Outbox.open(db, clock_synchronized=lambda: False)
+    try:
+        assert ob.reset_info is not None
+        b = await ob.claim_batch(10, 1 << 20, build)
+        assert b is not None
+        [reset] = protocol.decode_batch(b.data)[0].events
+        assert (reset["type"], reset["tq"]) == ("gateway.store_reset", 1)
+    finally:
+        await ob.close()
+
+
 async def test_v1_store_is_migrated(tmp_path: Path) -> None:
     """A store written with schema 1 opens under schema 3 with its events intact; its chain,
     begun before epochs, goes on without one (epoch '': batches without the key)."""

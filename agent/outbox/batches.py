@@ -113,7 +113,8 @@ def ack(store: Store, seq: int, h: bytes) -> bool:
     return True
 
 
-def restart(store: Store, refused: PendingBatch, err: str, park: bool) -> dict[str, Any] | None:
+def restart(store: Store, refused: PendingBatch, err: str, park: bool,
+            tq: int = TQ_SYNCED) -> dict[str, Any] | None:
     """The platform refuses `refused` for good (`err`). In one transaction: keep its bytes in
     ``refused``; when `park`, remove its events and record a ``gateway.batch_refused`` alert
     naming them, else record the alert and let them go out again; dissolve every stored batch
@@ -152,6 +153,6 @@ def restart(store: Store, refused: PendingBatch, err: str, park: bool) -> dict[s
         store.set_meta("prev_hash", protocol.ZERO_HASH.hex())
 
     store.insert([Event(src="gateway", type="gateway.batch_refused", v=info, t=store.wall(),
-                        tq=TQ_SYNCED, prio=ALERT)], extra=dissolve)
+                        tq=tq, prio=ALERT)], extra=dissolve)
     store.tally.load(conn)  # rare: count again rather than track every change above
     return info

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.core.errors import RefusedError
-from agent.core.types import ALERT, TQ_SYNCED, Event
+from agent.core.types import ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
 from agent.outbox import batches
 from agent.outbox.batches import BuildBatch, PendingBatch
 from agent.outbox.commit import GroupCommit
@@ -93,9 +93,11 @@ class Outbox:
         storage: Storage | None = None,
         clock_monotonic: Callable[[], float] = time.monotonic,
         telemetry_window: float = 0.0,
+        clock_synchronized: Callable[[], bool] = lambda: True,
     ) -> None:
         self.path = path
         self._time = clock_time
+        self._synchronized = clock_synchronized
         self._monotonic = clock_monotonic
         self._storage = storage or OsStorage()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-db")
@@ -152,7 +154,10 @@ class Outbox:
         storage: Storage | None = None,
         clock_monotonic: Callable[[], float] = time.monotonic,
         telemetry_window: float = 0.0,
+        clock_synchronized: Callable[[], bool] = lambda: True,
     ) -> Outbox:
+        """`clock_synchronized`: whether the wall clock is synchronised now, for the time
+        quality of the events the outbox records itself (store reset, refused batch)."""
         ob = cls(
             path,
             quota_bytes=quota_bytes,
@@ -164,6 +169,7 @@ class Outbox:
             storage=storage,
             clock_monotonic=clock_monotonic,
             telemetry_window=telemetry_window,
+            clock_synchronized=clock_synchronized,
         )
         try:
             await ob._call(ob._open_sync)
@@ -203,9 +209,12 @@ class Outbox:
                     "first_new_id": self._tally.next_id,
                 },
                 t=self._time(),
-                tq=TQ_SYNCED,
+                tq=self._tq(),
                 prio=ALERT,
             )])
+
+    def _tq(self) -> int:
+        return TQ_SYNCED if self._synchronized() else TQ_UNSYNCED
 
     def _close_sync(self) -> None:
         if self._store is not None:
@@ -292,9 +301,12 @@ class Outbox:
         and record a ``gateway.batch_refused`` alert (agent.outbox.batches.restart). None when
         `refused` is not the oldest unacknowledged batch (then nothing changed)."""
 
+        tq = self._tq()
+
         def restart() -> dict[str, Any] | None:
             store = self._opened()
-            return self._disk.retry(store, lambda: batches.restart(store, refused, err, park))
+            return self._disk.retry(store, lambda: batches.restart(store, refused, err, park,
+                                                                   tq))
 
         return await self._call(restart)
 

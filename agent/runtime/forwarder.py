@@ -39,7 +39,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import protocol
-from agent.core.types import ALARM, ALERT, Event
+from agent.core.types import ALARM, ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
 from agent.outbox import Outbox, OutboxError, PendingBatch
 from agent.uplink.base import Uplink, UplinkDownError
 
@@ -157,6 +157,7 @@ class Forwarder:
         status_interval_s: float = 30.0,
         status_doc: Callable[[], Mapping[str, Any]] | None = None,
         on_refused: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+        synchronized: Callable[[], bool] = lambda: True,
     ) -> None:
         if not uplinks:
             raise ValueError("at least one uplink is needed")
@@ -183,6 +184,7 @@ class Forwarder:
         self._active: Uplink | None = None
         self._rotation: tuple[Ed25519PrivateKey, int, Callable[[], Awaitable[None]]] | None = None
         self._on_refused = on_refused
+        self._synchronized = synchronized  # the time quality of the alerts it records
         self._refusals: dict[bytes, int] = {}  # batch hash -> refusals of those bytes
         self._hold_until = 0.0  # monotonic; no send before (a held batch's backoff)
         self._hold_level = 0  # consecutive final key refusals (0: not holding)
@@ -407,7 +409,9 @@ class Forwarder:
                                         "err": err, "action": "held"}
                 with contextlib.suppress(OutboxError):
                     await self.outbox.append(Event(src="gateway", type="gateway.batch_refused",
-                                                   v=info, t=time.time(), prio=ALERT))
+                                                   v=info, t=time.time(), prio=ALERT,
+                                                   tq=TQ_SYNCED if self._synchronized()
+                                                   else TQ_UNSYNCED))
                 await self._report_refused(info)
             return
         try:

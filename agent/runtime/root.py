@@ -155,6 +155,7 @@ class Runtime:
             commit_interval=ob.commit_interval_ms / 1000.0,
             commit_max=ob.commit_max_events,
             telemetry_window=ob.telemetry_window_ms / 1000.0,
+            clock_synchronized=self.clock.synchronized,
             low_watermark=ob.low_watermark,
             clock_time=self.clock.time,
             reserve_bytes=ob.reserve_bytes,
@@ -202,6 +203,7 @@ class Runtime:
             status_interval_s=fw.status_interval_s,
             status_doc=self.status_doc_sync,
             on_refused=self._batch_refused,
+            synchronized=self.clock.synchronized,
         )
         if cfg.commands is not None:
             self.commands = self._command_processor(cfg.commands, key)

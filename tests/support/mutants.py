@@ -99,6 +99,14 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_window.py::test_a_driver_is_not_held_up_by_the_window",),
     ),
     Mutant(
+        "store-reset-time-quality",
+        "the outbox's own alerts carry the clock's time quality (CR 2.11)",
+        "agent/outbox/outbox.py",
+        "                tq=self._tq(),",
+        "                tq=TQ_SYNCED,",
+        ("tests/test_outbox.py::test_store_reset_alert_carries_the_clocks_time_quality",),
+    ),
+    Mutant(
         "wire-duplicate",
         "every event id crosses the wire once (the platform store would hide a repeat)",
         "agent/outbox/batches.py",
