@@ -4,7 +4,6 @@ enabled, and no key material appears in logs, status, doctor or check-config out
 from __future__ import annotations
 
 import base64
-import json
 import re
 import shutil
 import subprocess
@@ -190,13 +189,9 @@ def test_tls_failure_is_audited(tmp_path: Path, mosquitto_tls: Mosquitto, pki: P
     up["tls"] = {"ca": str(pki.ca_cert), "cert": str(pki.other_client_cert),
                  "key": str(pki.other_client_key)}
     agent = AgentProcess(tmp_path / "gw", uplink={"order": ["mqtt"], "mqtt": up})
-    log = agent.state / "audit" / "audit.log"
 
     def tls_failures() -> list[dict[str, Any]]:
-        if not log.exists():
-            return []
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        return [r for r in records if r["type"] == "audit.tls_failure"]
+        return agent.audit_records("audit.tls_failure")
 
     agent.start()
     try:

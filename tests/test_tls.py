@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import socket
 import ssl
 import threading
@@ -247,13 +246,9 @@ def test_hostname_mismatch_is_audited(tmp_path: Path, other_host_broker: Mosquit
     audit.tls_failure in its local audit log, naming the uplink and the mismatch."""
     up = mqtt_uplink(other_host_broker.port, pki, host="localhost")
     agent = AgentProcess(tmp_path / "gw", uplink={"order": ["mqtt"], "mqtt": up})
-    log = agent.state / "audit" / "audit.log"
 
     def tls_failures() -> list[dict[str, Any]]:
-        if not log.exists():
-            return []
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        return [r for r in records if r["type"] == "audit.tls_failure"]
+        return agent.audit_records("audit.tls_failure")
 
     agent.start()
     try:

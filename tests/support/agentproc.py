@@ -151,6 +151,14 @@ class AgentProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def audit_records(self, type: str) -> list[dict[str, Any]]:
+        """The records of `type` in the agent's local audit log (none before it exists)."""
+        log = self.state / "audit" / "audit.log"
+        if not log.exists():
+            return []
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        return [r for r in records if r["type"] == type]
+
     def outbox_count(self) -> int:
         db = self.state / "outbox.db"
         if not db.exists():
