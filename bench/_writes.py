@@ -41,11 +41,12 @@ STRACE_ARGS = ["-f", "-y", "-ttt", "-xx", "-s", "96", "-e",
                "trace=write,pwrite64,writev,pwritev,fsync,fdatasync,ftruncate,rename,renameat2"]
 
 CHECKPOINT = "checkpoint (WAL -> outbox.db)"
-INSERT = "event insert (group commit)"
+INSERT = "event commit (group commit: rows or a direct batch)"
 # (statement prefix, cause), first match wins; statements that change nothing are not listed.
 CAUSES: list[tuple[str, str]] = [
     ("INSERT INTO events", INSERT),
     ("INSERT OR IGNORE INTO ingest_keys", INSERT),
+    ("INSERT INTO batches(seq, hash, created, count, top_prio, data, held)", INSERT),
     ("UPDATE events SET batch", "batch claim (UPDATE events, INSERT batches, meta)"),
     ("DELETE FROM events WHERE batch", "ack (DELETE events, batches, meta)"),
     ("DELETE FROM events WHERE id IN", "quota eviction"),
@@ -53,6 +54,7 @@ CAUSES: list[tuple[str, str]] = [
     ("UPDATE meta SET value=value", "writable check (start-up)"),
     ("PRAGMA wal_checkpoint", CHECKPOINT),
 ]
+_RANK = {c: i for i, (_, c) in reversed(list(enumerate(CAUSES)))}
 _CHANGING = ("INSERT", "UPDATE", "DELETE", "REPLACE", "PRAGMA wal_checkpoint", "CREATE", "DROP")
 
 
@@ -220,7 +222,10 @@ def attribute(lines: Iterable[str], seconds: float) -> Attribution:
                 if c is None:
                     continue
                 if in_txn.get(pid):
-                    if cause.get(pid) is None:
+                    # the earliest cause in CAUSES names the transaction (a commit that also
+                    # deletes acknowledged batches is a commit)
+                    now = cause.get(pid)
+                    if now is None or _RANK.get(c, 99) < _RANK.get(now, 99):
                         cause[pid] = c
                 else:  # an autocommit statement: its own transaction
                     close_txn(pid)

@@ -114,7 +114,8 @@ class Agent:
 
     def __init__(self, dir: Path, gw: str, rate_hz: float | list[float], broker: Mosquitto,
                  pki: Pki, platform_db: Path, state: Path | None = None,
-                 announce_sql: bool = False) -> None:
+                 announce_sql: bool = False, compression: str = "none",
+                 window_ms: float | None = None) -> None:
         self.dir = dir
         self.gw = gw
         key = new_gateway(dir / "keys", gw, platform_db)
@@ -122,7 +123,10 @@ class Agent:
         self.config = dir / "agent.toml"
         self.config.write_text(to_toml(agent_doc(gw, self.state, key, broker.port, pki,
                                                  tmpfs_runtime_dir(self.state),
-                                                 sources=sensors(rate_hz))))
+                                                 sources=sensors(rate_hz),
+                                                 forwarder={"compression": compression},
+                                                 **({"outbox": {"telemetry_window_ms": window_ms}}
+                                                    if window_ms is not None else {}))))
         # bench/_writes.py as the main: statements announced on /dev/null for strace
         self.main = [str(WRITES), "-m"] if announce_sql else ["-m"]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -542,7 +546,8 @@ def measure(args: argparse.Namespace, tmp: Path, loop: LoopFs | None) -> list[Ro
             for load in loads(args):
                 state = loop.mnt / load.key / "state" if loop else None
                 agent = Agent(tmp / load.key, f"bench-{load.key}", load.rates, broker, pki, pdb,
-                              state=state, announce_sql=load.attribute > 0)
+                              state=state, announce_sql=load.attribute > 0,
+                              compression=args.compression, window_ms=args.telemetry_window_ms)
                 w = write_budget(agent, load, 2.0 if q else 10.0, loop, pdb)
                 print(f"writes, {load.label}: {w.per_event_mean:,.0f} B/event over "
                       f"{w.seconds:.0f} s ({w.accepted} events), {w.per_day / 1e6:,.0f} MB/day; "
@@ -552,7 +557,7 @@ def measure(args: argparse.Namespace, tmp: Path, loop: LoopFs | None) -> list[Ro
             platform.stop()
     finally:
         broker.stop()
-    out += write_rows(budgets)
+    out += write_rows(budgets, args.compression, args.telemetry_window_ms)
     for w in budgets:
         if w.traced is not None:
             print_attribution(w)
@@ -594,13 +599,16 @@ def _spread(values: list[float]) -> str:
     return summarise(values)[1] if len(values) > 1 else ""
 
 
-def write_rows(budgets: list[Writes]) -> list[Row]:
+def write_rows(budgets: list[Writes], compression: str = "none",
+               window_ms: float | None = None) -> list[Row]:
     out: list[Row] = []
+    window = f"; telemetry window {window_ms:.0f} ms" if window_ms is not None else ""
     for w in budgets:
         load, enc = w.load, w.encoded_mean
         rate = w.accepted / w.seconds
         how = (f"/proc/PID/io write_bytes over {w.seconds:.0f} s, {w.accepted} events "
-               f"({rate:,.1f} ev/s); cancelled_write_bytes {w.cancelled:,} B")
+               f"({rate:,.1f} ev/s); cancelled_write_bytes {w.cancelled:,} B; "
+               f"compression {compression}{window}")
         if load.key == "1k":
             med, spread = summarise(w.per_event)
             out.append(Row(
@@ -718,6 +726,12 @@ def main() -> None:
     ap.add_argument("--loop-mib", type=int, default=0, metavar="N",
                     help="as root: state dirs on a fresh N MiB ext4 image, loop-mounted; adds "
                          "the bytes that reached that device")
+    ap.add_argument("--compression", choices=("none", "zstd"), default="none",
+                    help="[forwarder] compression of the agents of the write figures (a batch "
+                    "signed at commit is stored as sent: zstd stores a fifth of the bytes)")
+    ap.add_argument("--telemetry-window-ms", type=float, default=None, metavar="MS",
+                    help="[outbox] telemetry_window_ms of the agents of the write figures "
+                    "(default: the product's, 10000)")
     ap.add_argument("--agent-python", default=sys.executable, metavar="PATH",
                     help="the interpreter that runs the agent, e.g. .venv-dist/bin/python: the "
                          "product as a gateway installs it (make test-dist), without the "

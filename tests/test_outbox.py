@@ -20,7 +20,7 @@ import pytest
 from agent import protocol
 from agent.core.errors import RefusedError
 from agent.core.types import Event
-from agent.outbox import OsStorage, Outbox, id_ranges
+from agent.outbox import SCHEMA_VERSION, OsStorage, Outbox, id_ranges
 from agent.outbox.diskfull import RECHECK_INTERVAL
 
 WORKER = Path(__file__).parent / "support" / "outbox_worker.py"
@@ -406,7 +406,7 @@ async def test_store_reset_alert_carries_the_clocks_time_quality(tmp_path: Path)
 
 
 async def test_v1_store_is_migrated(tmp_path: Path) -> None:
-    """A store written with schema 1 opens under schema 3 with its events intact; its chain,
+    """A store written with schema 1 opens under schema 4 with its events intact; its chain,
     begun before epochs, goes on without one (epoch '': batches without the key)."""
     db = tmp_path / "o.db"
     ob = await Outbox.open(db)
@@ -415,6 +415,7 @@ async def test_v1_store_is_migrated(tmp_path: Path) -> None:
     with sqlite3.connect(db) as c:  # make it a v1 file again
         c.execute("DROP TABLE ingest_keys")
         c.execute("DROP TABLE refused")
+        c.execute("ALTER TABLE batches DROP COLUMN held")
         c.execute("DELETE FROM meta WHERE key='epoch'")
         c.execute("PRAGMA user_version=1")
     ob = await Outbox.open(db)
@@ -425,7 +426,7 @@ async def test_v1_store_is_migrated(tmp_path: Path) -> None:
     assert (await ob.stats()).epoch == ""
     await ob.close()
     with sqlite3.connect(db) as c:
-        assert c.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
 
 
 class FillableDisk(OsStorage):

@@ -15,8 +15,11 @@ Invariants
    transaction as a ``gateway.dropped`` alert naming its id. So every id is delivered, held,
    or named in a drop record. Alarms and alerts are never evicted.
 4. *A batch is signed once.* Its bytes and the new chain head are stored in the transaction
-   that claims its events, before the first send; a retry or a restart re-sends those bytes.
-   Batch seqs are never reused and each batch names the hash of the one before.
+   that claims its events (or, for a direct batch, in the commit that accepts them), before
+   the first send; a retry or a restart re-sends those bytes. Batch seqs are never reused and
+   each batch names the hash of the one before. An acknowledgement is written with the next
+   transaction (at most `telemetry_window` later): one lost to a crash costs a re-send that
+   the platform answers ``replay``.
 5. *Alarms are never refused for quota*; when the quota is reached, telemetry and diagnostics
    are evicted or refused (RefusedError). On a full disk the reserve is released so that
    alarms and alerts still commit while the rest is refused.
@@ -27,7 +30,7 @@ Invariants
 
 On disk (in the state dir)
 --------------------------
-``outbox.db`` (+ ``-wal``, ``-shm``), SQLite, ``user_version`` = `SCHEMA_VERSION` (2):
+``outbox.db`` (+ ``-wal``, ``-shm``), SQLite, ``user_version`` = `SCHEMA_VERSION` (4):
 
 - ``meta(key, value)``, all text: ``next_id``, ``next_seq``, ``prev_hash`` (hex of the last
   batch's hash, the chain head), ``last_acked_seq``, ``last_acked_at`` (wall time or empty),
@@ -36,8 +39,12 @@ On disk (in the state dir)
   id included) built once at commit, ``size`` its length, ``batch`` the seq of the batch
   holding it or NULL. Indexes: ``events_queue(prio, id) WHERE batch IS NULL`` (the claim
   order), ``events_batch(batch) WHERE batch IS NOT NULL`` (the ack's delete).
-- ``batches(seq, hash, created, count, top_prio, data)``: ``data`` the signed COSE_Sign1 bytes,
-  ``hash`` their SHA-256.
+- ``batches(seq, hash, created, count, top_prio, data, held)``: ``data`` the signed COSE_Sign1
+  bytes, ``hash`` their SHA-256; ``held`` (since version 4) NULL when the batch's events are
+  rows, else JSON ``{"ids": [first, last], "prios": {prio: n}, "t": oldest}`` for a direct
+  batch, whose events exist only in ``data``.
+- ``refused(seq, epoch, hash, err, action, at, ids, data)`` (since version 3): batches the
+  platform refused for good, kept for an operator.
 - ``ingest_keys(key, t, ids)`` (since version 2): idempotency keys, ``ids`` = JSON
   ``[first id, count]``.
 
@@ -56,7 +63,7 @@ Modules, one concern each
 - `tally`: the figures kept in memory; `side`: ``chain.json``;
 - `quota`: eviction with drop records; `diskfull`: the reserve and the full-disk mode;
   `storage`: the filesystem seam (a fake disk in tests);
-- `keys`: idempotency keys; `batches`: claim, ack, pending batches;
+- `keys`: idempotency keys; `batches`: claim, direct batches, ack, pending batches;
 - `view`: the store read-only, for status and the demo (imports nothing heavy).
 
 This package imports its modules when a name is first asked for, so that `agent.outbox.view`
@@ -69,7 +76,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from agent.outbox.batches import PendingBatch
+    from agent.outbox.batches import DirectClaim, PendingBatch
     from agent.outbox.db import OutboxError
     from agent.outbox.outbox import Outbox, OutboxStats
     from agent.outbox.quota import id_ranges
@@ -79,6 +86,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SCHEMA_VERSION",
+    "DirectClaim",
     "OsStorage",
     "Outbox",
     "OutboxError",
@@ -92,6 +100,7 @@ __all__ = [
 
 _WHERE = {
     "SCHEMA_VERSION": "schema",
+    "DirectClaim": "batches",
     "OsStorage": "storage",
     "Outbox": "outbox",
     "OutboxError": "db",

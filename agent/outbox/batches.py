@@ -5,6 +5,13 @@ in one transaction stores the signed bytes and the new chain head and marks the 
 by that batch. They leave the store only with `ack` (matching seq and hash). A crash between
 claim and ack leaves the batch stored; it is re-sent byte for byte (`pending`).
 
+A direct batch (`DirectClaim`): when the forwarder waits for events with a free slot, the
+commit that accepts them may sign them straight into a batch, stored in that commit's
+transaction with no event rows (column ``held`` says which ids and priorities it holds). The
+events were never written twice, and no claim transaction follows the commit: at a branch's
+trickle of readings, the claim and the ack each cost as many card writes as the commit
+(bench/footprint.py). An ack is applied with the store's next write (`Store.transaction`).
+
 `restart` is for a batch the platform refuses for good (docs/PROTOCOL.md 4.3): the batch's bytes
 are kept for an operator (table ``refused``), every unacknowledged batch is dissolved (its events
 unclaimed again, or, when the batch is parked, its events removed with a
@@ -15,19 +22,20 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from agent import protocol
 from agent.core.types import ALERT, TQ_SYNCED, Event
-from agent.outbox.db import transaction
 from agent.outbox.quota import id_ranges
 from agent.outbox.schema import REFUSED_KEPT, new_epoch
 from agent.outbox.store import Store
 from agent.outbox.tally import EVENT_OVERHEAD
 
-__all__ = ["BATCH_ENVELOPE", "BuildBatch", "PendingBatch", "ack", "claim", "pending", "restart"]
+__all__ = ["BATCH_ENVELOPE", "BuildBatch", "DirectClaim", "PendingBatch", "ack", "claim",
+           "pending", "restart"]
 
 BATCH_ENVELOPE = 200  # COSE envelope, header fields and signature, rounded up
 # build(seq, prev, bodies, epoch) -> the signed batch bytes
@@ -46,8 +54,60 @@ class PendingBatch:
     created: float
 
 
+@dataclass(frozen=True, slots=True)
+class DirectClaim:
+    """What the forwarder would claim now (module doc): a commit signs its events straight into
+    a batch when no older event waits unclaimed (the claim order stays (priority, id)), they fit
+    one batch, and the oldest waited `linger` seconds or an alarm is among them (the caller
+    checks the wait)."""
+
+    max_events: int
+    max_bytes: int
+    build: BuildBatch
+    linger: float
+
+    def sign(self, store: Store, first: int, events: Sequence[Event],
+             bodies: list[bytes]) -> _Signed | None:
+        if (store.tally.unclaimed or store.ready or not bodies
+                or len(bodies) > self.max_events
+                or BATCH_ENVELOPE + sum(len(b) for b in bodies) > self.max_bytes):
+            return None
+        seq = int(store.meta("next_seq"))
+        prev = bytes.fromhex(store.meta("prev_hash"))
+        data = self.build(seq, prev, bodies, bytes.fromhex(store.meta("epoch")))
+        prios: dict[int, int] = {}
+        for e in events:
+            prios[e.prio] = prios.get(e.prio, 0) + 1
+        held = {"ids": [first, first + len(events) - 1],
+                "prios": {str(p): n for p, n in sorted(prios.items())},
+                "t": min(e.t for e in events)}
+        batch = PendingBatch(seq, protocol.batch_hash(data), data, len(events), min(prios),
+                             store.wall())
+        return _Signed(store, batch, json.dumps(held, separators=(",", ":")))
+
+
+@dataclass(frozen=True, slots=True)
+class _Signed:
+    store: Store
+    batch: PendingBatch
+    held: str
+
+    def write(self, conn: sqlite3.Connection) -> None:
+        """Inside the commit's transaction: the batch row and the new chain head."""
+        b = self.batch
+        conn.execute(
+            "INSERT INTO batches(seq, hash, created, count, top_prio, data, held) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (b.seq, b.hash, b.created, b.count, b.top_priority, b.data, self.held),
+        )
+        self.store.set_meta("next_seq", str(b.seq + 1))
+        self.store.set_meta("prev_hash", b.hash.hex())
+
+
 def claim(store: Store, max_events: int, max_bytes: int,
           build: BuildBatch) -> PendingBatch | None:
+    if store.ready:  # signed at commit, in seq order before anything claimed now
+        return store.ready.pop(0)
     conn = store.conn
     rows = conn.execute(
         "SELECT id, prio, body FROM events WHERE batch IS NULL ORDER BY prio, id LIMIT ?",
@@ -68,7 +128,7 @@ def claim(store: Store, max_events: int, max_bytes: int,
     h = protocol.batch_hash(data)
     now = store.wall()
     top = min(c[1] for c in chosen)
-    with transaction(conn):
+    with store.transaction():
         # One statement, not executemany (which takes the GIL back after every row).
         conn.execute("UPDATE events SET batch=? WHERE id IN (SELECT value FROM json_each(?))",
                      (seq, json.dumps([c[0] for c in chosen])))
@@ -84,33 +144,57 @@ def claim(store: Store, max_events: int, max_bytes: int,
 
 
 def pending(store: Store) -> list[PendingBatch]:
+    acked = set(store.acked)
     return [
         PendingBatch(int(r[0]), bytes(r[1]), bytes(r[2]), int(r[3]), int(r[4]), float(r[5]))
         for r in store.conn.execute(
             "SELECT seq, hash, data, count, top_prio, created FROM batches ORDER BY seq"
         )
+        if int(r[0]) not in acked
     ]
 
 
 def ack(store: Store, seq: int, h: bytes) -> bool:
+    """Mark batch `seq` (hash `h`) acknowledged: it leaves the figures now and the tables with
+    the store's next write (`Store.transaction`). False when no unacknowledged stored batch has
+    that seq and hash."""
     conn = store.conn
-    row = conn.execute("SELECT hash, length(data) FROM batches WHERE seq=?", (seq,)).fetchone()
+    if seq in store.acked:
+        return False
+    row = conn.execute("SELECT hash, length(data), held FROM batches WHERE seq=?",
+                       (seq,)).fetchone()
     if row is None or bytes(row[0]) != h:
         return False
-    per_prio = [(int(p), int(size), int(n)) for p, size, n in conn.execute(
-        "SELECT prio, COALESCE(SUM(size), 0), COUNT(*) FROM events WHERE batch=? "
-        "GROUP BY prio", (seq,)
-    )]
-    now = store.wall()
-    with transaction(conn):
-        conn.execute("DELETE FROM events WHERE batch=?", (seq,))
-        conn.execute("DELETE FROM batches WHERE seq=?", (seq,))
-        if seq > int(store.meta("last_acked_seq") or 0):
-            store.set_meta("last_acked_seq", str(seq))
-            store.set_meta("last_acked_at", repr(now))
-    freed = sum(size + n * EVENT_OVERHEAD for _, size, n in per_prio) + int(row[1])
-    store.tally.acked([(p, n) for p, _, n in per_prio], freed)
+    if row[2] is not None:  # a direct batch: its events are only in the batch
+        per_prio = [(int(p), n) for p, n in json.loads(row[2])["prios"].items()]
+        freed = int(row[1])
+    else:
+        rows = [(int(p), int(size), int(n)) for p, size, n in conn.execute(
+            "SELECT prio, COALESCE(SUM(size), 0), COUNT(*) FROM events WHERE batch=? "
+            "GROUP BY prio", (seq,)
+        )]
+        per_prio = [(p, n) for p, _, n in rows]
+        freed = sum(size + n * EVENT_OVERHEAD for _, size, n in rows) + int(row[1])
+    if not store.acked:
+        store.acked_since = time.monotonic()
+    store.acked.append(seq)
+    if store.last_acked is None or seq > store.last_acked[0]:
+        store.last_acked = (seq, store.wall())
+    store.tally.acked(per_prio, freed)
     return True
+
+
+def _held_rows(data: bytes) -> list[tuple[int, int, float, int, bytes]]:
+    """The event rows of a direct batch, out of its signed bytes (each body re-encoded
+    canonically: the same bytes the batch was built from)."""
+    batch, _, _ = protocol.decode_batch(data)
+    rows = []
+    for ev in batch.events:
+        body = protocol.encode_event(id=ev["id"], t=ev["t"], tq=ev["tq"], src=ev["src"],
+                                     type=ev["type"], v=ev["v"], prio=ev["prio"],
+                                     u=ev.get("u"), attrs=ev.get("attrs"))
+        rows.append((int(ev["id"]), int(ev["prio"]), float(ev["t"]), len(body), body))
+    return rows
 
 
 def restart(store: Store, refused: PendingBatch, err: str, park: bool,
@@ -122,12 +206,21 @@ def restart(store: Store, refused: PendingBatch, err: str, park: bool,
     None (nothing done) when `refused` is not the oldest stored batch: an older one may still
     be acknowledged, and its events must not go out twice."""
     conn = store.conn
+    store.flush_acks()
     oldest = conn.execute("SELECT MIN(seq) FROM batches").fetchone()[0]
-    row = conn.execute("SELECT hash FROM batches WHERE seq=?", (refused.seq,)).fetchone()
+    row = conn.execute("SELECT hash, held FROM batches WHERE seq=?", (refused.seq,)).fetchone()
     if oldest != refused.seq or row is None or bytes(row[0]) != refused.hash:
         return None
-    ids = [int(r[0]) for r in conn.execute(
-        "SELECT id FROM events WHERE batch=? ORDER BY id", (refused.seq,))]
+    if row[1] is not None:
+        first, last = json.loads(row[1])["ids"]
+        ids = list(range(int(first), int(last) + 1))
+    else:
+        ids = [int(r[0]) for r in conn.execute(
+            "SELECT id FROM events WHERE batch=? ORDER BY id", (refused.seq,))]
+    # The events of the other direct batches become rows again (out of their signed bytes).
+    unheld = [r for seq, data in conn.execute(
+        "SELECT seq, data FROM batches WHERE held IS NOT NULL ORDER BY seq")
+        if not (park and int(seq) == refused.seq) for r in _held_rows(bytes(data))]
     old_epoch, epoch = store.meta("epoch"), new_epoch()
     info: dict[str, Any] = {
         "seq": refused.seq, "epoch": old_epoch, "hash": refused.hash.hex(), "err": err,
@@ -147,6 +240,8 @@ def restart(store: Store, refused: PendingBatch, err: str, park: bool,
         if park:
             conn.execute("DELETE FROM events WHERE batch=?", (refused.seq,))
         conn.execute("UPDATE events SET batch=NULL WHERE batch IS NOT NULL")
+        conn.executemany("INSERT INTO events(id, prio, t, size, body) VALUES (?, ?, ?, ?, ?)",
+                         unheld)
         conn.execute("DELETE FROM batches")
         store.set_meta("epoch", epoch)
         store.set_meta("next_seq", "1")
@@ -154,5 +249,6 @@ def restart(store: Store, refused: PendingBatch, err: str, park: bool,
 
     store.insert([Event(src="gateway", type="gateway.batch_refused", v=info, t=store.wall(),
                         tq=tq, prio=ALERT)], extra=dissolve)
+    store.ready.clear()  # dissolved with the rest
     store.tally.load(conn)  # rare: count again rather than track every change above
     return info

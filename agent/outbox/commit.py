@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 
 from agent.core.errors import RefusedError
 from agent.core.types import ALERT, TELEMETRY, Event
+from agent.outbox.batches import DirectClaim
 from agent.outbox.db import is_disk_full
 from agent.outbox.diskfull import DiskFull
 from agent.outbox.keys import KeyPruner, key_row, known_keys, record_keys
@@ -30,15 +32,24 @@ class GroupCommit:
         self.keys = keys
         self.refused = 0  # events refused, by the quota or a full disk
 
-    def __call__(self, store: Store, taken: list[Append]) -> list[Result]:
+    def __call__(self, store: Store, taken: list[Append],
+                 direct: DirectClaim | None = None) -> list[Result]:
         """Commit a group: one result per append, its ids or the error it gets. On a full
         disk, alarms and alerts still commit (the reserve is released for them) and telemetry
-        and diagnostics are refused until space returns."""
+        and diagnostics are refused until space returns. `direct`: the forwarder waits for
+        events, and a group that holds an alarm or has waited its linger is signed straight
+        into a batch (agent.outbox.batches)."""
+        if direct is not None and not (
+            any(a.urgent for a in taken)
+            or time.monotonic() - min(a.at for a in taken) >= direct.linger
+            or sum(len(a.events) for a in taken) >= direct.max_events
+        ):
+            direct = None
         self.disk.check_space_back(store)
         if self.disk.active:
             return self._urgent_only(store, taken)
         try:
-            return self._commit(store, taken)
+            return self._commit(store, taken, direct)
         except (sqlite3.OperationalError, OSError) as exc:
             if not is_disk_full(exc):
                 raise
@@ -80,7 +91,8 @@ class GroupCommit:
                                         retry_after=60.0))
         return out
 
-    def _commit(self, store: Store, taken: list[Append]) -> list[Result]:
+    def _commit(self, store: Store, taken: list[Append],
+                direct: DirectClaim | None = None) -> list[Result]:
         """One transaction for every append of `taken`."""
         accepted: list[Event] = []
         plan: list[_Slot] = []
@@ -133,7 +145,8 @@ class GroupCommit:
         def keys(c: sqlite3.Connection) -> None:
             record_keys(c, key_rows)
 
-        ids = store.insert(accepted, extra=keys if key_rows else None) if accepted else []
+        ids = (store.insert(accepted, extra=keys if key_rows else None, direct=direct)
+               if accepted else [])
         out: list[Result] = []
         for p in plan:
             if isinstance(p, tuple):

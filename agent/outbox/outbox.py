@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
+
 from agent.core.errors import RefusedError
 from agent.core.types import ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
 from agent.outbox import batches
-from agent.outbox.batches import BuildBatch, PendingBatch
+from agent.outbox.batches import BuildBatch, DirectClaim, PendingBatch
 from agent.outbox.commit import GroupCommit
 from agent.outbox.db import OutboxError, reported
 from agent.outbox.diskfull import DiskFull
@@ -31,6 +33,8 @@ from agent.outbox.tally import Tally
 from agent.outbox.writer import Append, GroupWriter, Result
 
 __all__ = ["Outbox", "OutboxStats"]
+
+log = structlog.get_logger(__name__)
 
 _R = TypeVar("_R")
 
@@ -112,6 +116,9 @@ class Outbox:
                                    window=telemetry_window)
         self._store: Store | None = None
         self.reset_info: dict[str, Any] | None = None
+        self._direct: DirectClaim | None = None
+        self._ack_flush: asyncio.TimerHandle | None = None
+        self._flush_task: asyncio.Task[None] | None = None
 
     @property
     def quota_bytes(self) -> int:
@@ -183,8 +190,13 @@ class Outbox:
         """Commit whatever is queued, then close the file. Idempotent."""
         if self._writer.closed:
             return
+        self._direct = None
         await self._writer.close()
-        await self._call(self._close_sync)
+        if self._ack_flush is not None:
+            self._ack_flush.cancel()
+        if self._flush_task is not None:
+            await self._flush_task
+        await self._call(self._close_sync)  # writes the acks still waiting
         self._executor.shutdown(wait=True)
 
     async def __aenter__(self) -> Outbox:
@@ -260,7 +272,13 @@ class Outbox:
         return await self._writer.submit(events, key)
 
     def _commit_group(self, taken: list[Append]) -> list[Result]:
-        return self._commit(self._opened(), taken)
+        return self._commit(self._opened(), taken, self._direct)
+
+    def offer_direct(self, claim: DirectClaim | None) -> None:
+        """The forwarder waits for events with a free slot (`claim`), or no longer does (None):
+        while offered, a commit may sign its events straight into a batch, which the next
+        `claim_batch` returns (agent.outbox.batches)."""
+        self._direct = claim
 
     # ---------------------------------------------------------------- batches
 
@@ -315,14 +333,58 @@ class Outbox:
         return await self._call(lambda: batches.pending(self._opened()))
 
     async def ack_batch(self, seq: int, h: bytes) -> bool:
-        """The platform verified batch `seq` with hash `h`: its events leave the store.
-        False (and nothing changes) if no stored batch has that seq and hash."""
+        """The platform verified batch `seq` with hash `h`: its events leave the store. False
+        (and nothing changes) if no unacknowledged stored batch has that seq and hash.
+
+        The delete is written with the store's next transaction, or on its own after twice
+        `telemetry_window` (at once when it is 0; twice, so that the window's next commit,
+        due within one window, takes it along): an ack lost to a crash only means the batch
+        is sent again, and the platform answers ``replay`` (agent.outbox.store)."""
 
         def ack() -> bool:
             store = self._opened()
-            return self._disk.retry(store, lambda: batches.ack(store, seq, h))
+            done = batches.ack(store, seq, h)
+            if done and self.telemetry_window <= 0:
+                self._disk.retry(store, store.flush_acks)
+            return done
 
-        return await self._call(ack)
+        done = await self._call(ack)
+        if done and self.telemetry_window > 0:
+            self._schedule_ack_flush(2 * self.telemetry_window)
+        return done
+
+    def _schedule_ack_flush(self, delay: float) -> None:
+        if self._ack_flush is None and not self._writer.closed:
+            self._ack_flush = asyncio.get_running_loop().call_later(delay, self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        """Write the acks that have waited twice the window; look again when the oldest
+        still waiting will have (a commit in between usually took them along)."""
+        self._ack_flush = None
+        if self._writer.closed:
+            return  # close() writes them
+        delay = 2 * self.telemetry_window
+
+        def due() -> float | None:
+            store = self._opened()
+            if store.acked_since is None:
+                return None
+            wait = store.acked_since + delay - time.monotonic()
+            if wait > 0:
+                return wait
+            self._disk.retry(store, store.flush_acks)
+            return None
+
+        async def run() -> None:
+            try:
+                wait = await self._call(due)
+            except OutboxError as exc:  # kept in memory; the next write takes them along
+                log.warning("outbox.ack_flush_failed", error=str(exc))
+                wait = delay
+            if wait is not None:
+                self._schedule_ack_flush(wait)
+
+        self._flush_task = asyncio.create_task(run(), name="outbox-ack-flush")
 
     # ---------------------------------------------------------------- status
 
@@ -337,9 +399,17 @@ class Outbox:
         st.depth = {p: n for p, n in sorted(tally.depth.items()) if n}
         st.unclaimed = tally.unclaimed
         st.in_flight_batches = tally.batches
-        # ids grow with commit time: the lowest id is the oldest event (a primary-key lookup)
-        oldest = store.conn.execute("SELECT t FROM events ORDER BY id LIMIT 1").fetchone()
-        st.oldest_unsent = float(oldest[0]) if oldest is not None else None
+        # ids grow with commit time: the lowest id is the oldest event (a primary-key lookup),
+        # unless an acknowledged batch waits to be deleted or a direct batch holds older ones
+        held = [float(r[0]) for r in store.conn.execute(
+            "SELECT json_extract(held, '$.t') FROM batches WHERE held IS NOT NULL "
+            "AND seq NOT IN (SELECT value FROM json_each(?))", (json.dumps(store.acked),))]
+        oldest = store.conn.execute(
+            "SELECT t FROM events WHERE batch IS NULL OR batch NOT IN "
+            "(SELECT value FROM json_each(?)) ORDER BY id LIMIT 1",
+            (json.dumps(store.acked),)).fetchone()
+        times = held + ([float(oldest[0])] if oldest is not None else [])
+        st.oldest_unsent = min(times) if times else None
         st.next_id = tally.next_id
         st.next_seq = int(store.meta("next_seq"))
         st.epoch = store.meta("epoch")
@@ -348,5 +418,7 @@ class Outbox:
         st.last_acked_seq = int(store.meta("last_acked_seq") or 0)
         at = store.meta("last_acked_at")
         st.last_acked_at = float(at) if at else None
+        if store.last_acked is not None and store.last_acked[0] > st.last_acked_seq:
+            st.last_acked_seq, st.last_acked_at = store.last_acked  # not yet written
         st.dropped = {k: int(v) for k, v in json.loads(store.meta("dropped") or "{}").items()}
         return st

@@ -22,7 +22,7 @@ __all__ = ["REFUSED_KEPT", "SCHEMA_VERSION", "new_epoch", "open_store"]
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 REFUSED_KEPT = 32  # refused batches kept for an operator (table `refused`), newest first
 
 
@@ -166,3 +166,10 @@ def _migrate(conn: sqlite3.Connection, path: Path, side: SideState) -> None:
                 "ids TEXT NOT NULL, data BLOB NOT NULL)"
             )
             conn.execute("PRAGMA user_version=3")
+        version = 3
+    if version < 4:
+        # v4: direct batches (agent.outbox.batches): a batch signed at commit holds its events
+        # itself; `held` (JSON) names their ids, priorities and oldest time. NULL: row-backed.
+        with transaction(conn):
+            conn.execute("ALTER TABLE batches ADD COLUMN held TEXT")
+            conn.execute("PRAGMA user_version=4")

@@ -1,12 +1,19 @@
 """The open store, as the database thread uses it: the connection, its tally and side state,
-the meta table, and the one path by which events enter the events table."""
+the meta table, the one path by which events enter the store (as rows, or straight into a
+signed batch: `agent.outbox.batches.direct`), and the acknowledgements not yet written.
+
+Deferred deletes: an acknowledged batch leaves the figures at once (`Tally.acked`) and the
+tables with the next write transaction, whatever it is for (`Store.transaction`), or after
+twice the telemetry window on its own (`Outbox.ack_batch`). A commit per ack cost as many
+card writes as the commit of the events themselves (bench/footprint.py); an ack lost to a
+crash costs only a re-send, which the platform answers ``replay`` (docs/PROTOCOL.md 4.2)."""
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from agent import protocol
 from agent.core.types import Event
@@ -14,9 +21,18 @@ from agent.outbox.db import transaction
 from agent.outbox.side import SideState
 from agent.outbox.tally import EVENT_OVERHEAD, Tally
 
-__all__ = ["INSERT_ROWS", "Store"]
+if TYPE_CHECKING:
+    from agent.outbox.batches import DirectClaim, PendingBatch
+
+__all__ = ["INSERT_ROWS", "Store", "encode_body"]
 
 INSERT_ROWS = 100  # rows per INSERT statement (500 parameters; SQLite allows 32766)
+
+
+def encode_body(id: int, e: Event) -> bytes:
+    """An event's wire encoding under its id (built once, at commit)."""
+    return protocol.encode_event(id=id, t=e.t, tq=e.tq, src=e.src, type=e.type, v=e.v,
+                                 prio=e.prio, u=e.u, attrs=e.attrs)
 
 
 def _insert_sql(rows: int) -> str:
@@ -37,6 +53,39 @@ class Store:
         self.side = side
         self.tally = tally
         self.wall = wall
+        self.acked: list[int] = []  # seqs acknowledged, their rows not yet deleted
+        self.acked_since: float | None = None  # monotonic: when the oldest of them came
+        self.last_acked: tuple[int, float] | None = None  # (seq, wall time), to write
+        self.ready: list[PendingBatch] = []  # batches signed at commit, not yet handed out
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, which also deletes the acknowledged batches waiting for one
+        (module doc). They count as deleted only once it has committed."""
+        taken = list(self.acked)
+        with transaction(self.conn) as conn:
+            if taken:
+                self._delete_acked(conn, taken)
+            yield conn
+        del self.acked[: len(taken)]
+        if not self.acked:
+            self.acked_since = None
+
+    def flush_acks(self) -> None:
+        """Delete the acknowledged batches now, in a transaction of their own if any wait."""
+        if self.acked:
+            with self.transaction():
+                pass
+
+    def _delete_acked(self, conn: sqlite3.Connection, seqs: list[int]) -> None:
+        for seq in seqs:  # batch=? uses the partial index events_batch
+            conn.execute("DELETE FROM events WHERE batch=?", (seq,))
+            conn.execute("DELETE FROM batches WHERE seq=?", (seq,))
+        if self.last_acked is not None:
+            seq, at = self.last_acked
+            if seq > int(self.meta("last_acked_seq") or 0):
+                self.set_meta("last_acked_seq", str(seq))
+                self.set_meta("last_acked_at", repr(at))
 
     def load(self) -> None:
         self.tally.load(self.conn)
@@ -53,45 +102,45 @@ class Store:
         self,
         events: Sequence[Event],
         extra: Callable[[sqlite3.Connection], None] | None = None,
+        direct: DirectClaim | None = None,
     ) -> list[int]:
         """Insert `events` in one transaction, with ids assigned here from meta.next_id;
         `extra` runs inside the same transaction first (an eviction and its drop record commit
-        together or not at all)."""
+        together or not at all). With `direct`, the events may go straight into a new signed
+        batch instead of rows (`DirectClaim`; the batch is then in `self.ready`)."""
         conn = self.conn
         first = self.tally.next_id
         last = first + len(events) - 1
         self.side.reserve_ids(last)
-        rows: list[Any] = []
-        added = 0
-        encode = protocol.encode_event
-        for i, e in enumerate(events):
-            body = encode(
-                id=first + i,
-                t=e.t,
-                tq=e.tq,
-                src=e.src,
-                type=e.type,
-                v=e.v,
-                prio=e.prio,
-                u=e.u,
-                attrs=e.attrs,
-            )
-            rows += (first + i, e.prio, e.t, len(body), body)
-            added += len(body) + EVENT_OVERHEAD
-        with transaction(conn):
+        bodies = [encode_body(first + i, e) for i, e in enumerate(events)]
+        signed = direct.sign(self, first, events, bodies) if direct is not None else None
+        with self.transaction():
             if extra is not None:
                 extra(conn)
-            # Multi-row INSERTs, not executemany: executemany takes the GIL back after every
-            # row, and while the event loop runs Python that wait was the larger part of an
-            # ingest commit (bench/outbox.py).
-            step = INSERT_ROWS * 5
-            whole = len(rows) - len(rows) % step
-            for at in range(0, whole, step):
-                conn.execute(_INSERT_MANY, rows[at : at + step])
-            if whole < len(rows):
-                conn.execute(_insert_sql((len(rows) - whole) // 5), rows[whole:])
+            if signed is not None:
+                signed.write(conn)
+            else:
+                rows: list[Any] = []
+                for i, (e, body) in enumerate(zip(events, bodies, strict=True)):
+                    rows += (first + i, e.prio, e.t, len(body), body)
+                # Multi-row INSERTs, not executemany: executemany takes the GIL back after
+                # every row, and while the event loop runs Python that wait was the larger part
+                # of an ingest commit (bench/outbox.py).
+                step = INSERT_ROWS * 5
+                whole = len(rows) - len(rows) % step
+                for at in range(0, whole, step):
+                    conn.execute(_INSERT_MANY, rows[at : at + step])
+                if whole < len(rows):
+                    conn.execute(_insert_sql((len(rows) - whole) // 5), rows[whole:])
             conn.execute("UPDATE meta SET value=? WHERE key='next_id'", (str(last + 1),))
-        self.tally.inserted([e.prio for e in events], last + 1, added)
+        prios = [e.prio for e in events]
+        if signed is not None:
+            self.tally.inserted(prios, last + 1, 0)
+            self.tally.claimed(prios, len(signed.batch.data))
+            self.ready.append(signed.batch)
+        else:
+            self.tally.inserted(prios, last + 1,
+                                sum(len(b) for b in bodies) + EVENT_OVERHEAD * len(bodies))
         return list(range(first, last + 1))
 
     def restart_wal(self) -> None:
@@ -101,6 +150,8 @@ class Store:
             self.conn.execute("PRAGMA wal_checkpoint(RESTART)")
 
     def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.flush_acks()
         with contextlib.suppress(sqlite3.Error):
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.conn.close()

@@ -35,6 +35,11 @@ class Tally:
         self.bytes = int(ev[0]) + int(ev[1]) * EVENT_OVERHEAD + int(bt[0])
         self.depth = {int(p): int(n) for p, n in
                       conn.execute("SELECT prio, COUNT(*) FROM events GROUP BY prio")}
+        for p, n in conn.execute(  # events held only in direct batches (agent.outbox.batches)
+                "SELECT CAST(j.key AS INTEGER), SUM(j.value) FROM batches, "
+                "json_each(batches.held, '$.prios') AS j WHERE batches.held IS NOT NULL "
+                "GROUP BY j.key"):
+            self.depth[int(p)] = self.depth.get(int(p), 0) + int(n)
         self.unclaimed = int(
             conn.execute("SELECT COUNT(*) FROM events WHERE batch IS NULL").fetchone()[0])
         self.batches = int(conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0])

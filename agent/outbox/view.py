@@ -10,6 +10,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from agent.outbox.db import reported
 
@@ -56,6 +57,12 @@ class OutboxView:
         with reported(f"cannot read {self.path}"):
             depth = {int(p): int(n) for p, n in conn.execute(
                 "SELECT prio, COUNT(*) FROM events GROUP BY prio ORDER BY prio")}
+            for p, n in self._direct(
+                    "SELECT CAST(j.key AS INTEGER), SUM(j.value) FROM batches, "
+                    "json_each(batches.held, '$.prios') AS j WHERE batches.held IS NOT NULL "
+                    "GROUP BY j.key"):
+                depth[int(p)] = depth.get(int(p), 0) + int(n)
+            depth = dict(sorted(depth.items()))
             oldest = conn.execute("SELECT MIN(t) FROM events WHERE batch IS NULL").fetchone()[0]
             meta = {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta")}
             batches = int(conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0])
@@ -70,6 +77,16 @@ class OutboxView:
         )
 
     def held_ids(self) -> set[int]:
-        """The ids of every event still in the store."""
+        """The ids of every event still in the store (as rows or in direct batches)."""
         with reported(f"cannot read {self.path}"):
-            return {int(i) for (i,) in self._conn.execute("SELECT id FROM events")}
+            ids = {int(i) for (i,) in self._conn.execute("SELECT id FROM events")}
+            for (held,) in self._direct("SELECT held FROM batches WHERE held IS NOT NULL"):
+                first, last = json.loads(held)["ids"]
+                ids.update(range(int(first), int(last) + 1))
+            return ids
+
+    def _direct(self, sql: str) -> list[Any]:
+        """Rows of a query on direct batches; none in a store older than schema 4 (no
+        ``held`` column: the agent that migrates it is not running)."""
+        cols = {str(r[1]) for r in self._conn.execute("PRAGMA table_info(batches)")}
+        return self._conn.execute(sql).fetchall() if "held" in cols else []

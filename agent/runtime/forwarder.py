@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import protocol
 from agent.core.types import ALARM, ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
-from agent.outbox import Outbox, OutboxError, PendingBatch
+from agent.outbox import DirectClaim, Outbox, OutboxError, PendingBatch
 from agent.uplink.base import Uplink, UplinkDownError
 
 __all__ = ["HOLD_REASONS", "MAX_HOLD_S", "MAX_REFUSALS", "RECHAIN_REASONS", "Forwarder",
@@ -245,7 +245,10 @@ class Forwarder:
     # ------------------------------------------------------------------ sending
 
     async def _send_loop(self) -> None:
+        direct = DirectClaim(self.batch_max_events, self.batch_max_bytes, self.signer.build,
+                             self.batch_linger_s)
         while True:
+            self.outbox.offer_direct(None)
             up = self._choose()
             if up is None:
                 self.stats.active_uplink = None
@@ -271,6 +274,10 @@ class Forwarder:
             ):
                 batch = await self._next_batch()
                 if batch is None:
+                    if len(self._inflight) < self.window and not self._unsent:
+                        # Nothing to claim: the next commit may sign its events straight into
+                        # a batch (no claim transaction; agent.outbox.batches).
+                        self.outbox.offer_direct(direct)
                     break
                 if batch.top_priority > ALARM:
                     await self._bucket.take(len(batch.data))

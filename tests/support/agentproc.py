@@ -113,7 +113,8 @@ class AgentProcess:
         self.proc = subprocess.Popen(
             [*command, "--config", str(self.config_path), *extra_args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            # PYTHONFAULTHANDLER: a stop that hangs is aborted with every thread's stack in the log
+            env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})},
         )
         log.close()
         return self
@@ -137,9 +138,15 @@ class AgentProcess:
         try:
             return p.wait(timeout)
         except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
-            raise AssertionError("agent did not stop within the timeout after SIGTERM") from None
+            p.send_signal(signal.SIGABRT)  # the fault handler writes each thread's stack
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+            tail = self.log_text()[-6000:]
+            raise AssertionError("agent did not stop within the timeout after SIGTERM; "
+                                 f"the end of its log, with its threads' stacks:\n{tail}") from None
 
     def kill(self) -> None:
         p = self.proc

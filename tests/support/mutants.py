@@ -261,6 +261,30 @@ MUTANTS: tuple[Mutant, ...] = (
         "await self._sink.submit_many(readings)",
         ("tests/test_coap_e2e.py::test_retransmission_after_a_restart_is_stored_once",),
     ),
+    Mutant(
+        "direct-batch-order",
+        "a batch signed at commit never jumps ahead of older unclaimed events",
+        "agent/outbox/batches.py",
+        "if (store.tally.unclaimed or store.ready or not bodies",
+        "if (store.ready or not bodies",
+        ("tests/test_direct_batches.py::test_direct_batches_keep_the_claim_order",),
+    ),
+    Mutant(
+        "deferred-ack-written",
+        "an acknowledged batch is deleted with the store's next write",
+        "agent/outbox/batches.py",
+        "    store.acked.append(seq)\n",
+        "",
+        ("tests/test_direct_batches.py::test_an_ack_is_written_with_the_next_transaction",),
+    ),
+    Mutant(
+        "direct-batch-dissolved",
+        "a new chain gives a direct batch's events back as rows",
+        "agent/outbox/batches.py",
+        "        if not (park and int(seq) == refused.seq)",
+        "        if not (park or int(seq) == refused.seq)",
+        ("tests/test_direct_batches.py::test_a_new_chain_turns_direct_batches_back_into_rows",),
+    ),
 )
 
 
