@@ -102,6 +102,28 @@ async def test_direct_batches_keep_the_claim_order(tmp_path: Path) -> None:
     await ob.close()
 
 
+async def test_an_alarm_passes_a_backlog_in_its_own_commit(tmp_path: Path) -> None:
+    """During a backlog (unclaimed telemetry), a group of alarms only is signed at commit, as
+    the claim would have taken it first; not while an older alarm waits unclaimed, and never a
+    group that holds telemetry."""
+    db = tmp_path / "o.db"
+    ob = await Outbox.open(db, commit_interval=0.001)
+    backlog = await ob.append_many([ev(float(i)) for i in range(50)])
+    ob.offer_direct(DirectClaim(100, 1 << 20, build, linger=0.0))
+    alarm = await ob.append_many([ev(1.0, prio=0)])
+    assert ob.alarm_waiting and ob.unclaimed_alarms == 0
+    mixed = await ob.append_many([ev(2.0, prio=0), ev(3.0)])  # telemetry with it: rows
+    b1 = await ob.claim_batch(100, 1 << 20, build)
+    assert b1 is not None and [e["id"] for e in protocol.decode_batch(b1.data)[0].events] == alarm
+    assert ob.unclaimed_alarms == 1  # the mixed group's alarm, a row
+    late = await ob.append_many([ev(4.0, prio=0)])  # an older alarm waits unclaimed: a row
+    b2 = await ob.claim_batch(100, 1 << 20, build)
+    assert b2 is not None
+    ids = [e["id"] for e in protocol.decode_batch(b2.data)[0].events]
+    assert ids[:2] == [mixed[0], late[0]] and set(ids[2:]) == {*backlog, mixed[1]}
+    await ob.close()
+
+
 async def test_an_ack_is_written_with_the_next_transaction(tmp_path: Path) -> None:
     """With a telemetry window, an ack leaves the figures at once and the tables with the next
     write (or after the window on its own); until then a reopen offers the batch again, which

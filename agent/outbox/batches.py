@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import protocol
-from agent.core.types import ALERT, TQ_SYNCED, Event
+from agent.core.types import ALARM, ALERT, TQ_SYNCED, Event
 from agent.outbox.quota import id_ranges
 from agent.outbox.schema import REFUSED_KEPT, new_epoch
 from agent.outbox.store import Store
@@ -57,9 +57,9 @@ class PendingBatch:
 @dataclass(frozen=True, slots=True)
 class DirectClaim:
     """What the forwarder would claim now (module doc): a commit signs its events straight into
-    a batch when no older event waits unclaimed (the claim order stays (priority, id)), they fit
-    one batch, and the oldest waited `linger` seconds or an alarm is among them (the caller
-    checks the wait)."""
+    a batch when no older event waits unclaimed, or, for alarms only, no older alarm (the claim
+    order stays (priority, id)), they fit one batch, and the oldest waited `linger` seconds or
+    an alarm is among them (the caller checks the wait)."""
 
     max_events: int
     max_bytes: int
@@ -68,7 +68,12 @@ class DirectClaim:
 
     def sign(self, store: Store, first: int, events: Sequence[Event],
              bodies: list[bytes]) -> _Signed | None:
-        if (store.tally.unclaimed or store.ready or not bodies
+        if not bodies or store.ready:
+            return None
+        # The claim order is (priority, id): a group may pass unclaimed events only if it
+        # holds nothing but alarms and no older alarm waits (an alarm during a backlog drain).
+        alarms_only = all(e.prio == ALARM for e in events)
+        if ((store.tally.unclaimed and not (alarms_only and not store.tally.unclaimed_alarms))
                 or len(bodies) > self.max_events
                 or BATCH_ENVELOPE + sum(len(b) for b in bodies) > self.max_bytes):
             return None

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import structlog
 
 from agent.core.errors import RefusedError
-from agent.core.types import ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
+from agent.core.types import ALARM, ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
 from agent.outbox import batches
 from agent.outbox.batches import BuildBatch, DirectClaim, PendingBatch
 from agent.outbox.commit import GroupCommit
@@ -284,15 +284,24 @@ class Outbox:
 
     @property
     def unclaimed_alarms(self) -> int:
-        """Alarms committed but not yet in a batch (the forwarder's alarm lane)."""
+        """Alarms committed but not yet in a batch."""
         return self._tally.unclaimed_alarms
+
+    @property
+    def alarm_waiting(self) -> bool:
+        """An alarm waits to be sent: unclaimed, or in a batch signed at commit that no claim
+        has handed out yet (the forwarder's slot kept for alarms)."""
+        store = self._store
+        return bool(self._tally.unclaimed_alarms) or (
+            store is not None and any(b.top_priority == ALARM for b in list(store.ready)))
 
     def linger_remaining(self, linger: float, batch_events: int) -> float:
         """How long the forwarder should still wait before claiming a batch, to fill it: 0
         when an alarm waits, a full batch is there, or the oldest unclaimed event has waited
         `linger` seconds. Fewer, fuller batches mean fewer transactions (less SD card wear)."""
         tally = self._tally
-        if tally.unclaimed_alarms or tally.unclaimed >= batch_events or linger <= 0:
+        if (tally.unclaimed_alarms or tally.unclaimed >= batch_events or linger <= 0
+                or (self._store is not None and self._store.ready)):
             return 0.0
         if tally.first_unclaimed_at is None:
             return 0.0

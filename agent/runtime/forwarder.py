@@ -270,14 +270,10 @@ class Forwarder:
             # One slot beyond the window is kept for alarms: an alarm's batch never waits for
             # an ack of the backlog's batches (bench/README.md, alarm latency under load).
             while len(self._inflight) < self.window or (
-                len(self._inflight) < self.window + 1 and self.outbox.unclaimed_alarms
+                len(self._inflight) < self.window + 1 and self.outbox.alarm_waiting
             ):
                 batch = await self._next_batch()
                 if batch is None:
-                    if len(self._inflight) < self.window and not self._unsent:
-                        # Nothing to claim: the next commit may sign its events straight into
-                        # a batch (no claim transaction; agent.outbox.batches).
-                        self.outbox.offer_direct(direct)
                     break
                 if batch.top_priority > ALARM:
                     await self._bucket.take(len(batch.data))
@@ -300,6 +296,11 @@ class Forwarder:
                 if self.ack_mode == "broker":
                     await self._acked(batch, via="broker")
             if not progressed:
+                if up.connected and len(self._inflight) <= self.window:
+                    # The next commit may sign its events straight into a batch (no claim
+                    # transaction; agent.outbox.batches): with the window full, only an alarm
+                    # can, for the slot kept for alarms (nothing else may pass the backlog).
+                    self.outbox.offer_direct(direct)
                 await self._wait(self._next_timeout())
 
     async def _wait(self, seconds: float) -> None:

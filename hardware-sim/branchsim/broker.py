@@ -81,6 +81,11 @@ class Mosquitto:
             "log_type notice",
             "log_type information",
             "max_queued_messages 10000",
+            # Without it mosquitto's small packets (PUBACKs, acks, an alarm's batch) wait for
+            # Nagle's algorithm behind unacknowledged data: ~30 ms per round trip, which halved
+            # the throughput of 4 batches in flight (bench/README.md, pipeline efficiency).
+            # docs/OPERATIONS.md asks the same of the bank's broker.
+            "set_tcp_nodelay true",
         ]
         if os.getuid() == 0:
             lines.append("user root")  # else it drops to user "mosquitto" and cannot read dir
