@@ -25,9 +25,9 @@ __all__ = [
     "agent_doc",
     "cpu_seconds",
     "import_rss_mb",
+    "io_counters",
     "new_gateway",
     "proc_status_kb",
-    "write_bytes",
 ]
 
 
@@ -136,9 +136,8 @@ def proc_status_kb(pid: int | str, field: str) -> int:
     raise KeyError(field)
 
 
-def write_bytes(pid: int) -> int:
-    """Bytes this process caused to be written to storage (/proc/PID/io write_bytes)."""
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("write_bytes:"):
-            return int(line.split()[1])
-    raise KeyError("write_bytes")
+def io_counters(pid: int) -> tuple[int, int]:
+    """(write_bytes, cancelled_write_bytes) of a process, /proc/PID/io: the bytes it caused to
+    be written to storage, and those dirtied then truncated before they were written."""
+    io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(io["write_bytes"]), int(io["cancelled_write_bytes"])

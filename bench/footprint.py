@@ -70,6 +70,7 @@ from _rig import (
     agent_doc,
     cpu_seconds,
     import_rss_mb,
+    io_counters,
     new_gateway,
     proc_status_kb,
     tmpfs_runtime_dir,
@@ -288,12 +289,6 @@ class Writes:
     @property
     def encoded_mean(self) -> float:
         return statistics.mean(self.encoded) if self.encoded else float("nan")
-
-
-def io_counters(pid: int) -> tuple[int, int]:
-    """(write_bytes, cancelled_write_bytes) of a process, /proc/PID/io."""
-    io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
-    return int(io["write_bytes"]), int(io["cancelled_write_bytes"])
 
 
 def fs_type(path: Path) -> str:

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import os
 import random
-import resource
 import ssl
 import tempfile
 import threading
@@ -72,7 +71,7 @@ async def agent_drain(work: Path, n: int, broker: Mosquitto, pki: Pki,
     `ack_mode="broker"` is the agent alone: claim, sign, publish, delete on PUBACK; nobody
     verifies (run it with no platform subscribed). `fill_cpu` gets the CPU seconds of the
     pre-fill."""
-    t0 = own_cpu()
+    t0 = cpu_seconds(os.getpid())
     # The production default window: acks are written with the next claim, not on their own.
     ob = await Outbox.open(work / "outbox.db", quota_bytes=1 << 40,
                            telemetry_window=OutboxConfig().telemetry_window_ms / 1000)
@@ -81,7 +80,7 @@ async def agent_drain(work: Path, n: int, broker: Mosquitto, pki: Pki,
         for i in range(0, n, 5000):
             await ob.append_many(evs[i:i + 5000])
         if fill_cpu is not None:
-            fill_cpu.append(own_cpu() - t0)
+            fill_cpu.append(cpu_seconds(os.getpid()) - t0)
         cfg = MqttUplinkConfig(host="127.0.0.1", port=broker.port,
                                client_id=f"bench-agent-{os.getpid()}-{work.name}",
                                tls=MqttTlsConfig(ca=pki.ca_cert, cert=pki.client_cert,
@@ -107,12 +106,6 @@ async def agent_drain(work: Path, n: int, broker: Mosquitto, pki: Pki,
         return n / took
     finally:
         await ob.close()
-
-
-def own_cpu() -> float:
-    """CPU seconds of this process so far, every thread (user + system)."""
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
 
 
 def sample_batches(n: int, key: Ed25519PrivateKey) -> list[bytes]:
@@ -199,25 +192,24 @@ def measure(n: int, runs: int, tmp: Path) -> list[Row]:
                 # CPU seconds per stage (agent: this process; the pre-fill is in it, so it is
                 # measured apart), beside the wall time: on a 2-core machine, whether the
                 # pipeline is short of CPU or waits (bench/README.md, pipeline efficiency)
-                before = (own_cpu(), platform.cpu_seconds(), cpu_seconds(broker.proc.pid))
+                procs = (os.getpid(), platform.proc.pid, broker.proc.pid)
+                before = [cpu_seconds(pid) for pid in procs]
                 fill: list[float] = []
                 agent_rates.append(asyncio.run(agent_drain(work, n, broker, pki, key,
                                                            fill_cpu=fill)))
-                e2e = [b - a for a, b in zip(before, (own_cpu(), platform.cpu_seconds(),
-                                                      cpu_seconds(broker.proc.pid)),
-                                             strict=True)]
+                e2e = [cpu_seconds(pid) - b for pid, b in zip(procs, before, strict=True)]
                 e2e[0] -= fill[0]
             finally:
                 platform.stop()
             (work / "alone").mkdir()
             fill = []
-            t0 = own_cpu()
+            t0 = cpu_seconds(os.getpid())
             alone_rates.append(asyncio.run(agent_drain(work / "alone", n, broker, pki, key,
                                                        ack_mode="broker", fill_cpu=fill)))
-            alone_cpu = own_cpu() - t0 - fill[0]
-            t0 = own_cpu()
+            alone_cpu = cpu_seconds(os.getpid()) - t0 - fill[0]
+            t0 = cpu_seconds(os.getpid())
             platform_rates.append(platform_alone(batches, work / "platform-alone.db", pem))
-            plat_cpu = own_cpu() - t0
+            plat_cpu = cpu_seconds(os.getpid()) - t0
             wall = n / agent_rates[-1]
             print(f"run {r + 1}: agent {agent_rates[-1]:,.0f} ev/s, raw paho "
                   f"{raw_rates[-1]:,.0f} ev/s; agent alone {alone_rates[-1]:,.0f} ev/s, "

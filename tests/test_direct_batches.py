@@ -5,7 +5,6 @@ its ack is written."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 from agent import protocol
 from agent.core.types import Event
 from agent.outbox import DirectClaim, Outbox, OutboxView
+from tests.support.agentproc import until
 
 WORKER = Path(__file__).parent / "support" / "outbox_worker.py"
 sys.path.insert(0, str(WORKER.parent))
@@ -146,10 +146,8 @@ async def test_an_ack_is_written_with_the_next_transaction(tmp_path: Path) -> No
     assert table(db, "SELECT value FROM meta WHERE key='last_acked_seq'") == [(str(b.seq),)]
     b2 = await ob.claim_batch(100, 1 << 20, build)
     assert b2 is not None and await ob.ack_batch(b2.seq, b2.hash)
-    deadline = time.monotonic() + 10
-    while table(db, "SELECT COUNT(*) FROM batches") != [(0,)]:  # on its own after the window
-        assert time.monotonic() < deadline, "the ack was never written"
-        await asyncio.sleep(0.05)
+    await until(lambda: table(db, "SELECT COUNT(*) FROM batches") == [(0,)], 10,
+                "the ack written on its own after the window")
     await ob.close()
 
 

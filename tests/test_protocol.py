@@ -286,8 +286,9 @@ def test_compressed_payload_is_checked_before_it_is_expanded(
     """A payload declaring more than MAX_PAYLOAD is refused from its frame header, before any
     decompression (a 17 MiB bomb in a few hundred bytes: no decompressor is even made); a
     frame without a declared size, a frame that is not zstd, or one that ends early are
-    malformed; a bit flipped in the compressed bytes is a bad signature; an unknown content
-    type is malformed."""
+    malformed, and so are bytes after the frame (a second frame, or anything else: signed,
+    they would be stored unparsed); a bit flipped in the compressed bytes is a bad signature;
+    an unknown content type is malformed."""
     bomb = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(MAX_PAYLOAD + 1))
     assert len(bomb) < 4096
     made: list[int] = []
@@ -305,8 +306,15 @@ def test_compressed_payload_is_checked_before_it_is_expanded(
     unsized = zstandard.ZstdCompressor(write_content_size=False).compressobj()
     no_size = unsized.compress(cbor2.dumps({"v": 1})) + unsized.flush()
     good = zstandard.ZstdCompressor(write_content_size=True).compress(cbor2.dumps({"v": 1}))
+    plain = build_batch(key=KEY, kid=KID, gw="gw-1", seq=1, prev=ZERO_HASH, created=1.0,
+                        encoded_events=events(3))
+    whole = zstandard.ZstdCompressor(write_content_size=True).compress(
+        cbor2.loads(plain).value[2])  # a whole, valid payload
+    assert verify_batch(zstd_batch(whole), keys).seq == 1
     cases = {"bomb": zstd_batch(bomb), "no size": zstd_batch(no_size),
              "not zstd": zstd_batch(b"\x00" * 32), "short": zstd_batch(good[:-3]),
+             "trailing bytes": zstd_batch(whole + b"garbage"),
+             "two frames": zstd_batch(whole + whole),
              "other type": zstd_batch(good, "application/gzip")}
     for what, data in cases.items():
         with pytest.raises(ProtocolError) as exc:

@@ -88,25 +88,24 @@ class DirectClaim:
                 "t": min(e.t for e in events)}
         batch = PendingBatch(seq, protocol.batch_hash(data), data, len(events), min(prios),
                              store.wall())
-        return _Signed(store, batch, json.dumps(held, separators=(",", ":")))
+        return _Signed(batch, json.dumps(held, separators=(",", ":")))
 
 
 @dataclass(frozen=True, slots=True)
 class _Signed:
-    store: Store
     batch: PendingBatch
     held: str
 
-    def write(self, conn: sqlite3.Connection) -> None:
+    def write(self, store: Store) -> None:
         """Inside the commit's transaction: the batch row and the new chain head."""
         b = self.batch
-        conn.execute(
+        store.conn.execute(
             "INSERT INTO batches(seq, hash, created, count, top_prio, data, held) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (b.seq, b.hash, b.created, b.count, b.top_priority, b.data, self.held),
         )
-        self.store.set_meta("next_seq", str(b.seq + 1))
-        self.store.set_meta("prev_hash", b.hash.hex())
+        store.set_meta("next_seq", str(b.seq + 1))
+        store.set_meta("prev_hash", b.hash.hex())
 
 
 def claim(store: Store, max_events: int, max_bytes: int,
@@ -194,10 +193,8 @@ def _held_rows(data: bytes) -> list[tuple[int, int, float, int, bytes]]:
     canonically: the same bytes the batch was built from)."""
     batch, _, _ = protocol.decode_batch(data)
     rows = []
-    for ev in batch.events:
-        body = protocol.encode_event(id=ev["id"], t=ev["t"], tq=ev["tq"], src=ev["src"],
-                                     type=ev["type"], v=ev["v"], prio=ev["prio"],
-                                     u=ev.get("u"), attrs=ev.get("attrs"))
+    for ev in batch.events:  # decoded events have exactly encode_event's keys
+        body = protocol.encode_event(**ev)
         rows.append((int(ev["id"]), int(ev["prio"]), float(ev["t"]), len(body), body))
     return rows
 

@@ -118,7 +118,7 @@ class Store:
             if extra is not None:
                 extra(conn)
             if signed is not None:
-                signed.write(conn)
+                signed.write(self)
             else:
                 rows: list[Any] = []
                 for i, (e, body) in enumerate(zip(events, bodies, strict=True)):

@@ -11,9 +11,13 @@ from collections.abc import Callable, Iterable, Sequence
 
 from agent.core.types import ALARM
 
-__all__ = ["EVENT_OVERHEAD", "Tally"]
+__all__ = ["EVENT_OVERHEAD", "HELD_DEPTH", "Tally"]
 
 EVENT_OVERHEAD = 48  # bytes of row/index overhead counted per event against the quota
+# (priority, events) held only in direct batches (agent.outbox.batches), not as rows
+HELD_DEPTH = ("SELECT CAST(j.key AS INTEGER), SUM(j.value) FROM batches, "
+              "json_each(batches.held, '$.prios') AS j WHERE batches.held IS NOT NULL "
+              "GROUP BY j.key")
 
 
 class Tally:
@@ -35,10 +39,7 @@ class Tally:
         self.bytes = int(ev[0]) + int(ev[1]) * EVENT_OVERHEAD + int(bt[0])
         self.depth = {int(p): int(n) for p, n in
                       conn.execute("SELECT prio, COUNT(*) FROM events GROUP BY prio")}
-        for p, n in conn.execute(  # events held only in direct batches (agent.outbox.batches)
-                "SELECT CAST(j.key AS INTEGER), SUM(j.value) FROM batches, "
-                "json_each(batches.held, '$.prios') AS j WHERE batches.held IS NOT NULL "
-                "GROUP BY j.key"):
+        for p, n in conn.execute(HELD_DEPTH):
             self.depth[int(p)] = self.depth.get(int(p), 0) + int(n)
         self.unclaimed = int(
             conn.execute("SELECT COUNT(*) FROM events WHERE batch IS NULL").fetchone()[0])

@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any
 
 from agent.outbox.db import reported
+from agent.outbox.tally import HELD_DEPTH
 
 __all__ = ["OutboxSnapshot", "OutboxView"]
 
@@ -57,10 +58,7 @@ class OutboxView:
         with reported(f"cannot read {self.path}"):
             depth = {int(p): int(n) for p, n in conn.execute(
                 "SELECT prio, COUNT(*) FROM events GROUP BY prio ORDER BY prio")}
-            for p, n in self._direct(
-                    "SELECT CAST(j.key AS INTEGER), SUM(j.value) FROM batches, "
-                    "json_each(batches.held, '$.prios') AS j WHERE batches.held IS NOT NULL "
-                    "GROUP BY j.key"):
+            for p, n in self._direct(HELD_DEPTH):
                 depth[int(p)] = depth.get(int(p), 0) + int(n)
             depth = dict(sorted(depth.items()))
             oldest = conn.execute("SELECT MIN(t) FROM events WHERE batch IS NULL").fetchone()[0]

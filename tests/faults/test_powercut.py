@@ -30,6 +30,7 @@ import aiocoap
 import cbor2
 import pytest
 
+from agent import protocol
 from agent.core.types import TELEMETRY
 from branchsim.coapsensors import CoapSensorSim
 from branchsim.powerfs import PowerSupply, fuse_unavailable
@@ -99,15 +100,17 @@ WINDOW_S = 2.0  # the telemetry window of the agent under test (production: 10 s
 
 def newest_committed(chain: Chain, src: str) -> float:
     """Capture time of the newest event of `src` that is committed: in the outbox file (read
-    after the cut: what survived) or delivered to the platform."""
+    after the cut: what survived, as rows or inside batches signed at commit) or delivered to
+    the platform."""
     newest = max((float(e["t"]) for e in chain.rx.events(chain.agent.gw) if e["src"] == src),
                  default=0.0)
     with contextlib.closing(sqlite3.connect(
             f"file:{chain.agent.state / 'outbox.db'}?mode=ro", uri=True)) as c:
-        for t, body in c.execute("SELECT t, body FROM events WHERE prio = ?", (TELEMETRY,)):
-            if float(t) > newest and cbor2.loads(body)["src"] == src:
-                newest = float(t)
-    return newest
+        stored = [cbor2.loads(body) for (body,) in c.execute(
+            "SELECT body FROM events WHERE prio = ?", (TELEMETRY,))]
+        for (data,) in c.execute("SELECT data FROM batches WHERE held IS NOT NULL"):
+            stored += protocol.decode_batch(bytes(data))[0].events
+    return max([newest, *(float(e["t"]) for e in stored if e["src"] == src)])
 
 
 def start(chain: Chain, k: int, ingest_port: int) -> None:

@@ -270,6 +270,14 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_direct_batches.py::test_direct_batches_keep_the_claim_order",),
     ),
     Mutant(
+        "zstd-trailing-bytes",
+        "a compressed payload is one zstd frame and nothing after it",
+        "agent/protocol/batches.py",
+        "decompress(payload, allow_extra_data=False)",
+        "decompress(payload, allow_extra_data=True)",
+        ("tests/test_protocol.py::test_compressed_payload_is_checked_before_it_is_expanded",),
+    ),
+    Mutant(
         "direct-alarm-order",
         "an alarm signed at commit never passes an older unclaimed alarm",
         "agent/outbox/batches.py",
