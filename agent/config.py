@@ -95,6 +95,13 @@ class ForwarderConfig(StrictModel):
         default=250.0, ge=0, le=60_000,
         description="wait up to this long for a batch to fill; alarms never wait",
     )
+    alarm_lane: bool = Field(
+        default=True,
+        description="alarms on a hash chain and MQTT topic of their own (docs/PROTOCOL.md 3.2), "
+        "so that they never wait behind a backlog's batches. A platform without lanes refuses "
+        "them as malformed: the agent then turns the lane off by itself (the alarms go again "
+        "with the rest, after three refusals); set false for such a platform",
+    )
     drain_rate_bytes_per_s: int = Field(default=0, ge=0, description="0 = unlimited")
     status_interval_s: float = Field(default=30.0, gt=0)
 

@@ -4,7 +4,8 @@
                                     [--idle-alarms 40] [--quick] [--json PATH]
     taskset -c 0 .venv/bin/python bench/drain.py          # everything on one core
 
-Per run, on a fresh real mosquitto (mutual TLS, persistence on) and a fresh reference platform
+Per run, on a fresh real mosquitto (mutual TLS, persistence on with mosquitto's default save
+schedule) and a fresh reference platform
 (`branch-platform serve --no-coap` as a subprocess: verify, chain check, SQLite WAL FULL, ack):
 
 * idle alarms (baseline): the agent (bench/_drain_agent.py: a real `Runtime` from a production
@@ -45,6 +46,7 @@ from forward import BATCH, GW, events_for, raw_publish, sample_batches
 
 from agent.core.log import configure_logging
 from agent.outbox import Outbox
+from agent.protocol import decode_batch
 from agent.security.keys import load_private_key
 from tests.support.agentproc import to_toml
 from tests.support.broker import Mosquitto
@@ -103,19 +105,42 @@ def run_agent(work: Path, gw: str, key: Path, broker: Mosquitto, pki: Pki, *,
     return AgentResult(**json.loads(out.read_text()))
 
 
-def latencies_ms(platform_db: Path, gw: str, edges: list[float], before: float) -> list[float]:
-    """Edge -> stored at the platform, for each toggle of the vault contact before `before`."""
+def latencies_ms(platform_db: Path, gw: str, edges: list[float], before: float,
+                 split: list[tuple[float, float]] | None = None) -> list[float]:
+    """Edge -> stored at the platform, for each toggle of the vault contact before `before`.
+    `split` gets, per alarm, (edge -> signed at the agent, signed -> stored at the platform):
+    the batch's `created` is the agent's wall clock when it signed the batch."""
     conn = sqlite3.connect(f"file:{platform_db}?mode=ro", uri=True)
     try:
-        stored = [r[0] for r in conn.execute(
-            "SELECT b.received_at FROM events e JOIN batches b ON b.gw = e.gw "
-            "AND b.epoch = e.epoch AND b.seq = e.seq "
+        stored = [(r[0], bytes(r[1])) for r in conn.execute(
+            "SELECT b.received_at, b.raw FROM events e JOIN batches b ON b.gw = e.gw "
+            "AND b.epoch = e.epoch AND b.lane = e.lane AND b.seq = e.seq "
             "WHERE e.gw = ? AND e.src = 'gpio.vault' AND e.attrs IS NULL ORDER BY e.id", (gw,))]
     finally:
         conn.close()
     if len(stored) != len(edges):
         raise RuntimeError(f"{len(edges)} edges but {len(stored)} alarms at the platform")
-    return [(s - e) * 1000 for s, e in zip(stored, edges, strict=True) if e < before]
+    out = []
+    for (at, raw), edge in zip(stored, edges, strict=True):
+        if edge >= before:
+            continue
+        out.append((at - edge) * 1000)
+        if split is not None:
+            signed = decode_batch(raw)[0].created
+            split.append(((signed - edge) * 1000, (at - signed) * 1000))
+    return out
+
+
+def print_split(what: str, split: list[tuple[float, float]]) -> None:
+    """Where an alarm's time went: at the agent (edge -> signed) and after it."""
+    if not split:
+        return
+    agent_part, wire_part = [s[0] for s in split], [s[1] for s in split]
+    total = sorted(a + w for a, w in split)
+    print(f"  alarms {what}: p50/p99 edge -> signed (agent) {pct(agent_part, 50):.1f}/"
+          f"{pct(agent_part, 99):.1f} ms, signed -> stored (uplink, broker, platform) "
+          f"{pct(wire_part, 50):.1f}/{pct(wire_part, 99):.1f} ms; slowest "
+          f"{', '.join(f'{x:.1f}' for x in total[-3:])} ms", flush=True)
 
 
 def platform_events(platform_db: Path) -> int:
@@ -150,7 +175,10 @@ def measure(n: int, runs: int, every: float, idle_alarms: int, tmp: Path) -> lis
         work = tmp / f"run{r}"
         for phase in ("idle", "drain"):
             (work / phase).mkdir(parents=True)
-        broker = Mosquitto(work / "broker", tls=pki).start()
+        # mosquitto's own save schedule, not the tests' 1 s: its save fsyncs the persistence
+        # file and stalls every delivery for as long, 100 ms and more under a drain's disk load
+        # (bench/README.md, alarm latency under load).
+        broker = Mosquitto(work / "broker", tls=pki, autosave_s=None).start()
         try:
             # Baseline: alarms with an empty outbox.
             pdb = work / "idle" / "platform.db"
@@ -161,7 +189,9 @@ def measure(n: int, runs: int, every: float, idle_alarms: int, tmp: Path) -> lis
                                 every=every, alarms=idle_alarms)
             finally:
                 platform.stop()
-            idle += latencies_ms(pdb, "bench-idle", res.edges, float("inf"))
+            idle_split: list[tuple[float, float]] = []
+            idle += latencies_ms(pdb, "bench-idle", res.edges, float("inf"), idle_split)
+            print_split("idle", idle_split)
 
             # The drain: raw paho first, then the agent, on the same broker and platform.
             pdb = work / "drain" / "platform.db"
@@ -179,7 +209,8 @@ def measure(n: int, runs: int, every: float, idle_alarms: int, tmp: Path) -> lis
                 platform.stop()
             drains.append(res.drain_s)
             rss_mb.append(res.peak_rss_kb / 1024)
-            lat = latencies_ms(pdb, GW, res.edges, res.drained_wall - 0.1)
+            split: list[tuple[float, float]] = []
+            lat = latencies_ms(pdb, GW, res.edges, res.drained_wall - 0.1, split)
             loaded += lat
             got = platform_events(pdb)
             if got < n:
@@ -187,6 +218,7 @@ def measure(n: int, runs: int, every: float, idle_alarms: int, tmp: Path) -> lis
             print(f"run {r + 1}: drain {drains[-1]:.1f} s ({n / drains[-1]:,.0f} ev/s), raw paho "
                   f"{raws[-1]:.1f} s, peak RSS {rss_mb[-1]:.1f} MB, {len(lat)} alarms under "
                   f"load p99 {pct(lat, 99) if lat else float('nan'):.1f} ms", flush=True)
+            print_split("under load", split)
         finally:
             broker.stop()
     return rows(n, drains, raws, rss_mb, loaded, idle, import_rss_mb())
@@ -230,6 +262,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--every", type=float, default=0.25, help="seconds between alarm edges")
     ap.add_argument("--idle-alarms", type=int, default=40)
+    ap.add_argument("--keep", type=Path, metavar="DIR",
+                    help="keep each run's logs and stores under DIR (default: removed)")
     args = ap.parse_args()
     n = 20 * BATCH if args.quick else max(BATCH, args.events // BATCH * BATCH)
     every = 0.05 if args.quick else args.every
@@ -237,8 +271,12 @@ def main() -> None:
     runs = args.runs or 1
     configure_logging("warning")
     print(f"# bench/drain.py: {n:,} events, {runs} run(s); {machine()}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="bench-drain-") as d:
-        result = measure(n, runs, every, idle_alarms, Path(d))
+    if args.keep is not None:  # the logs and stores stay for a look afterwards
+        args.keep.mkdir(parents=True, exist_ok=True)
+        result = measure(n, runs, every, idle_alarms, Path(tempfile.mkdtemp(dir=args.keep)))
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-drain-") as d:
+            result = measure(n, runs, every, idle_alarms, Path(d))
     print_table(result)
     write_json(args.json, result)
 

@@ -53,7 +53,7 @@ def test_every_event_arrives_exactly_once(tmp_path: Path, mosquitto_tls: Mosquit
     others = {e["type"] for e in events if e["src"] != "synthetic.load"}
     assert others <= {"audit.config_loaded"}, others
     assert not tls_platform.counters(), f"unexpected rejections: {tls_platform.counters()}"
-    assert tls_platform.chain_head(agent.gw)[0] == tls_platform.batch_count(agent.gw)
+    assert tls_platform.chain_head(agent.gw)[0] == tls_platform.batch_count(agent.gw, 0)
 
 
 def test_broker_outage_loses_nothing(tmp_path: Path, mosquitto_tls: Mosquitto,
@@ -96,7 +96,7 @@ def test_broker_outage_loses_nothing(tmp_path: Path, mosquitto_tls: Mosquitto,
     for src in ("synthetic.a", "synthetic.b"):
         mine = sorted((e for e in events if e["src"] == src), key=lambda e: (e["seq"], e["id"]))
         assert [e["v"] for e in mine] == [float(i) for i in range(n // 2)], src
-    assert tls_platform.chain_head(agent.gw)[0] == tls_platform.batch_count(agent.gw)
+    assert tls_platform.chain_head(agent.gw)[0] == tls_platform.batch_count(agent.gw, 0)
 
 
 def test_compressed_batches_arrive_exactly_once_in_a_fraction_of_the_bytes(

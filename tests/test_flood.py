@@ -29,7 +29,7 @@ def alarms(rx: Receiver, gw: str) -> list[tuple[float, float, float]]:
     with sqlite3.connect(f"file:{rx.store_path}?mode=ro", uri=True) as db:
         rows = db.execute(
             "SELECT e.v, e.t, b.received_at FROM events e JOIN batches b"
-            " ON b.gw = e.gw AND b.epoch = e.epoch AND b.seq = e.seq"
+            " ON b.gw = e.gw AND b.epoch = e.epoch AND b.lane = e.lane AND b.seq = e.seq"
             " WHERE e.gw = ? AND e.src = 'synthetic.alarm' ORDER BY e.id",
             (gw,),
         ).fetchall()

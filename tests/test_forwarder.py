@@ -222,7 +222,8 @@ async def test_a_fork_restarts_the_chain_in_a_new_epoch(
     epochs = platform.epochs(GW)
     assert [e["epoch"] for e in epochs] == [epoch.hex(), reported[0]["new_epoch"]]
     assert epochs[1]["prev"] == {"epoch": epoch.hex(), "seq": 1,
-                                 "hash": batch_hash(other).hex()}
+                                 "hash": batch_hash(other).hex(), "alarm_seq": None,
+                                 "alarm_hash": None}
     assert sorted(platform.delivered_ids(GW)) == list(range(1, 32))  # 30 + the alert
     [alert] = refused_alerts(platform.events(GW))
     assert (alert["err"], alert["action"], alert["seq"]) == ("fork", "new_chain", 1)

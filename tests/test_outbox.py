@@ -11,6 +11,7 @@ import select
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from agent import protocol
 from agent.core.errors import RefusedError
 from agent.core.types import Event
 from agent.outbox import SCHEMA_VERSION, OsStorage, Outbox, id_ranges
+from agent.outbox.db import DbThread
 from agent.outbox.diskfull import RECHECK_INTERVAL
 
 WORKER = Path(__file__).parent / "support" / "outbox_worker.py"
@@ -406,7 +408,7 @@ async def test_store_reset_alert_carries_the_clocks_time_quality(tmp_path: Path)
 
 
 async def test_v1_store_is_migrated(tmp_path: Path) -> None:
-    """A store written with schema 1 opens under schema 4 with its events intact; its chain,
+    """A store written with schema 1 opens under schema 5 with its events intact; its chain,
     begun before epochs, goes on without one (epoch '': batches without the key)."""
     db = tmp_path / "o.db"
     ob = await Outbox.open(db)
@@ -416,7 +418,7 @@ async def test_v1_store_is_migrated(tmp_path: Path) -> None:
         c.execute("DROP TABLE ingest_keys")
         c.execute("DROP TABLE refused")
         c.execute("ALTER TABLE batches DROP COLUMN held")
-        c.execute("DELETE FROM meta WHERE key='epoch'")
+        c.execute("DELETE FROM meta WHERE key IN ('epoch', 'alarm_next_seq', 'alarm_prev_hash')")
         c.execute("PRAGMA user_version=1")
     ob = await Outbox.open(db)
     assert [r[0] for r in rows(db)] == ids
@@ -426,7 +428,7 @@ async def test_v1_store_is_migrated(tmp_path: Path) -> None:
     assert (await ob.stats()).epoch == ""
     await ob.close()
     with sqlite3.connect(db) as c:
-        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
 
 
 class FillableDisk(OsStorage):
@@ -566,3 +568,24 @@ def test_acceptance_follows_the_wal_fsync(tmp_path: Path) -> None:
             assert last_wal_write >= 0, "nothing written to a WAL: not in WAL mode?"
             assert last_wal_sync > last_wal_write, f"accepted before the WAL fsync: {line}"
     assert accepted == 30
+
+
+def test_an_alarms_commit_runs_before_the_jobs_waiting_for_the_database() -> None:
+    """The database thread runs jobs in order, except one submitted first (an alarm's commit),
+    which passes every job not yet started; shutting down runs what was submitted."""
+    db = DbThread("test-db")
+    started, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def blocker() -> None:
+        started.set()
+        release.wait(10)
+
+    db.submit(blocker)
+    assert started.wait(10)
+    jobs = [db.submit(ran.append, "claim"), db.submit(ran.append, "ack"),
+            db.submit_first(ran.append, "alarm"), db.submit(ran.append, "stats")]
+    release.set()
+    db.shutdown(wait=True)
+    assert all(j.done() for j in jobs)
+    assert ran == ["alarm", "claim", "ack", "stats"]

@@ -99,7 +99,8 @@ def test_a_gateway_that_lost_its_state_rejoins_in_a_new_epoch(receiver: Receiver
         {"epoch": "", "started_at": pytest.approx(receiver.epochs(GW)[0]["started_at"]),
          "prev": None},
         {"epoch": "01" * 16, "started_at": pytest.approx(receiver.epochs(GW)[1]["started_at"]),
-         "prev": {"epoch": "", "seq": 3, "hash": batch_hash(first[-1]).hex()}},
+         "prev": {"epoch": "", "seq": 3, "hash": batch_hash(first[-1]).hex(),
+                  "alarm_seq": None, "alarm_hash": None}},
     ]
     assert [(e["epoch"], e["id"]) for e in receiver.events(GW)] == [
         *(("", i) for i in range(1, 7)), *(("01" * 16, i) for i in range(1, 4))]
@@ -128,7 +129,7 @@ def test_accepts_chain_and_stores_events(receiver: Receiver, gw: Gateway) -> Non
     assert receiver.chain_head(GW) == (2, batch_hash(b2))
     assert receiver.events(GW)[0] == {"gw": GW, "epoch": "", "id": 1, "t": 1767225601.0, "tq": 0,
                                       "src": "gpio.door", "type": "contact", "v": False,
-                                      "prio": 0, "seq": 1}
+                                      "prio": 0, "lane": 0, "seq": 1}
     assert receiver.counters() == {}
 
 

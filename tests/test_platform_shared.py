@@ -81,9 +81,10 @@ def test_batch_ahead_waits_for_its_predecessor_from_another_receiver(tmp_path: P
 
 
 def stored_batches(db: Path, gw: str) -> list[tuple[int, bytes]]:
-    """(seq, raw bytes) of every batch the platform accepted from `gw`, by seq."""
+    """(seq, raw bytes) of every bulk lane batch the platform accepted from `gw`, by seq."""
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
-        rows = c.execute("SELECT seq, raw FROM batches WHERE gw = ? ORDER BY seq", (gw,))
+        rows = c.execute("SELECT seq, raw FROM batches WHERE gw = ? AND lane = 0 ORDER BY seq",
+                         (gw,))
         return [(int(seq), bytes(raw)) for seq, raw in rows]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
+from agent.protocol import ALARM_LANE
 from branchsim.platform.receiver import Receiver
 from tests.support.agentproc import AgentProcess, mqtt_uplink, wait_until
 from tests.support.broker import Mosquitto
@@ -65,12 +66,15 @@ def test_a_gateway_restored_onto_an_empty_state_dir_rejoins(
         assert agent.stop() == 0
     [first] = platform.epochs(agent.gw)
     head = platform.chain_head(agent.gw)
+    alarm_seq, alarm_hash = platform.chain_head(agent.gw, ALARM_LANE)
     shutil.rmtree(agent.state)  # the card is new; the keys came back from the backup
     run_second_chain(agent, platform, "the new chain delivered")
     epochs = platform.epochs(agent.gw)
     assert epochs[0] == first and epochs[1]["epoch"] not in ("", first["epoch"])
-    assert epochs[1]["prev"] == {"epoch": first["epoch"], "seq": head[0],
-                                 "hash": head[1].hex()}, "the gap is on record"
+    assert epochs[1]["prev"] == {
+        "epoch": first["epoch"], "seq": head[0], "hash": head[1].hex(),
+        "alarm_seq": alarm_seq or None, "alarm_hash": alarm_hash.hex() if alarm_seq else None,
+    }, "the gap is on record, for each lane"
     values = counted(platform, agent.gw, epochs[1]["epoch"])
     assert values == [float(i) for i in range(N)], "every event after the rejoin"
     ids = [e["id"] for e in platform.events(agent.gw) if e["epoch"] == epochs[1]["epoch"]]

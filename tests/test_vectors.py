@@ -39,8 +39,9 @@ def test_batches_with_our_code(case: dict[str, Any]) -> None:
         assert exc.value.reason == case["result"]
         return
     b = verify_batch(data, key_for_kid)
-    assert (b.gw, b.seq, b.prev.hex(), b.hash.hex(), b.epoch.hex()) == (
-        EXPECTED["gw"], case["seq"], case["prev"], case["hash"], case.get("epoch", ""))
+    assert (b.gw, b.seq, b.prev.hex(), b.hash.hex(), b.epoch.hex(), b.lane) == (
+        EXPECTED["gw"], case["seq"], case["prev"], case["hash"], case.get("epoch", ""),
+        case.get("lane", 0))
     assert b.events == case["events"]
 
 

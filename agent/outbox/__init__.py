@@ -16,10 +16,10 @@ Invariants
    or named in a drop record. Alarms and alerts are never evicted.
 4. *A batch is signed once.* Its bytes and the new chain head are stored in the transaction
    that claims its events (or, for a direct batch, in the commit that accepts them), before
-   the first send; a retry or a restart re-sends those bytes. Batch seqs are never reused and
-   each batch names the hash of the one before. An acknowledgement is written with the next
-   transaction (at most `telemetry_window` later): one lost to a crash costs a re-send that
-   the platform answers ``replay``.
+   the first send; a retry or a restart re-sends those bytes. Batch seqs are never reused in
+   a lane and each batch names the hash of the one before it in its lane. An acknowledgement
+   is written with the next transaction (at most `telemetry_window` later): one lost to a
+   crash costs a re-send that the platform answers ``replay``.
 5. *Alarms are never refused for quota*; when the quota is reached, telemetry and diagnostics
    are evicted or refused (RefusedError). On a full disk the reserve is released so that
    alarms and alerts still commit while the rest is refused.
@@ -30,21 +30,24 @@ Invariants
 
 On disk (in the state dir)
 --------------------------
-``outbox.db`` (+ ``-wal``, ``-shm``), SQLite, ``user_version`` = `SCHEMA_VERSION` (4):
+``outbox.db`` (+ ``-wal``, ``-shm``), SQLite, ``user_version`` = `SCHEMA_VERSION` (5):
 
 - ``meta(key, value)``, all text: ``next_id``, ``next_seq``, ``prev_hash`` (hex of the last
-  batch's hash, the chain head), ``last_acked_seq``, ``last_acked_at`` (wall time or empty),
-  ``dropped`` (JSON: events evicted per reason).
+  batch's hash, the chain head), ``alarm_next_seq``, ``alarm_prev_hash`` (the alarm lane's
+  chain head, since version 5), ``epoch``, ``last_acked_seq`` (the bulk lane's),
+  ``last_acked_at`` (wall time or empty), ``dropped`` (JSON: events evicted per reason).
 - ``events(id, prio, t, size, body, batch)``: ``body`` is the event's wire encoding (CBOR map,
-  id included) built once at commit, ``size`` its length, ``batch`` the seq of the batch
+  id included) built once at commit, ``size`` its length, ``batch`` the key of the batch
   holding it or NULL. Indexes: ``events_queue(prio, id) WHERE batch IS NULL`` (the claim
   order), ``events_batch(batch) WHERE batch IS NOT NULL`` (the ack's delete).
-- ``batches(seq, hash, created, count, top_prio, data, held)``: ``data`` the signed COSE_Sign1
-  bytes, ``hash`` their SHA-256; ``held`` (since version 4) NULL when the batch's events are
-  rows, else JSON ``{"ids": [first, last], "prios": {prio: n}, "t": oldest}`` for a direct
-  batch, whose events exist only in ``data``.
-- ``refused(seq, epoch, hash, err, action, at, ids, data)`` (since version 3): batches the
-  platform refused for good, kept for an operator.
+- ``batches(seq, hash, created, count, top_prio, data, held)``: ``seq`` the batch's key, its
+  seq on the bulk lane and minus its seq on the alarm lane (`batches.batch_key`; an alarm
+  lane batch is always direct), ``data`` the signed COSE_Sign1 bytes, ``hash`` their
+  SHA-256; ``held`` (since version 4) NULL when the batch's events are rows, else JSON
+  ``{"ids": [first, last], "prios": {prio: n}, "t": oldest}`` for a direct batch, whose events
+  exist only in ``data``.
+- ``refused(seq, epoch, hash, err, action, at, ids, data, lane)`` (since version 3; ``lane``
+  since 5): batches the platform refused for good, kept for an operator.
 - ``ingest_keys(key, t, ids)`` (since version 2): idempotency keys, ``ids`` = JSON
   ``[first id, count]``.
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
+from collections.abc import Sequence
 
 from agent.core.errors import RefusedError
 from agent.core.types import ALERT, TELEMETRY, Event
@@ -33,18 +34,17 @@ class GroupCommit:
         self.refused = 0  # events refused, by the quota or a full disk
 
     def __call__(self, store: Store, taken: list[Append],
-                 direct: DirectClaim | None = None) -> list[Result]:
+                 direct: Sequence[DirectClaim] = ()) -> list[Result]:
         """Commit a group: one result per append, its ids or the error it gets. On a full
         disk, alarms and alerts still commit (the reserve is released for them) and telemetry
-        and diagnostics are refused until space returns. `direct`: the forwarder waits for
-        events, and a group that holds an alarm or has waited its linger is signed straight
-        into a batch (agent.outbox.batches)."""
-        if direct is not None and not (
+        and diagnostics are refused until space returns. `direct`: the forwarder's offers (the
+        alarm lane's first): a group that holds an alarm or has waited the offer's linger is
+        signed straight into a batch (agent.outbox.batches)."""
+        direct = [d for d in direct if (
             any(a.urgent for a in taken)
-            or time.monotonic() - min(a.at for a in taken) >= direct.linger
-            or sum(len(a.events) for a in taken) >= direct.max_events
-        ):
-            direct = None
+            or time.monotonic() - min(a.at for a in taken) >= d.linger
+            or sum(len(a.events) for a in taken) >= d.max_events
+        )]
         self.disk.check_space_back(store)
         if self.disk.active:
             return self._urgent_only(store, taken)
@@ -92,7 +92,7 @@ class GroupCommit:
         return out
 
     def _commit(self, store: Store, taken: list[Append],
-                direct: DirectClaim | None = None) -> list[Result]:
+                direct: Sequence[DirectClaim] = ()) -> list[Result]:
         """One transaction for every append of `taken`."""
         accepted: list[Event] = []
         plan: list[_Slot] = []

@@ -6,10 +6,10 @@ out as OutboxError."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,7 +21,7 @@ from agent.core.types import ALARM, ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
 from agent.outbox import batches
 from agent.outbox.batches import BuildBatch, DirectClaim, PendingBatch
 from agent.outbox.commit import GroupCommit
-from agent.outbox.db import OutboxError, reported
+from agent.outbox.db import DbThread, OutboxError, reported
 from agent.outbox.diskfull import DiskFull
 from agent.outbox.keys import KeyPruner
 from agent.outbox.quota import Quota
@@ -49,6 +49,7 @@ class OutboxStats:
     quota_bytes: int = 0
     next_id: int = 1
     next_seq: int = 1
+    alarm_next_seq: int = 1  # the alarm lane's (docs/PROTOCOL.md 3.2)
     epoch: str = ""  # hex; empty for a chain started before epochs existed
     refused_batches: int = 0  # kept for an operator (table `refused`)
     last_acked_seq: int = 0
@@ -67,6 +68,7 @@ class OutboxStats:
             "quota_bytes": self.quota_bytes,
             "next_id": self.next_id,
             "next_seq": self.next_seq,
+            "alarm_next_seq": self.alarm_next_seq,
             "epoch": self.epoch,
             "refused_batches": self.refused_batches,
             "last_acked_seq": self.last_acked_seq,
@@ -104,7 +106,7 @@ class Outbox:
         self._synchronized = clock_synchronized
         self._monotonic = clock_monotonic
         self._storage = storage or OsStorage()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-db")
+        self._executor = DbThread("outbox-db")
         self._side = SideState(path.parent)
         self._tally = Tally(clock_monotonic)
         self._quota = Quota(quota_bytes, low_watermark)
@@ -117,6 +119,10 @@ class Outbox:
         self._store: Store | None = None
         self.reset_info: dict[str, Any] | None = None
         self._direct: DirectClaim | None = None
+        self._alarm_lane: DirectClaim | None = None
+        # alarm lane batches signed at commit, for the forwarder (appended on the database
+        # thread, taken on the loop: a deque's append and popleft are atomic)
+        self._alarm_batches: collections.deque[PendingBatch] = collections.deque()
         self._ack_flush: asyncio.TimerHandle | None = None
         self._flush_task: asyncio.Task[None] | None = None
 
@@ -190,7 +196,7 @@ class Outbox:
         """Commit whatever is queued, then close the file. Idempotent."""
         if self._writer.closed:
             return
-        self._direct = None
+        self._direct = self._alarm_lane = None
         await self._writer.close()
         if self._ack_flush is not None:
             self._ack_flush.cancel()
@@ -272,13 +278,32 @@ class Outbox:
         return await self._writer.submit(events, key)
 
     def _commit_group(self, taken: list[Append]) -> list[Result]:
-        return self._commit(self._opened(), taken, self._direct)
+        store = self._opened()
+        offers = [d for d in (self._alarm_lane, self._direct) if d is not None]
+        try:
+            return self._commit(store, taken, offers)
+        finally:
+            while store.alarm_ready:
+                self._alarm_batches.append(store.alarm_ready.pop(0))
 
     def offer_direct(self, claim: DirectClaim | None) -> None:
         """The forwarder waits for events with a free slot (`claim`), or no longer does (None):
         while offered, a commit may sign its events straight into a batch, which the next
         `claim_batch` returns (agent.outbox.batches)."""
         self._direct = claim
+
+    def offer_alarm_lane(self, claim: DirectClaim | None) -> None:
+        """The forwarder's alarm lane has a free slot (`claim`, its lane ALARM_LANE), or not
+        (None): while offered, a group of alarms only is signed straight into the lane's next
+        batch, which `take_alarm_batches` returns (agent.outbox.batches, lanes)."""
+        self._alarm_lane = claim
+
+    def take_alarm_batches(self) -> list[PendingBatch]:
+        """The alarm lane batches signed since the last call, in seq order."""
+        out = []
+        while self._alarm_batches:
+            out.append(self._alarm_batches.popleft())
+        return out
 
     # ---------------------------------------------------------------- batches
 
@@ -321,19 +346,24 @@ class Outbox:
 
         return await self._call(claim)
 
-    async def restart_chain(self, refused: PendingBatch, err: str,
-                            park: bool) -> dict[str, Any] | None:
+    async def restart_chain(self, refused: PendingBatch, err: str, park: bool,
+                            refused_too: frozenset[bytes] = frozenset()
+                            ) -> dict[str, Any] | None:
         """The platform refuses `refused` for good: keep its bytes for an operator, start a new
         chain epoch with every unacknowledged event (without the refused batch's when `park`),
         and record a ``gateway.batch_refused`` alert (agent.outbox.batches.restart). None when
-        `refused` is not the oldest unacknowledged batch (then nothing changed)."""
+        `refused` is not the oldest unacknowledged batch of its lane, or the other lane holds a
+        batch whose hash is not in `refused_too` (then nothing changed)."""
 
         tq = self._tq()
 
         def restart() -> dict[str, Any] | None:
             store = self._opened()
-            return self._disk.retry(store, lambda: batches.restart(store, refused, err, park,
-                                                                   tq))
+            info = self._disk.retry(store, lambda: batches.restart(store, refused, err, park,
+                                                                   tq, refused_too))
+            if info is not None:
+                self._alarm_batches.clear()  # dissolved with the rest
+            return info
 
         return await self._call(restart)
 
@@ -341,9 +371,10 @@ class Outbox:
         """Signed batches not yet acknowledged, oldest first (re-sent after a restart)."""
         return await self._call(lambda: batches.pending(self._opened()))
 
-    async def ack_batch(self, seq: int, h: bytes) -> bool:
-        """The platform verified batch `seq` with hash `h`: its events leave the store. False
-        (and nothing changes) if no unacknowledged stored batch has that seq and hash.
+    async def ack_batch(self, seq: int, h: bytes, lane: int = 0) -> bool:
+        """The platform verified batch `seq` of `lane` with hash `h`: its events leave the
+        store. False (and nothing changes) if no unacknowledged stored batch has that lane, seq
+        and hash.
 
         The delete is written with the store's next transaction, or on its own after twice
         `telemetry_window` (at once when it is 0; twice, so that the window's next commit,
@@ -352,7 +383,7 @@ class Outbox:
 
         def ack() -> bool:
             store = self._opened()
-            done = batches.ack(store, seq, h)
+            done = batches.ack(store, seq, h, lane)
             if done and self.telemetry_window <= 0:
                 self._disk.retry(store, store.flush_acks)
             return done
@@ -421,6 +452,7 @@ class Outbox:
         st.oldest_unsent = min(times) if times else None
         st.next_id = tally.next_id
         st.next_seq = int(store.meta("next_seq"))
+        st.alarm_next_seq = int(store.meta("alarm_next_seq"))
         st.epoch = store.meta("epoch")
         st.refused_batches = int(
             store.conn.execute("SELECT COUNT(*) FROM refused").fetchone()[0])

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
 import structlog
 
 from agent import protocol
@@ -22,7 +21,7 @@ __all__ = ["REFUSED_KEPT", "SCHEMA_VERSION", "new_epoch", "open_store"]
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 REFUSED_KEPT = 32  # refused batches kept for an operator (table `refused`), newest first
 
 
@@ -104,6 +103,10 @@ def _migrate(conn: sqlite3.Connection, path: Path, side: SideState) -> None:
             hint="install the agent version that wrote it, or move the file aside",
         )
     if version < 1:
+        # Imported here: only a new store needs it, and it costs 2.7 MB of resident memory in
+        # an agent that runs for months (bench/footprint.py, peak RSS idle).
+        import sqlite_utils
+
         with transaction(conn):
             db = sqlite_utils.Database(conn)
             db.table("meta").create({"key": str, "value": str}, pk="key")
@@ -173,3 +176,13 @@ def _migrate(conn: sqlite3.Connection, path: Path, side: SideState) -> None:
         with transaction(conn):
             conn.execute("ALTER TABLE batches ADD COLUMN held TEXT")
             conn.execute("PRAGMA user_version=4")
+        version = 4
+    if version < 5:
+        # v5: the alarm lane's chain head (docs/PROTOCOL.md 3.2; agent.outbox.batches, lanes).
+        # Its batches are keyed by minus their seq in the batches table.
+        with transaction(conn):
+            conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
+                             [("alarm_next_seq", "1"),
+                              ("alarm_prev_hash", protocol.ZERO_HASH.hex())])
+            conn.execute("ALTER TABLE refused ADD COLUMN lane INTEGER NOT NULL DEFAULT 0")
+            conn.execute("PRAGMA user_version=5")

@@ -53,10 +53,11 @@ class Store:
         self.side = side
         self.tally = tally
         self.wall = wall
-        self.acked: list[int] = []  # seqs acknowledged, their rows not yet deleted
+        self.acked: list[int] = []  # keys (batch_key) acknowledged, rows not yet deleted
         self.acked_since: float | None = None  # monotonic: when the oldest of them came
         self.last_acked: tuple[int, float] | None = None  # (seq, wall time), to write
-        self.ready: list[PendingBatch] = []  # batches signed at commit, not yet handed out
+        self.ready: list[PendingBatch] = []  # bulk batches signed at commit, not handed out
+        self.alarm_ready: list[PendingBatch] = []  # alarm lane batches, likewise
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -77,10 +78,10 @@ class Store:
             with self.transaction():
                 pass
 
-    def _delete_acked(self, conn: sqlite3.Connection, seqs: list[int]) -> None:
-        for seq in seqs:  # batch=? uses the partial index events_batch
-            conn.execute("DELETE FROM events WHERE batch=?", (seq,))
-            conn.execute("DELETE FROM batches WHERE seq=?", (seq,))
+    def _delete_acked(self, conn: sqlite3.Connection, keys: list[int]) -> None:
+        for key in keys:  # batch=? uses the partial index events_batch
+            conn.execute("DELETE FROM events WHERE batch=?", (key,))
+            conn.execute("DELETE FROM batches WHERE seq=?", (key,))
         if self.last_acked is not None:
             seq, at = self.last_acked
             if seq > int(self.meta("last_acked_seq") or 0):
@@ -102,18 +103,20 @@ class Store:
         self,
         events: Sequence[Event],
         extra: Callable[[sqlite3.Connection], None] | None = None,
-        direct: DirectClaim | None = None,
+        direct: Sequence[DirectClaim] = (),
     ) -> list[int]:
         """Insert `events` in one transaction, with ids assigned here from meta.next_id;
         `extra` runs inside the same transaction first (an eviction and its drop record commit
-        together or not at all). With `direct`, the events may go straight into a new signed
-        batch instead of rows (`DirectClaim`; the batch is then in `self.ready`)."""
+        together or not at all). With `direct` (the alarm lane's offer first), the events may
+        go straight into a new signed batch instead of rows (`DirectClaim`; the batch is then
+        in `self.alarm_ready` or `self.ready`)."""
         conn = self.conn
         first = self.tally.next_id
         last = first + len(events) - 1
         self.side.reserve_ids(last)
         bodies = [encode_body(first + i, e) for i, e in enumerate(events)]
-        signed = direct.sign(self, first, events, bodies) if direct is not None else None
+        signed = next((s for d in direct
+                       if (s := d.sign(self, first, events, bodies)) is not None), None)
         with self.transaction():
             if extra is not None:
                 extra(conn)
@@ -137,7 +140,7 @@ class Store:
         if signed is not None:
             self.tally.inserted(prios, last + 1, 0)
             self.tally.claimed(prios, len(signed.batch.data))
-            self.ready.append(signed.batch)
+            (self.alarm_ready if signed.batch.lane else self.ready).append(signed.batch)
         else:
             self.tally.inserted(prios, last + 1,
                                 sum(len(b) for b in bodies) + EVENT_OVERHEAD * len(bodies))

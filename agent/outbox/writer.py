@@ -14,14 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import structlog
 
 from agent.core.errors import StoreError
 from agent.core.types import ALARM, ALERT, Event
-from agent.outbox.db import OutboxError
+from agent.outbox.db import DbThread, OutboxError
 
 __all__ = ["Append", "GroupWriter", "Result"]
 
@@ -44,7 +43,7 @@ class GroupWriter:
     """`commit(group)` runs on `executor` (the database thread) and returns one result per
     append of the group; it raises only when the whole transaction failed."""
 
-    def __init__(self, commit: Callable[[list[Append]], list[Result]], executor: Executor, *,
+    def __init__(self, commit: Callable[[list[Append]], list[Result]], executor: DbThread, *,
                  commit_interval: float, commit_max: int, window: float = 0.0) -> None:
         self.commit_interval = commit_interval
         self.commit_max = commit_max
@@ -125,9 +124,13 @@ class GroupWriter:
                         break
                     self._wake.clear()
                     await self._wait_for_wake([], remaining)
+            urgent = self._urgent > 0
             taken = self._take()
             if taken:
-                job = loop.run_in_executor(self._executor, self._commit, taken)
+                # An alarm's commit runs before the claims and acks waiting for the database.
+                job = asyncio.wrap_future(
+                    (self._executor.submit_first if urgent else self._executor.submit)(
+                        self._commit, taken))
                 running.append(asyncio.create_task(self._finish(job, taken),
                                                    name="outbox-commit"))
         if running:

@@ -9,8 +9,11 @@ The names of `cose` and `batches` are re-exported here (`from agent import proto
 """
 
 from agent.protocol.batches import (
+    ALARM_LANE,
+    BULK_LANE,
     EPOCH_LEN,
     FORMAT_VERSION,
+    LANES,
     MAX_INT,
     MAX_PAYLOAD,
     ZERO_HASH,
@@ -41,11 +44,14 @@ from agent.protocol.cose import (
 )
 
 __all__ = [
+    "ALARM_LANE",
     "ALG_EDDSA",
+    "BULK_LANE",
     "COSE_SIGN1_TAG",
     "EPOCH_LEN",
     "FORMAT_VERSION",
     "KID_LEN",
+    "LANES",
     "MAX_INT",
     "MAX_PAYLOAD",
     "REASONS",

@@ -35,8 +35,11 @@ from agent.protocol.cose import (
 )
 
 __all__ = [
+    "ALARM_LANE",
+    "BULK_LANE",
     "EPOCH_LEN",
     "FORMAT_VERSION",
+    "LANES",
     "MAX_INT",
     "MAX_PAYLOAD",
     "ZERO_HASH",
@@ -59,8 +62,13 @@ MAX_INT = 2**63 - 1  # ids and seqs are stored as SQLite INTEGER on both sides
 _EVENT_REQUIRED = frozenset({"id", "t", "tq", "src", "type", "v", "prio"})
 _EVENT_KEYS = _EVENT_REQUIRED | {"u", "attrs"}
 _PAYLOAD_KEYS = frozenset({"v", "gw", "seq", "prev", "created", "events"})
-_PAYLOAD_OPTIONAL = frozenset({"epoch"})
+_PAYLOAD_OPTIONAL = frozenset({"epoch", "lane"})
 EPOCH_LEN = 16  # bytes of a chain epoch (random, chosen by the gateway when its chain starts)
+# Lanes (docs/PROTOCOL.md 3.2): a gateway's batches form one hash chain per lane in an epoch.
+# Lane 1 carries only alarms, so that an alarm's batch is verified and stored without waiting
+# for the bulk batches ahead of it; lane 0 (the payload has no `lane` key) carries the rest.
+BULK_LANE, ALARM_LANE = 0, 1
+LANES = (BULK_LANE, ALARM_LANE)
 ZSTD = "application/zstd"  # content type (COSE header 3) of a compressed batch's payload
 MAX_PAYLOAD = 16 * 1024 * 1024  # largest payload a compressed batch may expand to
 ZSTD_LEVEL = 3
@@ -167,12 +175,11 @@ _K_T, _K_U, _K_VAL, _K_ID, _K_TQ, _K_SRC, _K_PRIO, _K_TYPE, _K_ATTRS = (
 _MAP_HEAD = {n: _head(5, n) for n in (7, 8, 9)}
 
 
-# The payload map's keys in canonical order (length-first):
-# v, gw, seq, prev, epoch, events, created.
-_K_V, _K_GW, _K_SEQ, _K_PREV, _K_EPOCH, _K_EVENTS, _K_CREATED = (
-    cbor2.dumps(k) for k in ("v", "gw", "seq", "prev", "epoch", "events", "created")
+# The payload map's keys in canonical order (length-first, then bytewise):
+# v, gw, seq, lane, prev, epoch, events, created.
+_K_V, _K_GW, _K_SEQ, _K_LANE, _K_PREV, _K_EPOCH, _K_EVENTS, _K_CREATED = (
+    cbor2.dumps(k) for k in ("v", "gw", "seq", "lane", "prev", "epoch", "events", "created")
 )
-_MAP6, _MAP7 = _head(5, 6), _head(5, 7)
 
 
 def build_batch(
@@ -186,23 +193,29 @@ def build_batch(
     encoded_events: Sequence[bytes],
     epoch: bytes = b"",
     compress: bool = False,
+    lane: int = BULK_LANE,
 ) -> bytes:
     """Sign one batch. The payload is assembled from the pre-encoded events (no re-encoding).
     `epoch`: the chain's epoch (`EPOCH_LEN` bytes), or empty for a chain started without one
     (stores made before epochs existed): then the payload has no ``epoch`` key. `compress`:
-    the payload as a zstd frame (content type "application/zstd", docs/PROTOCOL.md 3.1)."""
+    the payload as a zstd frame (content type "application/zstd", docs/PROTOCOL.md 3.1).
+    `lane`: the chain the batch belongs to (`ALARM_LANE` or `BULK_LANE`, which has no
+    ``lane`` key, as before lanes existed)."""
     if len(prev) != 32:
         raise ValueError("prev must be 32 bytes")
     if len(kid) != KID_LEN:
         raise ValueError("kid must be 16 bytes")
     if epoch and len(epoch) != EPOCH_LEN:
         raise ValueError(f"epoch must be {EPOCH_LEN} bytes or empty")
+    if lane not in LANES:
+        raise ValueError(f"lane must be one of {LANES}")
     payload = b"".join(
         (
-            _MAP7 if epoch else _MAP6,
+            _head(5, 6 + bool(epoch) + bool(lane)),
             _K_V, cbor2.dumps(FORMAT_VERSION),
             _K_GW, cbor2.dumps(gw),
             _K_SEQ, cbor2.dumps(seq),
+            *((_K_LANE, cbor2.dumps(lane)) if lane else ()),
             _K_PREV, cbor2.dumps(prev),
             *((_K_EPOCH, cbor2.dumps(epoch)) if epoch else ()),
             _K_EVENTS, _head(4, len(encoded_events)), *encoded_events,
@@ -228,6 +241,7 @@ class Batch:
     events: list[dict[str, Any]]
     hash: bytes
     epoch: bytes = b""  # empty: the chain started without an epoch (docs/PROTOCOL.md 3.2)
+    lane: int = BULK_LANE  # the chain within the epoch (docs/PROTOCOL.md 3.2)
 
 
 @dataclass(frozen=True)
@@ -318,16 +332,21 @@ def _decode_payload(payload: bytes, kid: bytes, digest: bytes,
         raise ProtocolError("malformed", "payload keys")
     gw, seq, prev, created, events = (body[k] for k in ("gw", "seq", "prev", "created", "events"))
     epoch = body.get("epoch", b"")
+    lane = body.get("lane", BULK_LANE)
     if not (
         isinstance(gw, str) and gw and _is_uint(seq, 1)
         and isinstance(prev, bytes) and len(prev) == 32
         and _is_number(created) and isinstance(events, list)
         and isinstance(epoch, bytes) and len(epoch) == (EPOCH_LEN if "epoch" in body else 0)
+        # lane 0 is written by leaving the key out (canonical: one encoding per batch)
+        and (lane == ALARM_LANE if "lane" in body else True) and not isinstance(lane, bool)
     ):
         raise ProtocolError("malformed", "payload fields")
     checked = [_check_event(ev) for ev in events]
+    if lane == ALARM_LANE and any(ev["prio"] != 0 for ev in checked):
+        raise ProtocolError("malformed", "alarm lane batch holds an event that is not an alarm")
     return Batch(kid=kid, gw=gw, seq=seq, prev=prev, created=float(created), events=checked,
-                 hash=digest, epoch=epoch)
+                 hash=digest, epoch=epoch, lane=lane)
 
 
 def decode_batch(data: bytes) -> tuple[Batch, bytes, bytes]:

@@ -14,6 +14,16 @@ the platform acks each batch once and dedups.
 Backlog drain is rate-limited by a byte budget (`drain_rate_bytes_per_s`); batches that carry an
 alarm bypass it.
 
+The alarm lane (`alarm_lane`, docs/PROTOCOL.md 3.2): alarms go on a hash chain of their own,
+sent by a task of their own (over MQTT on a topic of their own), so that an alarm's batch never
+waits for the bulk batches ahead of it: not for a claim, a PUBACK or the window here, nor at the
+broker or the platform. While the lane has a free slot (`ALARM_WINDOW` batches in flight or
+queued), it is offered to the outbox, whose commit signs a group of alarms straight into the
+lane's next batch (agent.outbox.batches). Alarms committed while it is not offered are claimed
+on the bulk lane first, as without lanes. A platform that does not know lanes refuses the
+lane's batches as `malformed`: at the final refusal the lane is turned off and the chain starts
+again with those alarms on the bulk lane.
+
 Refusals (docs/PROTOCOL.md 4.3): a batch the platform refuses is sent again after the ack
 timeout; at the `MAX_REFUSALS`-th refusal of the same bytes the refusal is taken as final. For
 `fork` (the platform holds another chain at this position: a store restored from an old copy,
@@ -41,10 +51,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent import protocol
 from agent.core.types import ALARM, ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
 from agent.outbox import DirectClaim, Outbox, OutboxError, PendingBatch
+from agent.protocol import ALARM_LANE, BULK_LANE
 from agent.uplink.base import Uplink, UplinkDownError
 
-__all__ = ["HOLD_REASONS", "MAX_HOLD_S", "MAX_REFUSALS", "RECHAIN_REASONS", "Forwarder",
-           "ForwarderStats", "Signer"]
+__all__ = ["ALARM_WINDOW", "HOLD_REASONS", "MAX_HOLD_S", "MAX_REFUSALS", "RECHAIN_REASONS",
+           "Forwarder", "ForwarderStats", "Signer"]
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +63,7 @@ MAX_REFUSALS = 3  # refusals of the same batch bytes before the refusal counts a
 RECHAIN_REASONS = frozenset({"fork"})
 HOLD_REASONS = frozenset({"unknown-key", "bad-signature", "wrong-gateway", "version"})
 MAX_HOLD_S = 600.0  # longest wait between two sends of a batch held for a refused key
+ALARM_WINDOW = 4  # alarm lane batches in flight or queued before alarms go on the bulk lane
 
 
 class Signer:
@@ -71,7 +83,8 @@ class Signer:
         self._key = new_key
         self.kid = protocol.kid_for(new_key.public_key())
 
-    def build(self, seq: int, prev: bytes, bodies: list[bytes], epoch: bytes = b"") -> bytes:
+    def build(self, seq: int, prev: bytes, bodies: list[bytes], epoch: bytes = b"",
+              lane: int = BULK_LANE) -> bytes:
         return protocol.build_batch(
             key=self._key,
             kid=self.kid,
@@ -82,6 +95,7 @@ class Signer:
             encoded_events=bodies,
             epoch=epoch,
             compress=self.compress,
+            lane=lane,
         )
 
 
@@ -95,8 +109,10 @@ class ForwarderStats:
     active_uplink: str | None = None
     active_transport: str | None = None  # "mqtt" / "coap": the kind of the active uplink
     last_ack_at: float | None = None
-    last_acked_seq: int = 0
+    last_acked_seq: int = 0  # the bulk lane's
     chain_restarts: int = 0
+    alarm_lane: bool = False  # alarms go on a lane of their own now
+    alarm_batches_acked: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -110,6 +126,8 @@ class ForwarderStats:
             "last_ack_at": self.last_ack_at,
             "last_acked_seq": self.last_acked_seq,
             "chain_restarts": self.chain_restarts,
+            "alarm_lane": self.alarm_lane,
+            "alarm_batches_acked": self.alarm_batches_acked,
         }
 
 
@@ -158,6 +176,7 @@ class Forwarder:
         status_doc: Callable[[], Mapping[str, Any]] | None = None,
         on_refused: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
         synchronized: Callable[[], bool] = lambda: True,
+        alarm_lane: bool = True,
     ) -> None:
         if not uplinks:
             raise ValueError("at least one uplink is needed")
@@ -175,9 +194,14 @@ class Forwarder:
         self._status_doc = status_doc
         self._bucket = _TokenBucket(drain_rate_bytes_per_s)
         self.stats = ForwarderStats()
-        self._unsent: list[PendingBatch] = []
-        self._inflight: dict[int, _InFlight] = {}
-        self._wake = asyncio.Event()
+        self._unsent: list[PendingBatch] = []  # to send again: alarm lane first, by seq
+        self._inflight: dict[int, _InFlight] = {}  # by PendingBatch.key
+        self._alarm_fresh: list[PendingBatch] = []  # alarm lane batches not yet sent
+        self._wake = asyncio.Event()  # the bulk lane's sender
+        self._alarm_wake = asyncio.Event()  # the alarm lane's sender
+        self.alarm_lane = alarm_lane
+        self._alarm_claim = DirectClaim(batch_max_events, batch_max_bytes, signer.build, 0.0,
+                                        ALARM_LANE)
         self._up: dict[str, bool] = {u.name: False for u in self.uplinks}
         self._down_since: dict[str, float] = {u.name: time.monotonic() for u in self.uplinks}
         self._acks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10_000)
@@ -188,7 +212,13 @@ class Forwarder:
         self._refusals: dict[bytes, int] = {}  # batch hash -> refusals of those bytes
         self._hold_until = 0.0  # monotonic; no send before (a held batch's backoff)
         self._hold_level = 0  # consecutive final key refusals (0: not holding)
-        outbox.on_commit(self._wake.set)
+        # a final refusal whose chain restart waits for the other lane to settle (no new batch
+        # goes out meanwhile): (batch, reason)
+        self._settling: tuple[PendingBatch, str] | None = None
+        self._alarm_topic = True  # alarm lane batches on their own topic (False: the platform
+        # does not answer there; they go with the rest)
+        self._bulk_acked_at = 0.0  # monotonic: the last ack of a bulk lane batch
+        outbox.on_commit(self._kick)
 
     # ------------------------------------------------------------------ public
 
@@ -202,6 +232,7 @@ class Forwarder:
             for up in self.uplinks:
                 tg.create_task(self._run_uplink(up), name=f"uplink-{up.name}")
             tg.create_task(self._send_loop(), name="forwarder-send")
+            tg.create_task(self._alarm_loop(), name="forwarder-alarms")
             tg.create_task(self._ack_loop(), name="forwarder-acks")
             tg.create_task(self._status_loop(), name="forwarder-status")
 
@@ -220,7 +251,7 @@ class Forwarder:
             if not connected:
                 self._down_since[up.name] = time.monotonic()
             log.info("uplink.state", uplink=up.name, connected=connected)
-            self._wake.set()
+            self._kick()
 
         def on_ack(raw: bytes) -> None:
             try:
@@ -267,10 +298,10 @@ class Forwarder:
                 continue
             self._requeue_expired()
             progressed = False
-            # One slot beyond the window is kept for alarms: an alarm's batch never waits for
-            # an ack of the backlog's batches (bench/README.md, alarm latency under load).
-            while len(self._inflight) < self.window or (
-                len(self._inflight) < self.window + 1 and self.outbox.alarm_waiting
+            # One slot beyond the window is kept for alarms on the bulk lane: an alarm's batch
+            # never waits for an ack of the backlog's batches (bench/README.md).
+            while (bulk := self._in_flight(BULK_LANE)) < self.window or (
+                bulk < self.window + 1 and self.outbox.alarm_waiting
             ):
                 batch = await self._next_batch()
                 if batch is None:
@@ -279,35 +310,101 @@ class Forwarder:
                     await self._bucket.take(len(batch.data))
                 # In flight before the send: an uplink may hand over the ack inside send()
                 # (CoAP answers in the response), and that ack must find its batch.
-                if self.ack_mode != "broker":
-                    self._inflight[batch.seq] = _InFlight(batch, time.monotonic(), up.name)
-                try:
-                    await up.send(batch.seq, batch.data)
-                except UplinkDownError as exc:
-                    log.info("forwarder.send_failed", uplink=up.name, seq=batch.seq, error=str(exc))
-                    if self._inflight.pop(batch.seq, None) is not None or self.ack_mode == "broker":
-                        self._unsent.insert(0, batch)
-                    self._up[up.name] = up.connected
-                    if not up.connected:
-                        self._down_since[up.name] = time.monotonic()
+                if not await self._send(up, batch):
                     break
                 progressed = True
-                self.stats.batches_sent += 1
-                if self.ack_mode == "broker":
-                    await self._acked(batch, via="broker")
             if not progressed:
-                if up.connected and len(self._inflight) <= self.window:
+                if (up.connected and self._in_flight(BULK_LANE) <= self.window
+                        and self._settling is None):
                     # The next commit may sign its events straight into a batch (no claim
                     # transaction; agent.outbox.batches): with the window full, only an alarm
                     # can, for the slot kept for alarms (nothing else may pass the backlog).
                     self.outbox.offer_direct(direct)
                 await self._wait(self._next_timeout())
 
-    async def _wait(self, seconds: float) -> None:
+    async def _send(self, up: Uplink, batch: PendingBatch) -> bool:
+        """Send one batch on `up`; False (the batch queued to go again) when the uplink is
+        down."""
+        # In flight before the send: an uplink may hand over the ack inside send() (CoAP
+        # answers in the response), and that ack must find its batch.
+        if self.ack_mode != "broker":
+            self._inflight[batch.key] = _InFlight(batch, time.monotonic(), up.name)
+        try:
+            await up.send(batch.seq, batch.data,
+                          lane=batch.lane if self._alarm_topic else BULK_LANE)
+        except UplinkDownError as exc:
+            log.info("forwarder.send_failed", uplink=up.name, seq=batch.seq, lane=batch.lane,
+                     error=str(exc))
+            if self._inflight.pop(batch.key, None) is not None or self.ack_mode == "broker":
+                self._unsend(batch)
+            self._up[up.name] = up.connected
+            if not up.connected:
+                self._down_since[up.name] = time.monotonic()
+            return False
+        self.stats.batches_sent += 1
+        if self.ack_mode == "broker":
+            await self._acked(batch, via="broker")
+        return True
+
+    def _unsend(self, batch: PendingBatch) -> None:
+        if all(b.key != batch.key for b in self._unsent):
+            self._unsent = sorted([*self._unsent, batch], key=lambda b: (-b.lane, b.seq))
+
+    def _in_flight(self, lane: int) -> int:
+        return sum(1 for f in self._inflight.values() if f.batch.lane == lane)
+
+    def _kick(self) -> None:
+        """Wake both senders (a commit, an ack, an uplink's state, a re-queue)."""
+        self._wake.set()
+        self._alarm_wake.set()
+
+    async def _wait(self, seconds: float, wake: asyncio.Event | None = None) -> None:
+        wake = self._wake if wake is None else wake
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):  # not wait_for: 3.11 can lose a cancel there
-                await self._wake.wait()
-        self._wake.clear()
+                await wake.wait()
+        wake.clear()
+
+    # ------------------------------------------------------------------ the alarm lane
+
+    async def _alarm_loop(self) -> None:
+        """Sends the alarm lane's batches, in seq order, on the active uplink (chosen by the
+        bulk sender), up to `ALARM_WINDOW` at a time; offers the lane to the outbox while it
+        has room."""
+        while True:
+            self._alarm_fresh += self.outbox.take_alarm_batches()
+            up = self._active
+            if self._offer_alarm_lane() and up is not None:
+                while self._in_flight(ALARM_LANE) < ALARM_WINDOW:
+                    batch = self._next_alarm_batch()
+                    if batch is None or not await self._send(up, batch):
+                        break
+                    self._alarm_fresh += self.outbox.take_alarm_batches()
+                self._offer_alarm_lane()  # with the lane's new load
+            await self._wait(1.0, self._alarm_wake)
+
+    def _offer_alarm_lane(self) -> bool:
+        """Offer the alarm lane to the outbox while it has room; True when the active uplink
+        can take the lane's batches now."""
+        up = self._active
+        ready = (up is not None and up.connected and self._up.get(up.name, False)
+                 and self._hold_until <= time.monotonic())
+        self.stats.alarm_lane = bool(self.alarm_lane and ready and self._settling is None
+                                     and self._queued(ALARM_LANE) < ALARM_WINDOW)
+        self.outbox.offer_alarm_lane(self._alarm_claim if self.stats.alarm_lane else None)
+        return ready
+
+    def _queued(self, lane: int) -> int:
+        """Batches of `lane` in flight, to send again, or (alarm lane) not yet sent."""
+        return (self._in_flight(lane) + sum(1 for b in self._unsent if b.lane == lane)
+                + (len(self._alarm_fresh) if lane == ALARM_LANE else 0))
+
+    def _next_alarm_batch(self) -> PendingBatch | None:
+        for i, b in enumerate(self._unsent):
+            if b.lane == ALARM_LANE:
+                self.stats.batches_resent += 1
+                return self._unsent.pop(i)
+        return self._alarm_fresh.pop(0) if self._alarm_fresh else None
 
     def _next_timeout(self) -> float:
         if not self._inflight:
@@ -316,9 +413,13 @@ class Forwarder:
         return max(0.05, oldest + self.ack_timeout_s - time.monotonic())
 
     async def _next_batch(self) -> PendingBatch | None:
-        if self._unsent:
-            self.stats.batches_resent += 1
-            return self._unsent.pop(0)
+        """The bulk lane's next batch: one to send again, or a new claim."""
+        for i, b in enumerate(self._unsent):
+            if b.lane == BULK_LANE:
+                self.stats.batches_resent += 1
+                return self._unsent.pop(i)
+        if self._settling is not None:
+            return None  # no new batch until the chain restart it waits for
         # Let the batch fill; an alarm or a full batch ends the wait at once (every commit
         # wakes us, and linger_remaining is 0 then).
         while (wait := self.outbox.linger_remaining(self.batch_linger_s,
@@ -338,14 +439,24 @@ class Forwarder:
 
     def _requeue_all(self) -> None:
         if self._inflight:
-            self._unsent = sorted(
-                [f.batch for f in self._inflight.values()] + self._unsent, key=lambda b: b.seq
-            )
+            self._unsent = sorted([f.batch for f in self._inflight.values()] + self._unsent,
+                                  key=lambda b: (-b.lane, b.seq))
             self._inflight.clear()
+            self._alarm_wake.set()
 
     def _requeue_expired(self) -> None:
         now = time.monotonic()
         expired = [s for s, f in self._inflight.items() if now - f.sent_at >= self.ack_timeout_s]
+        if self._alarm_topic and any(
+                f.batch.lane == ALARM_LANE and f.sent_at < self._bulk_acked_at
+                for s, f in self._inflight.items() if s in expired):
+            # Unanswered while the bulk lane was answered: the platform does not read the alarm
+            # topic (one from before lanes). Its batches go on the bulk topic from now on, where
+            # such a platform refuses them as malformed and the lane is turned off.
+            log.warning("forwarder.alarm_topic_unanswered",
+                        advice="the platform does not read the alarm topic; alarm lane batches "
+                        "go on the batch topic (docs/PROTOCOL.md 5)")
+            self._alarm_topic = False
         if expired:
             log.info("forwarder.ack_timeout", seqs=expired[:8])
             # Resend everything from the oldest expired on: the platform accepts in order only.
@@ -362,26 +473,28 @@ class Forwarder:
                 self._count("malformed_ack")
                 log.warning("forwarder.bad_ack", error=str(exc), size=len(raw))
                 continue
-            flight = self._inflight.get(ack.seq)
-            if flight is None or flight.batch.hash != ack.h:
-                # Matched by `h` (docs/PROTOCOL.md 4): a late ack for a batch re-queued, or a
-                # refusal of bytes the platform could not read a seq from (seq 0).
-                match = next((b for b in (*(f.batch for f in self._inflight.values()),
-                                          *self._unsent) if b.hash == ack.h), None)
-                if match is None:
-                    self._count("unknown_ack" if flight is None else "ack_hash_mismatch")
-                    if flight is not None:
-                        log.error("forwarder.ack_hash_mismatch", seq=ack.seq)
-                    continue
-                batch = match
-            else:
-                batch = flight.batch
+            # Matched by `h` (docs/PROTOCOL.md 4): the seq names a batch in one of two lanes,
+            # and a refusal of bytes the platform could not read has seq 0.
+            batch = next((b for b in (*(f.batch for f in self._inflight.values()),
+                                      *self._unsent) if b.hash == ack.h), None)
+            if batch is None:
+                flight = self._inflight.get(ack.seq)  # a bulk batch of that seq, other bytes
+                self._count("unknown_ack" if flight is None else "ack_hash_mismatch")
+                if flight is not None:
+                    log.error("forwarder.ack_hash_mismatch", seq=ack.seq)
+                continue
             if ack.ok or ack.err == "replay":
-                self._unsent = [b for b in self._unsent if b.seq != batch.seq]
-                self._inflight.pop(batch.seq, None)
+                self._unsent = [b for b in self._unsent if b.key != batch.key]
+                self._inflight.pop(batch.key, None)
                 self._refusals.pop(batch.hash, None)
                 self._hold_level, self._hold_until = 0, 0.0
                 await self._acked(batch, via="platform")
+                if self._settling is not None:
+                    # an answer from the other lane may be what the chain restart waits for
+                    if self._settling[0].key == batch.key:
+                        self._settling = None  # accepted after all: nothing to restart
+                    else:
+                        await self._refused_for_good(*self._settling)
                 continue
             err = ack.err or "unspecified"
             self._count(err)
@@ -394,6 +507,7 @@ class Forwarder:
                 log.error(
                     "forwarder.batch_rejected",
                     seq=ack.seq,
+                    lane=batch.lane,
                     reason=err,
                     refusals=n,
                     advice="the platform refuses this gateway's batches; check the registered "
@@ -403,7 +517,9 @@ class Forwarder:
                 # until the refusal counts as final.
                 if n >= MAX_REFUSALS:
                     await self._refused_for_good(batch, err)
-            self._wake.set()
+                elif self._settling is not None and self._settling[0].key != batch.key:
+                    await self._refused_for_good(*self._settling)
+            self._kick()
 
     async def _refused_for_good(self, batch: PendingBatch, err: str) -> None:
         if err in HOLD_REASONS:
@@ -422,18 +538,37 @@ class Forwarder:
                                                    else TQ_UNSYNCED))
                 await self._report_refused(info)
             return
+        rechain = err in RECHAIN_REASONS
+        if batch.lane == ALARM_LANE and not rechain and self.alarm_lane:
+            # A platform that does not know lanes: the alarms go again on the bulk lane.
+            log.error("forwarder.alarm_lane_off", seq=batch.seq, reason=err,
+                      advice="the platform refuses the alarm lane's batches; alarms go on the "
+                      "bulk lane from now on (set [forwarder] alarm_lane = false for a "
+                      "platform without lanes, docs/PROTOCOL.md 3.2)")
+            self.alarm_lane = False
+            self._kick()  # withdraw the offer
+        if batch.lane == ALARM_LANE and not self.alarm_lane:
+            rechain = True
+        refused_too = frozenset(h for h, n in self._refusals.items() if n > 0)
         try:
-            restarted = await self.outbox.restart_chain(batch, err,
-                                                        park=err not in RECHAIN_REASONS)
+            restarted = await self.outbox.restart_chain(batch, err, park=not rechain,
+                                                        refused_too=refused_too)
         except OutboxError as exc:
             log.error("forwarder.restart_failed", seq=batch.seq, error=str(exc))
             return
-        if restarted is None:  # an older batch still waits for its ack: decide once it has one
+        if restarted is None:
+            # An older batch of its lane, or a batch of the other lane, may still be accepted:
+            # no new batch goes out until each has its answer (then this is tried again).
+            if self._settling is None:
+                log.info("forwarder.restart_waits", seq=batch.seq, lane=batch.lane, reason=err)
+            self._settling = (batch, err)
             return
+        self._settling = None
         info = restarted
         # Every stored batch was dissolved: what was in flight or queued is gone with them.
         self._inflight.clear()
         self._unsent = []
+        self._alarm_fresh = []
         self._refusals.clear()
         self.stats.chain_restarts += 1
         log.error("forwarder.chain_restarted", seq=batch.seq, reason=err,
@@ -450,24 +585,27 @@ class Forwarder:
 
     async def _acked(self, batch: PendingBatch, via: str) -> None:
         try:
-            deleted = await self.outbox.ack_batch(batch.seq, batch.hash)
+            deleted = await self.outbox.ack_batch(batch.seq, batch.hash, batch.lane)
         except OutboxError as exc:
             # A full or read-only disk: the events stay stored; the batch is sent again and
             # the platform's `replay` ack retries the delete. Never stop the agent for this.
             log.error("forwarder.ack_store_failed", seq=batch.seq, error=str(exc))
-            if all(b.seq != batch.seq for b in self._unsent):
-                self._unsent = sorted([*self._unsent, batch], key=lambda b: b.seq)
+            self._unsend(batch)
             await asyncio.sleep(1.0)  # not a busy loop of resends while the disk is unwritable
             return
         if deleted:
             self.stats.batches_acked += 1
             self.stats.events_acked += batch.count
             self.stats.last_ack_at = time.time()
-            self.stats.last_acked_seq = max(self.stats.last_acked_seq, batch.seq)
+            if batch.lane == BULK_LANE:
+                self._bulk_acked_at = time.monotonic()
+                self.stats.last_acked_seq = max(self.stats.last_acked_seq, batch.seq)
+            else:
+                self.stats.alarm_batches_acked += 1
             log.debug("forwarder.acked", seq=batch.seq, events=batch.count, via=via)
             if self._rotation is not None:
                 await self._maybe_rotate(batch)
-        self._wake.set()
+        self._kick()
 
     async def _maybe_rotate(self, batch: PendingBatch) -> None:
         assert self._rotation is not None

@@ -48,9 +48,10 @@ class Uplink(Protocol):
         """Connect, keep connected (jittered backoff), call on_state(True/False) on changes and
         on_ack(raw ack bytes) for every ack received. Lives until cancelled."""
 
-    async def send(self, seq: int, data: bytes) -> None:
-        """Hand one signed batch to the transport; returns when the transport accepted it (MQTT:
-        PUBACK received). Raises UplinkDownError when not connected or the connection drops."""
+    async def send(self, seq: int, data: bytes, lane: int = 0) -> None:
+        """Hand one signed batch to the transport, on `lane`'s path (MQTT: the alarm lane's
+        topic for ALARM_LANE); returns when the transport accepted it (MQTT: PUBACK received).
+        Raises UplinkDownError when not connected or the connection drops."""
 
     async def publish_status(self, doc: Mapping[str, Any]) -> None:
         """Publish the gateway's retained status document; returns when the transport accepted

@@ -277,7 +277,8 @@ class CoapUplink:
         self._activity.set()
         return resp
 
-    async def send(self, seq: int, data: bytes) -> None:
+    async def send(self, seq: int, data: bytes, lane: int = 0) -> None:
+        # every lane to the one resource: each request is answered on its own
         msg = aiocoap.Message(
             code=aiocoap.POST, uri=self._batch_uri, payload=data, content_format=CF_COSE
         )

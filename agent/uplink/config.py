@@ -54,7 +54,8 @@ class MqttUplinkConfig(StrictModel):
 
 def topics(prefix: str, gw: str) -> dict[str, str]:
     """The gateway's topics (docs/PROTOCOL.md, "MQTT binding")."""
-    return {k: f"{prefix}/{gw}/{k}" for k in ("batch", "ack", "status", "cmd", "cmd-ack")}
+    return {k: f"{prefix}/{gw}/{k}"
+            for k in ("batch", "alarm", "ack", "status", "cmd", "cmd-ack")}
 
 
 class CoapOscoreConfig(StrictModel):

@@ -426,9 +426,10 @@ class MqttUplink:
             if self._pending.get(info.mid) is fut:
                 del self._pending[info.mid]
 
-    async def send(self, seq: int, data: bytes) -> None:
-        """Publish one batch (QoS 1); returns on PUBACK. Raises UplinkDownError."""
-        await self._publish(self.topics["batch"], data)
+    async def send(self, seq: int, data: bytes, lane: int = 0) -> None:
+        """Publish one batch (QoS 1), the alarm lane's on its own topic (the platform reads it
+        apart: docs/PROTOCOL.md 5); returns on PUBACK. Raises UplinkDownError."""
+        await self._publish(self.topics["alarm" if lane else "batch"], data)
 
     async def publish_status(self, doc: Mapping[str, Any]) -> None:
         """Publish a retained status document; returns on PUBACK. Raises UplinkDownError."""

@@ -60,7 +60,11 @@ def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | 
 class Mosquitto:
     """A mosquitto process. `tls` given: a TLS listener that requires a client certificate."""
 
-    def __init__(self, dir: Path, tls: Pki | None = None, port: int | None = None) -> None:
+    def __init__(self, dir: Path, tls: Pki | None = None, port: int | None = None,
+                 autosave_s: int | None = 1) -> None:
+        """`autosave_s`: how often mosquitto writes its persistence file (and fsyncs it,
+        stalling every delivery meanwhile); 1 s so that a broker crash (`kill`) loses little,
+        None for mosquitto's default (every 30 minutes, and at a clean stop)."""
         self.dir = dir
         self.tls = tls
         self.port = port or get_free_port()
@@ -74,7 +78,7 @@ class Mosquitto:
             "allow_anonymous true",
             "persistence true",
             f"persistence_location {dir / 'data'}/",
-            "autosave_interval 1",
+            *([f"autosave_interval {autosave_s}"] if autosave_s is not None else []),
             f"log_dest file {self.log}",
             "log_type error",
             "log_type warning",

@@ -44,12 +44,18 @@ def test_batch_vectors() -> None:
             payload = cbor2.loads(raw)
             assert payload["seq"] == case["seq"] and payload["gw"] == EXPECTED["gw"]
             assert payload.get("epoch", b"").hex() == case.get("epoch", "")
+            assert payload.get("lane", 0) == case.get("lane", 0)
             assert payload["events"] == case["events"]
             checked += 1
         elif case["result"] == "bad-signature":
             with pytest.raises(Exception, match=r"(?i)verify"):
                 cose.decode(data, key)
-    assert checked >= 4
+        elif case["result"] == "malformed" and case.get("lane") == 1:
+            # signed, but breaks the alarm lane's rule (docs/PROTOCOL.md 3.2): not only alarms
+            payload = cbor2.loads(cose.decode(data, key))
+            assert payload["lane"] == 1 and payload["events"] == case["events"]
+            assert any(ev["prio"] != 0 for ev in payload["events"])
+    assert checked >= 6
 
 
 def test_command_vectors() -> None:

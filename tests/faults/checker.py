@@ -70,13 +70,17 @@ def read_outbox(db: Path) -> OutboxSnapshot | None:
     try:
         with _ro(db) as c:
             row = c.execute("SELECT value FROM meta WHERE key='next_id'").fetchone()
-            ids = frozenset(int(r[0]) for r in c.execute("SELECT id FROM events"))
+            ids = {int(r[0]) for r in c.execute("SELECT id FROM events")}
+            # a direct batch (every alarm lane batch is one) holds its events itself
+            for (held,) in c.execute("SELECT held FROM batches WHERE held IS NOT NULL"):
+                first, last = json.loads(held)["ids"]
+                ids.update(range(int(first), int(last) + 1))
             batches = int(c.execute("SELECT COUNT(*) FROM batches").fetchone()[0])
     except sqlite3.Error:
         return None  # not created yet, or mid-creation
     if row is None:
         return None
-    return OutboxSnapshot(int(row[0]), ids, batches)
+    return OutboxSnapshot(int(row[0]), frozenset(ids), batches)
 
 
 def _ranges_to_ids(ranges: Iterable[Iterable[int]]) -> set[int]:
@@ -92,7 +96,7 @@ class PlatformView:
     """What the reference platform's store holds for one gateway (read-only)."""
 
     delivered: dict[int, dict[str, Any]]  # id -> event (deduplicated by the platform)
-    received_at: dict[tuple[bytes, int], float]  # (epoch, batch seq) -> when it was stored
+    received_at: dict[tuple[bytes, int, int], float]  # (epoch, lane, seq) -> when stored
     dropped: set[int]  # ids named by gateway.dropped records
     drop_priorities: list[int]
     resets: list[int]  # first_new_id of each gateway.store_reset record
@@ -101,22 +105,23 @@ class PlatformView:
 def platform_view(store: Path, gw: str) -> PlatformView:
     with _ro(store) as c:
         rows = c.execute(
-            "SELECT id, t, tq, src, type, v, prio, seq, epoch FROM events WHERE gw=? ORDER BY id",
-            (gw,),
+            "SELECT id, t, tq, src, type, v, prio, seq, epoch, lane FROM events WHERE gw=? "
+            "ORDER BY id", (gw,),
         ).fetchall()
-        received = {(bytes(e), int(seq)): float(at) for e, seq, at in c.execute(
-            "SELECT epoch, seq, received_at FROM batches WHERE gw=?", (gw,))}
+        received = {(bytes(e), int(lane), int(seq)): float(at) for e, lane, seq, at in c.execute(
+            "SELECT epoch, lane, seq, received_at FROM batches WHERE gw=?", (gw,))}
     delivered: dict[int, dict[str, Any]] = {}
     dropped: set[int] = set()
     prios: list[int] = []
     resets: list[int] = []
-    for id_, t, tq, src, type_, v, prio, seq, epoch in rows:
+    for id_, t, tq, src, type_, v, prio, seq, epoch, lane in rows:
         value = json.loads(v)
         # ids are unique across epochs here: a quarantined store's successor starts above the
         # id floor (the fault suite never loses chain.json)
         assert int(id_) not in delivered, f"id {id_} delivered in two epochs"
         delivered[int(id_)] = {"id": int(id_), "t": t, "tq": tq, "src": src, "type": type_,
-                               "v": value, "prio": prio, "seq": seq, "epoch": bytes(epoch)}
+                               "v": value, "prio": prio, "seq": seq, "epoch": bytes(epoch),
+                               "lane": int(lane)}
         if type_ == "gateway.dropped" and isinstance(value, dict):
             dropped |= _ranges_to_ids(value.get("ids", []))
             prios.append(int(value.get("priority", -1)))
@@ -199,32 +204,36 @@ def check_platform(ledger: Ledger, counter_sources: Iterable[str] = (),
     with _ro(store) as c:
         pem = c.execute("SELECT pubkey FROM gateways WHERE gw=?", (gw,)).fetchone()
         raws = c.execute(
-            "SELECT b.epoch, b.seq, b.hash, b.raw FROM batches b JOIN epochs p "
-            "ON p.gw = b.gw AND p.epoch = b.epoch WHERE b.gw=? ORDER BY p.n, b.seq", (gw,),
+            "SELECT b.epoch, b.lane, b.seq, b.hash, b.raw FROM batches b JOIN epochs p "
+            "ON p.gw = b.gw AND p.epoch = b.epoch WHERE b.gw=? ORDER BY p.n, b.lane, b.seq",
+            (gw,),
         ).fetchall()
-        head = c.execute("SELECT epoch, last_seq FROM chain WHERE gw=?", (gw,)).fetchone()
+        heads = {int(lane): (bytes(ep), int(last)) for lane, ep, last in c.execute(
+            "SELECT lane, epoch, last_seq FROM chain WHERE gw=?", (gw,))}
     assert pem is not None, f"{gw} is not registered at the platform"
     key = serialization.load_pem_public_key(bytes(pem[0]))
     assert isinstance(key, Ed25519PublicKey)
     rep = Report(batches=len(raws))
     # Signature and chain, from the raw bytes (the Receiver verified them once already): each
-    # epoch (a new one after a quarantined store) a whole chain from seq 1.
-    prev, epoch, i = ZERO_HASH, None, 0
+    # lane of each epoch (a new one after a quarantined store) a whole chain from seq 1.
+    last: dict[int, tuple[bytes, int, bytes]] = {}  # lane -> (epoch, seq, hash) of its last
     per_id: Counter[int] = Counter()
-    for ep, seq, h, raw in raws:
-        if bytes(ep) != epoch:
-            prev, epoch, i = ZERO_HASH, bytes(ep), 0
+    for ep, lane, seq, h, raw in raws:
+        epoch, lane = bytes(ep), int(lane)
+        prev_ep, i, prev = last.get(lane, (epoch, 0, ZERO_HASH))
+        if prev_ep != epoch:
+            i, prev = 0, ZERO_HASH
         i += 1
         batch = verify_batch(bytes(raw), lambda _kid: key)
         assert batch.epoch == epoch, f"batch {seq}: stored under another epoch"
-        assert batch.seq == seq == i, f"batch seqs not contiguous at {i}: {seq}"
+        assert batch.lane == lane, f"batch {seq}: stored under another lane"
+        assert batch.seq == seq == i, f"lane {lane} batch seqs not contiguous at {i}: {seq}"
         assert batch.hash == bytes(h), f"batch {seq}: stored hash does not match its bytes"
-        assert batch.prev == prev, f"batch {seq}: prev does not chain to batch {seq - 1}"
-        prev = batch.hash
+        assert batch.prev == prev, f"lane {lane} batch {seq}: prev does not chain to {seq - 1}"
+        last[lane] = (epoch, i, batch.hash)
         per_id.update(int(ev["id"]) for ev in batch.events)
-    assert (head is None and not raws) or (
-        head is not None and bytes(head[0]) == epoch and int(head[1]) == i
-    ), "chain head is not the last batch of the last epoch"
+    assert {lane: (ep, n) for lane, (ep, n, _) in last.items()} == heads, (
+        "a lane's chain head is not its last stored batch")
     rep.duplicates = sum(1 for n in per_id.values() if n > 1)
 
     view = platform_view(store, gw)
@@ -263,7 +272,8 @@ def check_platform(ledger: Ledger, counter_sources: Iterable[str] = (),
               ev["src"] != "gateway"]
     rep.alarms = len(alarms)
     if latency_clock_ok and alarms:
-        rep.max_alarm_latency = max(view.received_at[(ev["epoch"], int(ev["seq"]))] - float(ev["t"])
+        rep.max_alarm_latency = max(view.received_at[(ev["epoch"], ev["lane"], int(ev["seq"]))]
+                                    - float(ev["t"])
                                     for ev in alarms)
     return rep
 

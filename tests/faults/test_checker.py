@@ -38,7 +38,7 @@ def test_checker_catches_loss_strangers_and_tampering(chain: Chain, tmp_path: Pa
         check_platform(lost, [])
     stranger = tampered(led, tmp_path / "stranger.db",
                         "INSERT INTO events SELECT gw, epoch, id + 1000000, t, tq, src, type, v, "
-                        "u, prio, attrs, seq FROM events WHERE id = 5")
+                        "u, prio, attrs, lane, seq FROM events WHERE id = 5")
     with pytest.raises(AssertionError, match="never accepted"):
         check_platform(stranger, [])
     with contextlib.closing(sqlite3.connect(led.platform_store)) as c:

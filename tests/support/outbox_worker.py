@@ -27,9 +27,10 @@ KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 KID = protocol.kid_for(KEY.public_key())
 
 
-def build(seq: int, prev: bytes, bodies: list[bytes], epoch: bytes = b"") -> bytes:
+def build(seq: int, prev: bytes, bodies: list[bytes], epoch: bytes = b"",
+          lane: int = protocol.BULK_LANE) -> bytes:
     return protocol.build_batch(key=KEY, kid=KID, gw="gw-test", seq=seq, prev=prev,
-                                created=1.0, encoded_events=bodies, epoch=epoch)
+                                created=1.0, encoded_events=bodies, epoch=epoch, lane=lane)
 
 
 def out(line: str) -> None:

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.protocol import (
+    ALARM_LANE,
     ZERO_HASH,
     ZSTD,
     Ack,
@@ -66,6 +67,25 @@ EPOCH1_EVENTS: list[dict[str, Any]] = [
 ]
 
 
+# The alarm lane (docs/PROTOCOL.md 3.2): the same gateway and epoch, a chain of its own from seq
+# 1 with a zero prev, alarms only; ids from the one sequence the bulk lane uses too.
+ALARM1_EVENTS: list[dict[str, Any]] = [
+    {"id": 20, "t": 1767225900.125, "tq": 0, "src": "gpio.vault_door", "type": "contact",
+     "v": True, "prio": 0},
+]
+ALARM2_EVENTS: list[dict[str, Any]] = [
+    {"id": 21, "t": 1767225901.0, "tq": 0, "src": "gpio.panic_1", "type": "panic", "v": True,
+     "prio": 0},
+    {"id": 22, "t": 1767225901.0, "tq": 0, "src": "gpio.panic_2", "type": "panic", "v": True,
+     "prio": 0},
+]
+# Signed, but an alarm lane batch holding a telemetry event: refused as malformed.
+ALARM_BAD_EVENTS: list[dict[str, Any]] = [
+    {"id": 23, "t": 1767225902.0, "tq": 0, "src": "ble.atm_room", "type": "temperature",
+     "v": 21.5, "u": "Cel", "prio": 2},
+]
+
+
 def load_or_create_key(new: bool) -> Ed25519PrivateKey:
     if new or not KEY.exists():
         key = Ed25519PrivateKey.generate()
@@ -90,6 +110,13 @@ def make(key: Ed25519PrivateKey) -> tuple[dict[str, bytes], dict[str, Any]]:
                      encoded_events=[encode_event(**e) for e in BATCH3_EVENTS], compress=True)
     e1 = build_batch(key=key, kid=kid, gw=GW, seq=1, prev=ZERO_HASH, created=1767312001.0,
                      encoded_events=[encode_event(**e) for e in EPOCH1_EVENTS], epoch=EPOCH)
+    a1 = build_batch(key=key, kid=kid, gw=GW, seq=1, prev=ZERO_HASH, created=1767225900.5,
+                     encoded_events=[encode_event(**e) for e in ALARM1_EVENTS], lane=ALARM_LANE)
+    a2 = build_batch(key=key, kid=kid, gw=GW, seq=2, prev=batch_hash(a1), created=1767225901.25,
+                     encoded_events=[encode_event(**e) for e in ALARM2_EVENTS], lane=ALARM_LANE)
+    a_bad = build_batch(key=key, kid=kid, gw=GW, seq=3, prev=batch_hash(a2),
+                        created=1767225902.5, lane=ALARM_LANE,
+                        encoded_events=[encode_event(**e) for e in ALARM_BAD_EVENTS])
     tampered = bytearray(b2)
     # Flip a bit inside the payload (the value 123456 of event 7): still decodes, bad signature.
     at = bytes(b2).index((123456).to_bytes(4, "big"))
@@ -102,6 +129,9 @@ def make(key: Ed25519PrivateKey) -> tuple[dict[str, bytes], dict[str, Any]]:
         "batch-2-tampered.cose": bytes(tampered),
         "batch-3-zstd.cose": b3,
         "batch-epoch-1.cose": e1,
+        "batch-alarm-1.cose": a1,
+        "batch-alarm-2.cose": a2,
+        "batch-alarm-3-telemetry.cose": a_bad,
         "ack-1.cbor": ack1,
         "ack-2-replay.cbor": ack_replay,
     }
@@ -120,6 +150,13 @@ def make(key: Ed25519PrivateKey) -> tuple[dict[str, bytes], dict[str, Any]]:
              "content_type": ZSTD, "hash": batch_hash(b3).hex(), "events": BATCH3_EVENTS},
             {"file": "batch-epoch-1.cose", "result": "ok", "seq": 1, "prev": ZERO_HASH.hex(),
              "epoch": EPOCH.hex(), "hash": batch_hash(e1).hex(), "events": EPOCH1_EVENTS},
+            {"file": "batch-alarm-1.cose", "result": "ok", "seq": 1, "lane": ALARM_LANE,
+             "prev": ZERO_HASH.hex(), "hash": batch_hash(a1).hex(), "events": ALARM1_EVENTS},
+            {"file": "batch-alarm-2.cose", "result": "ok", "seq": 2, "lane": ALARM_LANE,
+             "prev": batch_hash(a1).hex(), "hash": batch_hash(a2).hex(),
+             "events": ALARM2_EVENTS},
+            {"file": "batch-alarm-3-telemetry.cose", "result": "malformed", "lane": ALARM_LANE,
+             "hash": batch_hash(a_bad).hex(), "events": ALARM_BAD_EVENTS},
         ],
         "acks": [
             {"file": "ack-1.cbor", "seq": 1, "h": batch_hash(b1).hex(), "ok": True},

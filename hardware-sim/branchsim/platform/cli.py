@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--shared", metavar="GROUP",
                    help="MQTT 5 shared subscription group; every instance of a group serves "
                         "the same --db file (one host)")
+    s.add_argument("--without-lanes", action="store_true",
+                   help="answer as a platform from before the alarm lane (docs/PROTOCOL.md "
+                        "3.2): no alarm topic, its batches refused as malformed; to rehearse "
+                        "gateways against an old platform")
 
     o = sub.add_parser("oscore-pair",
                        help="provision a pre-shared OSCORE context pair for one gateway")
@@ -78,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # The alarm lane's thread gets the GIL within 1 ms of asking, not CPython's 5 ms, while the
+    # bulk lane's thread verifies a backlog (docs/PROTOCOL.md 4.2: alarms handled apart).
+    sys.setswitchinterval(0.001)
     if args.no_mqtt and args.no_coap:
         print("branch-platform serve: --no-mqtt and --no-coap leave nothing to serve",
               file=sys.stderr)
@@ -91,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
         print("branch-platform serve: give --ca, --cert and --key (mutual TLS), "
               "or --insecure for a local plain-TCP broker, or --no-mqtt", file=sys.stderr)
         return 2
-    receiver = Receiver(args.db)
+    receiver = Receiver(args.db, lanes=not args.without_lanes)
     try:
         return asyncio.run(_serve_async(args, receiver, tls))
     finally:

@@ -1,11 +1,16 @@
-"""The reference platform's MQTT side: take batches from `{prefix}/+/batch`, ack on
-`{prefix}/{gw}/ack` (QoS 1).
+"""The reference platform's MQTT side: take batches from `{prefix}/+/batch` (the bulk lane) and
+`{prefix}/+/alarm` (the alarm lane), ack both on `{prefix}/{gw}/ack` (QoS 1).
 
-paho runs its own network thread here (`loop_start`): the Receiver is thread-safe and this is
-the simulator, not the gateway, so the simplest correct thing is fine. With `shared_group`,
-several platform instances share the batch subscription (`$share/{group}/...`). They must share
-one store file too (`--db`, on one host: SQLite's WAL needs shared memory): the hash chain is per
-gateway, and the broker hands a gateway's in-flight batches to the instances in turn.
+One paho client per topic, each with its own connection and network thread (`loop_start`):
+an alarm's batch reaches the Receiver while the bulk client is still working through the bulk
+batches queued ahead of it (in the broker, in its socket), and its ack does not queue behind
+theirs (docs/PROTOCOL.md 5). The Receiver is thread-safe and lets the alarm handler in before
+the next bulk one; this is the simulator, not the gateway, so paho's own threads are fine. A
+batch's lane is what its signed payload says, whichever topic it came on. With
+`shared_group`, several platform instances share both subscriptions (`$share/{group}/...`).
+They must share one store file too (`--db`, on one host: SQLite's WAL needs shared memory): the
+hash chains are per gateway and lane, and the broker hands a gateway's in-flight batches to the
+instances in turn.
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ class PlatformTls:
 
 
 class MqttPlatformServer:
-    """Subscribe to every gateway's batches, verify them with `receiver`, publish the acks."""
+    """Subscribe to every gateway's batches of both lanes, verify them with `receiver`, publish
+    the acks."""
 
     def __init__(
         self,
@@ -66,27 +72,37 @@ class MqttPlatformServer:
         self.receiver = receiver
         self.host, self.port, self.prefix = host, port, prefix
         self.batch_filter = f"{prefix}/+/batch"
+        self.alarm_filter = f"{prefix}/+/alarm"
         self.gap_wait_s = 0.0
         if shared_group:
             self.batch_filter = f"$share/{shared_group}/{self.batch_filter}"
+            self.alarm_filter = f"$share/{shared_group}/{self.alarm_filter}"
             self.gap_wait_s = SHARED_GAP_WAIT_S
-        self.ready = threading.Event()  # set once the batch subscription is granted
+        self.ready = threading.Event()  # set once both subscriptions are granted
         self.handled = 0
-        self._client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"branch-platform-{uuid.uuid4().hex[:8]}",
-            protocol=paho.MQTTv5,
-        )
+        self.handled_on = {"batch": 0, "alarm": 0}  # by the topic they came on
+        self._granted: set[str] = set()
+        self._state_lock = threading.Lock()  # `handled` and `_granted`: two paho threads
+        client_id = client_id or f"branch-platform-{uuid.uuid4().hex[:8]}"
+        self._clients = [self._client(client_id, self.batch_filter, tls)]
+        if receiver.lanes:  # a platform from before lanes does not read the alarm topic
+            self._clients.append(self._client(f"{client_id}-alarm", self.alarm_filter, tls))
+
+    def _client(self, client_id: str, topic_filter: str, tls: PlatformTls | None
+                ) -> paho.Client:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=paho.MQTTv5, userdata=topic_filter)
         if tls is not None:
             ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.load_cert_chain(str(tls.cert), str(tls.key))
-            self._client.tls_set_context(ctx)
-        self._client.on_connect = self._on_connect
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_message = self._on_message
-        self._client.on_socket_open = self._on_socket_open
-        self._client.reconnect_delay_set(1, 10)
+            client.tls_set_context(ctx)
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_socket_open = self._on_socket_open
+        client.reconnect_delay_set(1, 10)
+        return client
 
     @staticmethod
     def _on_socket_open(client: paho.Client, _u: object, sock: Any) -> None:
@@ -94,20 +110,24 @@ class MqttPlatformServer:
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def _on_connect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode,
+    def _on_connect(self, client: paho.Client, topic_filter: str, _f: object, rc: ReasonCode,
                     _p: object) -> None:
         if rc.is_failure:
-            log.error("platform.mqtt.refused", reason=rc.getName())
+            log.error("platform.mqtt.refused", reason=rc.getName(), filter=topic_filter)
             return
-        client.subscribe(self.batch_filter, qos=1)
+        client.subscribe(topic_filter, qos=1)
 
-    def _on_subscribe(self, client: paho.Client, _u: object, _mid: int, rcs: list[ReasonCode],
-                      _p: object) -> None:
-        if all(not rc.is_failure for rc in rcs):
-            log.info("platform.mqtt.subscribed", filter=self.batch_filter)
+    def _on_subscribe(self, client: paho.Client, topic_filter: str, _mid: int,
+                      rcs: list[ReasonCode], _p: object) -> None:
+        if any(rc.is_failure for rc in rcs):
+            log.error("platform.mqtt.subscribe_refused", filter=topic_filter)
+            return
+        with self._state_lock:
+            self._granted.add(topic_filter)
+            granted = sorted(self._granted)
+        if len(granted) == len(self._clients):
+            log.info("platform.mqtt.subscribed", filters=granted)
             self.ready.set()
-        else:
-            log.error("platform.mqtt.subscribe_refused", filter=self.batch_filter)
 
     def _on_message(self, client: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         parts = msg.topic.split("/")
@@ -118,7 +138,10 @@ class MqttPlatformServer:
         except Exception:  # a bug here must not stop the platform; the batch stays unacked
             log.exception("platform.mqtt.handle_failed", topic=msg.topic)
             return
-        self.handled += 1
+        with self._state_lock:
+            self.handled += 1
+            self.handled_on[parts[-1]] = self.handled_on.get(parts[-1], 0) + 1
+        # From the client the batch came on: an alarm's ack does not wait behind bulk acks.
         client.publish(f"{self.prefix}/{topic_gw}/ack", encode_ack(ack), qos=1)
 
     def start(self) -> MqttPlatformServer:
@@ -126,14 +149,20 @@ class MqttPlatformServer:
         # the broker instead of being dropped for lack of a subscriber.
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves __init__ unannotated
         props.SessionExpiryInterval = 3600
-        self._client.connect(self.host, self.port, keepalive=30, clean_start=False,
-                             properties=props)
-        self._client.loop_start()
+        try:
+            for client in self._clients:
+                client.connect(self.host, self.port, keepalive=30, clean_start=False,
+                               properties=props)
+                client.loop_start()
+        except BaseException:
+            self.stop()  # the client that did connect: no half-started server
+            raise
         return self
 
     def stop(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
+        for client in self._clients:
+            client.disconnect()
+            client.loop_stop()
 
     def __enter__(self) -> MqttPlatformServer:
         return self.start()

@@ -2,21 +2,36 @@
 
 Every check of docs/PROTOCOL.md ("Platform rules") happens here, in this order: decode and
 verify the signature with the registered key, bind the key to its gateway (and to the topic the
-batch came on), check the hash chain (replay, fork, gap) within the batch's epoch, then store the
-batch, its events and the new chain head. A batch of an epoch the platform has not seen, seq 1
-with a zero `prev`, starts a new chain for its gateway: the chain it replaces and where that one
-ended are recorded (`epochs`), so that a gateway that lost its state rejoins with the gap on
-record; a batch of an epoch that was replaced is refused as a `fork`. The checks and the store
-are one write transaction, so several receivers (processes) on one store file see one chain
-head: of two copies of a batch handled at once, one is stored and the other is a replay.
-Nothing of a rejected batch is stored; the rejection is counted. Thread-safe (one lock; the
-MQTT server calls it from paho's thread, CoAP from asyncio).
+batch came on), check the hash chain (replay, fork, gap) of the batch's lane within its epoch,
+then store the batch, its events and the lane's new chain head.
+
+Chains. A gateway's batches form one hash chain per lane (3.2: 0 bulk, 1 alarm) in an epoch,
+each from seq 1 with a zero `prev`, so that an alarm's batch is checked and stored without
+waiting for the bulk batches ahead of it. The gateway's current epoch is the newest it started
+(`epochs`); a batch of it is checked against its lane's head there (a lane with no batch in it
+yet: seq 0, zero hash). A batch of an epoch the platform has not seen, seq 1 with a zero `prev`
+in either lane, starts a new chain for its gateway: the chain it replaces and where both of that
+chain's lanes ended are recorded, so that a gateway that lost its state rejoins with the gap on
+record; from then on a batch of a replaced epoch, in either lane, is a `replay` of bytes stored
+or else a `fork`. Event ids are shared by the lanes (one sequence per gateway epoch).
+
+The checks and the store are one write transaction, so several receivers (processes) on one
+store file see one chain head per lane: of two copies of a batch handled at once, one is stored
+and the other is a replay. Nothing of a rejected batch is stored; the rejection is counted.
+
+Thread-safe: one lock around the store (the MQTT server calls it from paho's two threads, CoAP
+from asyncio), handed to a waiting alarm-lane handler before any waiting bulk one, so that an
+alarm waits at most for the transaction running when it arrives. Decoding and the signature
+check, most of a bulk batch's cost, run before the lock is taken (with the registered keys
+cached; the registration is read again inside the transaction).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +40,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.protocol import (
+    ALARM_LANE,
+    BULK_LANE,
+    LANES,
     ZERO_HASH,
     Ack,
     Batch,
@@ -43,11 +61,67 @@ log = structlog.get_logger(__name__)
 GAP_POLL_S = 0.005  # how often a batch waiting for its predecessor looks at the chain head again
 
 
+class _StoreLock:
+    """A mutex that lets a waiting alarm-lane handler in before any waiting bulk one (and before
+    queries and registrations, which wait as bulk: so does `with lock:`). `threading.Lock`
+    wakes waiters in no particular order: an alarm could wait behind every bulk batch queued
+    at the receiver."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held = False
+        self._waiting = dict.fromkeys(LANES, 0)
+
+    def acquire(self, lane: int = BULK_LANE) -> None:
+        with self._cond:
+            self._waiting[lane] += 1
+            try:
+                self._cond.wait_for(lambda: not self._held and (
+                    lane == ALARM_LANE or not self._waiting[ALARM_LANE]))
+            except BaseException:
+                self._cond.notify_all()  # a bulk handler may be waiting on this alarm
+                raise
+            finally:
+                self._waiting[lane] -= 1
+            self._held = True
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def hold(self, lane: int) -> Iterator[None]:
+        self.acquire(lane)
+        try:
+            yield
+        finally:
+            self.release()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def waiting(self) -> dict[int, int]:
+        with self._cond:
+            return dict(self._waiting)
+
+
 class Receiver:
-    def __init__(self, store_path: Path) -> None:
+    """`lanes=False` answers as a platform from before lanes did (docs/PROTOCOL.md 3.2): the
+    payload key `lane` is unknown to it, so an alarm lane batch is `malformed` (and the MQTT
+    side does not read the alarm topic). For rehearsing a gateway against such a platform."""
+
+    def __init__(self, store_path: Path, *, lanes: bool = True) -> None:
         self.store_path = Path(store_path)
+        self.lanes = lanes
         self._db = open_store(self.store_path)
-        self._lock = threading.Lock()
+        self._lock = _StoreLock()
+        # kid -> registered key, read outside the lock (verification runs there); emptied by
+        # every change of the registry, and the registration checked again under the lock
+        self._keys: dict[bytes, Ed25519PublicKey] = {}
 
     def close(self) -> None:
         with self._lock:
@@ -67,6 +141,7 @@ class Receiver:
             self._db.execute("DELETE FROM gateways WHERE gw = ? OR kid = ?", (gw, kid))
             self._db.execute("INSERT INTO gateways (gw, kid, pubkey) VALUES (?, ?, ?)",
                              (gw, kid, pubkey_pem))
+            self._keys.clear()
         return kid
 
     def _key(self, kid: bytes) -> tuple[str, Ed25519PublicKey] | None:
@@ -83,114 +158,155 @@ class Receiver:
                      gap_wait_s: float = 0.0) -> Ack:
         """Verify and store one batch; the Ack says ok or why not (its `h` names `data`).
 
-        `gap_wait_s`: how long a batch ahead of the chain waits for its predecessor before it is
-        rejected as a gap. Receivers sharing a subscription get a gateway's in-flight batches
-        round-robin, so the predecessor is often being stored by another receiver right now.
+        `gap_wait_s`: how long a batch ahead of its lane's chain waits for its predecessor
+        before it is rejected as a gap. Receivers sharing a subscription get a gateway's
+        in-flight batches round-robin, so the predecessor is often being stored by another
+        receiver right now.
         """
         h = batch_hash(data)
-        deadline = time.monotonic() + gap_wait_s
+        arrived = time.monotonic()
+        try:
+            # Decoding and the signature first, outside the store's lock: they are most of a
+            # bulk batch's cost, and the lock is then held only for the chain check and the
+            # store, which is all an alarm lane batch waits for.
+            batch = verify_batch(data, self._registered_key)
+            if batch.lane != BULK_LANE and not self.lanes:
+                raise ProtocolError("malformed", "payload keys")  # a decoder without lanes
+            rows = [event_row(batch.gw, batch.epoch, batch.lane, batch.seq, ev)
+                    for ev in batch.events]
+        except ProtocolError as exc:
+            with self._lock:
+                return self._refuse(data, topic_gw, h, exc)
+        deadline = arrived + gap_wait_s
         waiting = False
         while True:
-            with self._lock:
+            with self._lock.hold(batch.lane):
+                started = time.monotonic()
                 try:
-                    batch = self._check_and_store(data, topic_gw)
+                    self._check_and_store(batch, data, rows, topic_gw)
                 except ProtocolError as exc:
-                    seq, gw = self._unverified_seq_gw(data, topic_gw)
                     if exc.reason != "gap" or time.monotonic() >= deadline:
-                        self._count(gw, exc.reason)
-                        log.warning("platform.rejected", gw=gw, seq=seq, reason=exc.reason,
-                                    detail=exc.detail, hash=h.hex()[:16])
-                        return Ack(seq=seq, h=h, ok=False, err=exc.reason)
+                        return self._refuse(data, topic_gw, h, exc)
                     if not waiting:
                         waiting = True
-                        log.info("platform.gap_wait", gw=gw, seq=seq, detail=exc.detail)
+                        log.info("platform.gap_wait", gw=batch.gw, lane=batch.lane,
+                                 seq=batch.seq, detail=exc.detail)
                 else:
-                    log.info("platform.accepted", gw=batch.gw, seq=batch.seq,
-                             events=len(batch.events))
+                    log.info("platform.accepted", gw=batch.gw, lane=batch.lane, seq=batch.seq,
+                             events=len(batch.events),
+                             waited_ms=round((started - arrived) * 1000, 2),
+                             took_ms=round((time.monotonic() - started) * 1000, 2))
                     return Ack(seq=batch.seq, h=h, ok=True)
             # Polled: another process's commit to the store file sends no notification.
             time.sleep(GAP_POLL_S)
 
-    def _check_and_store(self, data: bytes, topic_gw: str | None) -> Batch:
+    def _refuse(self, data: bytes, topic_gw: str | None, h: bytes, exc: ProtocolError) -> Ack:
+        """Count and log a rejection; its ack. Runs under the lock."""
+        seq, gw = self._unverified_seq_gw(data, topic_gw)
+        self._count(gw, exc.reason)
+        log.warning("platform.rejected", gw=gw, seq=seq, reason=exc.reason, detail=exc.detail,
+                    hash=h.hex()[:16])
+        return Ack(seq=seq, h=h, ok=False, err=exc.reason)
+
+    def _registered_key(self, kid: bytes) -> Ed25519PublicKey | None:
+        key = self._keys.get(kid)
+        if key is None:
+            with self._lock:
+                found = self._key(kid)
+            if found is None:
+                return None
+            key = self._keys[kid] = found[1]
+        return key
+
+    def _check_and_store(self, batch: Batch, data: bytes, rows: list[tuple[Any, ...]],
+                         topic_gw: str | None) -> None:
         """One write transaction: BEGIN IMMEDIATE takes the store's write lock before the chain
         head is read, so no other receiver on the file can move it between check and store."""
         with self._db:  # commits, or rolls back when a check raises
             self._db.execute("BEGIN IMMEDIATE")
-            batch = self._check(data, topic_gw)
-            self._store(batch, data)
-        return batch
+            self._check(batch, topic_gw)
+            self._store(batch, data, rows)
 
-    def _check(self, data: bytes, topic_gw: str | None) -> Batch:
-        registered: dict[bytes, str] = {}
-
-        def key_for_kid(kid: bytes) -> Ed25519PublicKey | None:
-            found = self._key(kid)
-            if found is None:
-                return None
-            registered[kid] = found[0]
-            return found[1]
-
-        batch = verify_batch(data, key_for_kid)
-        if batch.gw != registered[batch.kid]:
-            raise ProtocolError("wrong-gateway",
-                                f"key of {registered[batch.kid]!r} signed for {batch.gw!r}")
+    def _check(self, batch: Batch, topic_gw: str | None) -> None:
+        """The checks after the signature's (docs/PROTOCOL.md 4.1), inside the transaction."""
+        row = self._db.execute("SELECT gw FROM gateways WHERE kid = ?", (batch.kid,)).fetchone()
+        if row is None:  # retired since the signature was checked
+            raise ProtocolError("unknown-key", f"kid {batch.kid.hex()} is not registered")
+        if batch.gw != row[0]:
+            raise ProtocolError("wrong-gateway", f"key of {row[0]!r} signed for {batch.gw!r}")
         if topic_gw is not None and topic_gw != batch.gw:
             raise ProtocolError("wrong-gateway", f"batch of {batch.gw!r} on {topic_gw!r} topic")
-        cur = self._db.execute("SELECT epoch, last_seq, last_hash FROM chain WHERE gw = ?",
-                               (batch.gw,)).fetchone()
-        if cur is not None and bytes(cur[0]) == batch.epoch:
-            last_seq, last_hash = int(cur[1]), bytes(cur[2])
+        if batch.epoch == self._current_epoch(batch.gw):
+            last_seq, last_hash = self._ends(batch.gw, batch.epoch).get(batch.lane,
+                                                                        (0, ZERO_HASH))
         else:
             known = self._db.execute("SELECT 1 FROM epochs WHERE gw = ? AND epoch = ?",
                                      (batch.gw, batch.epoch)).fetchone()
             if known is not None:
                 self._replay_or(batch, "fork", f"epoch {batch.epoch.hex()} was replaced")
             last_seq, last_hash = 0, ZERO_HASH  # a new chain: it must start at seq 1
+        where = f"lane {batch.lane} seq {batch.seq}"
         if batch.seq <= last_seq:
-            self._replay_or(batch, "fork", f"seq {batch.seq} <= head {last_seq}, other bytes")
+            self._replay_or(batch, "fork", f"{where} <= head {last_seq}, other bytes")
         if batch.seq > last_seq + 1:
-            raise ProtocolError("gap", f"seq {batch.seq} after head {last_seq}")
+            raise ProtocolError("gap", f"{where} after head {last_seq}")
         if batch.prev != last_hash:
-            raise ProtocolError("fork", f"seq {batch.seq}: prev does not match head")
-        return batch
+            raise ProtocolError("fork", f"{where}: prev does not match head")
+
+    def _current_epoch(self, gw: str) -> bytes | None:
+        """The newest epoch the gateway started (None before its first batch)."""
+        row = self._db.execute("SELECT epoch FROM epochs WHERE gw = ? ORDER BY n DESC LIMIT 1",
+                               (gw,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def _ends(self, gw: str, epoch: bytes | None) -> dict[int, tuple[int, bytes]]:
+        """{lane: (last seq, its hash)} of the lanes that have a batch in `epoch`."""
+        rows = self._db.execute(
+            "SELECT lane, last_seq, last_hash FROM chain WHERE gw = ? AND epoch = ?",
+            (gw, epoch)).fetchall()
+        return {int(lane): (int(seq), bytes(h)) for lane, seq, h in rows}
 
     def _replay_or(self, batch: Batch, reason: str, detail: str) -> None:
         """Raise `replay` if these exact bytes are stored, else `reason`."""
-        row = self._db.execute("SELECT hash FROM batches WHERE gw = ? AND epoch = ? AND seq = ?",
-                               (batch.gw, batch.epoch, batch.seq)).fetchone()
+        row = self._db.execute(
+            "SELECT hash FROM batches WHERE gw = ? AND epoch = ? AND lane = ? AND seq = ?",
+            (batch.gw, batch.epoch, batch.lane, batch.seq)).fetchone()
         if row is not None and bytes(row[0]) == batch.hash:
-            raise ProtocolError("replay", f"seq {batch.seq} already accepted")
+            raise ProtocolError("replay", f"lane {batch.lane} seq {batch.seq} already accepted")
         raise ProtocolError(reason, detail)
 
-    def _store(self, batch: Batch, data: bytes) -> None:
+    def _store(self, batch: Batch, data: bytes, rows: list[tuple[Any, ...]]) -> None:
         """Runs inside _check_and_store's transaction."""
         db = self._db
-        cur = db.execute("SELECT epoch, last_seq, last_hash FROM chain WHERE gw = ?",
-                         (batch.gw,)).fetchone()
-        if cur is None or bytes(cur[0]) != batch.epoch:
+        current = self._current_epoch(batch.gw)
+        if batch.epoch != current:
+            ends = self._ends(batch.gw, current)
+            bulk = ends.get(BULK_LANE, (None, None))
+            alarm = ends.get(ALARM_LANE, (None, None))
             db.execute(
-                "INSERT INTO epochs (gw, epoch, started_at, prev_epoch, prev_seq, prev_hash) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (batch.gw, batch.epoch, time.time(), *(cur if cur is not None else (None,) * 3)),
+                "INSERT INTO epochs (gw, epoch, started_at, prev_epoch, prev_seq, prev_hash, "
+                "prev_alarm_seq, prev_alarm_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (batch.gw, batch.epoch, time.time(), current, *bulk, *alarm),
             )
-            if cur is not None:
+            if current is not None:
                 log.warning("platform.chain_restarted", gw=batch.gw, epoch=batch.epoch.hex(),
-                            prev_epoch=bytes(cur[0]).hex(), prev_seq=int(cur[1]))
+                            lane=batch.lane, prev_epoch=current.hex(), prev_seq=bulk[0],
+                            prev_alarm_seq=alarm[0])
         db.execute(
-            "INSERT INTO batches (gw, epoch, seq, hash, received_at, raw) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (batch.gw, batch.epoch, batch.seq, batch.hash, time.time(), data),
+            "INSERT INTO batches (gw, epoch, lane, seq, hash, received_at, raw) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (batch.gw, batch.epoch, batch.lane, batch.seq, batch.hash, time.time(), data),
         )
         db.executemany(
             "INSERT OR IGNORE INTO events (gw, epoch, id, t, tq, src, type, v, u, prio, attrs, "
-            "seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [event_row(batch.gw, batch.epoch, batch.seq, ev) for ev in batch.events],
+            "lane, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
         )
         db.execute(
-            "INSERT INTO chain (gw, epoch, last_seq, last_hash) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (gw) DO UPDATE SET epoch = excluded.epoch, "
+            "INSERT INTO chain (gw, lane, epoch, last_seq, last_hash) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (gw, lane) DO UPDATE SET epoch = excluded.epoch, "
             "last_seq = excluded.last_seq, last_hash = excluded.last_hash",
-            (batch.gw, batch.epoch, batch.seq, batch.hash),
+            (batch.gw, batch.lane, batch.epoch, batch.seq, batch.hash),
         )
         self._rotate_keys(batch)
 
@@ -226,6 +342,7 @@ class Receiver:
             if older:  # signed by the newest key: the old ones are retired
                 self._db.execute("DELETE FROM gateways WHERE gw = ? AND rowid < ?",
                                  (batch.gw, newest_announced[0]))
+                self._keys.clear()
                 log.info("platform.key_retired", gw=batch.gw, kid=batch.kid.hex())
 
     def _unverified_seq_gw(self, data: bytes, topic_gw: str | None) -> tuple[int, str]:
@@ -247,31 +364,41 @@ class Receiver:
 
     # --- queries (tests, CLI) -------------------------------------------------------------
 
-    def chain_head(self, gw: str) -> tuple[int, bytes]:
-        """(last accepted seq, its hash) in the gateway's current epoch; (0, 32 zero bytes)
-        before the first batch."""
-        row = self._db.execute("SELECT last_seq, last_hash FROM chain WHERE gw = ?",
-                               (gw,)).fetchone()
-        return (0, ZERO_HASH) if row is None else (int(row[0]), bytes(row[1]))
+    def chain_head(self, gw: str, lane: int = BULK_LANE) -> tuple[int, bytes]:
+        """(last accepted seq, its hash) of `lane` in the gateway's current epoch; (0, 32 zero
+        bytes) before the lane's first batch in it."""
+        with self._lock:
+            return self._ends(gw, self._current_epoch(gw)).get(lane, (0, ZERO_HASH))
 
     def epochs(self, gw: str) -> list[dict[str, Any]]:
         """The gateway's chains in the order they started: `epoch` (hex), `started_at`, and
-        `prev` = {epoch, seq, hash} where the chain it replaced ended (None for the first)."""
+        `prev` = where the chain it replaced ended (None for the first): {epoch, seq, hash} of
+        its bulk lane and {alarm_seq, alarm_hash} of its alarm lane, each None for a lane that
+        had no batch in it."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT epoch, started_at, prev_epoch, prev_seq, prev_hash FROM epochs "
-                "WHERE gw = ? ORDER BY n", (gw,)).fetchall()
-        return [{"epoch": bytes(e).hex(), "started_at": float(at),
-                 "prev": None if pe is None else {"epoch": bytes(pe).hex(), "seq": int(ps),
-                                                  "hash": bytes(ph).hex()}}
-                for e, at, pe, ps, ph in rows]
+                "SELECT epoch, started_at, prev_epoch, prev_seq, prev_hash, prev_alarm_seq, "
+                "prev_alarm_hash FROM epochs WHERE gw = ? ORDER BY n", (gw,)).fetchall()
+
+        def end(seq: int | None, h: bytes | None) -> tuple[int | None, str | None]:
+            return (None, None) if seq is None or h is None else (int(seq), bytes(h).hex())
+
+        out: list[dict[str, Any]] = []
+        for e, at, pe, ps, ph, pas, pah in rows:
+            prev: dict[str, Any] | None = None
+            if pe is not None:
+                (seq, h), (alarm_seq, alarm_h) = end(ps, ph), end(pas, pah)
+                prev = {"epoch": bytes(pe).hex(), "seq": seq, "hash": h, "alarm_seq": alarm_seq,
+                        "alarm_hash": alarm_h}
+            out.append({"epoch": bytes(e).hex(), "started_at": float(at), "prev": prev})
+        return out
 
     def events(self, gw: str | None = None) -> list[dict[str, Any]]:
         """Stored events ordered by gateway, then epoch (in the order the chains started),
-        then id."""
+        then id (both lanes together: they share the ids)."""
         with self._lock:
             sql = ("SELECT e.gw, e.epoch, e.id, e.t, e.tq, e.src, e.type, e.v, e.u, e.prio, "
-                   "e.attrs, e.seq FROM events e JOIN epochs p ON p.gw = e.gw "
+                   "e.attrs, e.lane, e.seq FROM events e JOIN epochs p ON p.gw = e.gw "
                    "AND p.epoch = e.epoch")
             args: tuple[str, ...] = ()
             if gw is not None:
@@ -282,14 +409,15 @@ class Receiver:
 
     def delivered_ids(self, gw: str) -> list[int]:
         """Every event id in every batch accepted from `gw`, in chain order (epoch after
-        epoch), read back from the stored batch bytes (the evidence), not from the events
-        table: the table ignores a duplicate id, so only this shows an event delivered twice in
-        two different batches. Ids are unique per epoch: a gateway that lost its state starts
+        epoch; in each, the bulk lane's batches by seq, then the alarm lane's), read back from
+        the stored batch bytes (the evidence), not from the events table: the table ignores a
+        duplicate id, so only this shows an event delivered twice in two different batches (of
+        one lane or of both). Ids are unique per epoch: a gateway that lost its state starts
         them again."""
         with self._lock:
             raws = [bytes(r) for (r,) in self._db.execute(
                 "SELECT b.raw FROM batches b JOIN epochs p ON p.gw = b.gw AND p.epoch = b.epoch "
-                "WHERE b.gw = ? ORDER BY p.n, b.seq", (gw,))]
+                "WHERE b.gw = ? ORDER BY p.n, b.lane, b.seq", (gw,))]
         return [int(e["id"]) for raw in raws for e in decode_batch(raw)[0].events]
 
     def counters(self) -> dict[tuple[str, str], int]:
@@ -298,10 +426,17 @@ class Receiver:
             rows = self._db.execute("SELECT gw, reason, count FROM rejections").fetchall()
         return {(gw, reason): int(n) for gw, reason, n in rows}
 
-    def batch_count(self, gw: str) -> int:
+    def batch_count(self, gw: str, lane: int | None = None) -> int:
+        """Batches accepted from `gw`, in every epoch: of `lane`, or of all lanes (None)."""
         with self._lock:
-            row = self._db.execute("SELECT count(*) FROM batches WHERE gw = ?", (gw,)).fetchone()
+            row = self._db.execute(
+                "SELECT count(*) FROM batches WHERE gw = ? AND (? IS NULL OR lane = ?)",
+                (gw, lane, lane)).fetchone()
         return int(row[0])
+
+    def waiting(self) -> dict[int, int]:
+        """{lane: handlers waiting for the store right now} (tests, diagnostics)."""
+        return self._lock.waiting()
 
     def public_key(self, kid: bytes) -> Ed25519PublicKey | None:
         with self._lock:

@@ -1,5 +1,10 @@
 """The reference platform's own SQLite database: registered gateways, hash chains, accepted
-batches (raw bytes kept as evidence), deduplicated events, and rejection counters."""
+batches (raw bytes kept as evidence), deduplicated events, and rejection counters.
+
+A gateway's batches form one hash chain per lane (docs/PROTOCOL.md 3.2: 0 bulk, 1 alarm) within
+an epoch, so a chain head, a batch and the batch that delivered an event are named by lane and
+seq together. Event ids are shared by the lanes: an event is still named by (gw, epoch, id).
+"""
 
 from __future__ import annotations
 
@@ -17,10 +22,12 @@ CREATE TABLE IF NOT EXISTS gateways (
     pubkey BLOB NOT NULL          -- SPKI PEM
 );
 CREATE TABLE IF NOT EXISTS chain (
-    gw TEXT PRIMARY KEY,
-    epoch BLOB NOT NULL,          -- the gateway's current chain epoch (x'' for none)
-    last_seq INTEGER NOT NULL,
-    last_hash BLOB NOT NULL
+    gw TEXT NOT NULL,
+    lane INTEGER NOT NULL,        -- 0 bulk, 1 alarm
+    epoch BLOB NOT NULL,          -- the epoch of this lane's head (x'' for none); a head of an
+    last_seq INTEGER NOT NULL,    -- epoch older than the gateway's current one (its newest in
+    last_hash BLOB NOT NULL,      -- `epochs`) is no head: that lane has no batch in it yet
+    PRIMARY KEY (gw, lane)
 );
 CREATE TABLE IF NOT EXISTS epochs (
     n INTEGER PRIMARY KEY AUTOINCREMENT,  -- order in which the platform saw them start
@@ -28,22 +35,25 @@ CREATE TABLE IF NOT EXISTS epochs (
     epoch BLOB NOT NULL,
     started_at REAL NOT NULL,
     prev_epoch BLOB,              -- the chain it replaced (NULL for a gateway's first) ...
-    prev_seq INTEGER,             -- ... and where that chain ended: the gap on record
-    prev_hash BLOB,
+    prev_seq INTEGER,             -- ... and where its bulk lane ended: the gap on record
+    prev_hash BLOB,               --     (NULL: that lane had no batch in it)
+    prev_alarm_seq INTEGER,       -- ... and where its alarm lane ended (NULL: no batch)
+    prev_alarm_hash BLOB,
     UNIQUE (gw, epoch)
 );
 CREATE TABLE IF NOT EXISTS batches (
     gw TEXT NOT NULL,
     epoch BLOB NOT NULL,
+    lane INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     hash BLOB NOT NULL,
     received_at REAL NOT NULL,
     raw BLOB NOT NULL,
-    PRIMARY KEY (gw, epoch, seq)
+    PRIMARY KEY (gw, epoch, lane, seq)
 );
 CREATE TABLE IF NOT EXISTS events (
     gw TEXT NOT NULL,
-    epoch BLOB NOT NULL,          -- ids are unique per (gateway, epoch)
+    epoch BLOB NOT NULL,          -- ids are unique per (gateway, epoch), over both lanes
     id INTEGER NOT NULL,
     t REAL NOT NULL,
     tq INTEGER NOT NULL,
@@ -53,7 +63,8 @@ CREATE TABLE IF NOT EXISTS events (
     u TEXT,
     prio INTEGER NOT NULL,
     attrs TEXT,                   -- JSON
-    seq INTEGER NOT NULL,         -- the batch that delivered it first
+    lane INTEGER NOT NULL,        -- the batch that delivered it first: its lane ...
+    seq INTEGER NOT NULL,         -- ... and seq
     PRIMARY KEY (gw, epoch, id)
 );
 CREATE TABLE IF NOT EXISTS rejections (
@@ -64,6 +75,11 @@ CREATE TABLE IF NOT EXISTS rejections (
 );
 """
 
+# A store made before a protocol feature cannot hold its chains: (column of `batches` it added,
+# what a store without it was made by).
+_REQUIRED = (("epoch", "chain epochs (docs/PROTOCOL.md 4.2)"),
+             ("lane", "lanes (docs/PROTOCOL.md 3.2)"))
+
 
 def open_store(path: Path) -> sqlite3.Connection:
     """Open (creating if needed) the platform database; autocommit off, WAL, FULL sync."""
@@ -72,26 +88,28 @@ def open_store(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     columns = {r[1] for r in conn.execute("PRAGMA table_info(batches)")}
-    if columns and "epoch" not in columns:
-        conn.close()
-        raise RuntimeError(
-            f"{path} was made by a platform without chain epochs (docs/PROTOCOL.md 4.2); "
-            "this one cannot extend it: serve from a new store file")
+    for column, feature in _REQUIRED:
+        if columns and column not in columns:
+            conn.close()
+            raise RuntimeError(
+                f"{path} was made by a platform without {feature}; "
+                "this one cannot extend it: serve from a new store file")
     conn.executescript(SCHEMA)
     return conn
 
 
-def event_row(gw: str, epoch: bytes, seq: int, ev: dict[str, Any]) -> tuple[Any, ...]:
+def event_row(gw: str, epoch: bytes, lane: int, seq: int, ev: dict[str, Any]
+              ) -> tuple[Any, ...]:
     attrs = ev.get("attrs")
     return (gw, epoch, ev["id"], ev["t"], ev["tq"], ev["src"], ev["type"], json.dumps(ev["v"]),
-            ev.get("u"), ev["prio"], None if attrs is None else json.dumps(attrs), seq)
+            ev.get("u"), ev["prio"], None if attrs is None else json.dumps(attrs), lane, seq)
 
 
 def row_event(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
-    gw, epoch, id_, t, tq, src, type_, v, u, prio, attrs, seq = row
+    gw, epoch, id_, t, tq, src, type_, v, u, prio, attrs, lane, seq = row
     ev: dict[str, Any] = {"gw": gw, "epoch": bytes(epoch).hex(), "id": id_, "t": t, "tq": tq,
                           "src": src, "type": type_, "v": json.loads(v), "prio": prio,
-                          "seq": seq}
+                          "lane": lane, "seq": seq}
     if u is not None:
         ev["u"] = u
     if attrs is not None:
