@@ -53,14 +53,16 @@ def test_coap_flood_does_not_delay_alarms(
     """Alarms (5/s, priority 0) keep flowing while a separate process sends ~10 000 CoAP
     POSTs/s for 10 s: every alarm is accepted and delivered, the agent stays up, the flood is
     counted as rejected (``flooded`` before aiocoap parses a datagram), and alarm latency
-    (capture -> verified at the platform) p99 stays within 2 x the p99 measured without the
-    flood in the same run, plus 10 ms. The bound is relative because this machine is shared
-    and noisy (2 cores: the flood generator takes one).
+    (capture -> verified at the platform) p50 stays within 2 x the p50 measured without the
+    flood in the same run, plus 5 ms. The bound is relative because this machine is shared
+    and noisy (2 cores: the flood generator takes one); p99 is printed, not asserted: with 15
+    alarms before the flood it is their slowest one, and one scheduling hiccup moved the
+    budget it made by 25 ms (a CI rehearsal failed so on 2026-12-01, the gate in place).
 
     Mutation (``make mutants``, 2026-11-30): without the datagram gate (``_GatedUDP6`` admitting
-    everything) aiocoap parses and remembers every request; alarm p99 went from 5-6 ms to
-    38-45 ms (p50 4 -> 15-21 ms) against a budget of ~28 ms, and ``flooded`` stays 0: the
-    test fails on both."""
+    everything) aiocoap parses and remembers every request; alarm p50 went from 4 to 15-21 ms
+    (p99 from 5-6 to 38-45 ms) against a budget of ~12 ms, and ``flooded`` stays 0: the test
+    fails on both."""
     port = free_udp_port()
     agent = AgentProcess(
         tmp_path / "gw",
@@ -106,7 +108,7 @@ def test_coap_flood_does_not_delay_alarms(
     base = [rcv - t for _, t, rcv in rows if t0 <= t < flood_start]
     during = [rcv - t for _, t, rcv in rows if flood_start + 0.2 <= t <= flood_end - 0.2]
     assert len(base) >= BASELINE_ALARMS - 1 and len(during) >= FLOOD_SECONDS * ALARM_HZ * 0.8
-    budget = 2 * p99(base) + 0.010
+    budget = 2 * statistics.median(base) + 0.005
     errors = health["errors"]
     rejected = errors.get("flooded", 0) + errors.get("rate_limited", 0)
     print(
@@ -116,10 +118,11 @@ def test_coap_flood_does_not_delay_alarms(
         f"alarm latency without flood: p50 {statistics.median(base) * 1e3:.1f} ms, "
         f"p99 {p99(base) * 1e3:.1f} ms (n={len(base)}); during flood: "
         f"p50 {statistics.median(during) * 1e3:.1f} ms, p99 {p99(during) * 1e3:.1f} ms, "
-        f"max {max(during) * 1e3:.1f} ms (n={len(during)}); budget {budget * 1e3:.0f} ms"
+        f"max {max(during) * 1e3:.1f} ms (n={len(during)}); p50 budget {budget * 1e3:.0f} ms"
     )
     assert stats["rate"] >= FLOOD_RATE * 0.8, f"the generator fell short: {stats}"
-    assert p99(during) <= budget, f"alarm p99 {p99(during):.3f} s over budget {budget:.3f} s"
+    assert statistics.median(during) <= budget, (
+        f"alarm p50 {statistics.median(during):.3f} s over budget {budget:.3f} s")
     assert errors.get("flooded", 0) >= stats["sent"] * 0.8, f"not gated before parsing: {errors}"
     assert rejected >= stats["sent"] * 0.9, f"the flood was not rejected: {errors}"
     assert health["readings"] <= 20 + 5 * (FLOOD_SECONDS + 5), "only the sensor's rate got in"
