@@ -20,7 +20,7 @@ PIP_LOCKED  := python -m pip install --quiet --no-input --require-hashes
 PIP_SELF    := python -m pip install --quiet --no-input --no-deps --no-build-isolation
 
 .PHONY: all venv sysdeps test test-compat test-dist dist wheelhouse lock lint demo bench faults mutants sbom \
-        audit-deps clean
+        audit-deps clean release releasedeps
 
 all: test
 
@@ -88,7 +88,7 @@ lint: venv
 
 # The whole suite from the source tree, then the protocol tests under cbor2 5.x with cwt, then
 # the end-to-end checks against the built wheel installed from the lock.
-test: venv sysdeps lint
+test: venv sysdeps releasedeps lint
 	$(BIN)/pytest -q --ignore=tests/dist --ignore=tests/compat
 	$(MAKE) --no-print-directory test-compat
 	$(MAKE) --no-print-directory test-dist
@@ -163,6 +163,18 @@ test-dist: wheelhouse sysdeps
 	  "with the simulator from $(SIM_LOCK) in $(SIMVENV)"
 	BRANCH_DIST_VENV=$(abspath $(DISTVENV)) BRANCH_DIST_SIM_VENV=$(abspath $(SIMVENV)) \
 	  BRANCH_DIST_DIR=$(abspath $(DIST)) $(BIN)/pytest -v -p no:cacheprovider tests/dist
+
+# The Debian packages (branch-agent, branch-gateway-sim) for arm64 and amd64, built from the
+# locks on this machine whatever its architecture, checked by lintian, and a signed apt
+# repository of them in dist/release/repo (tests/support/release.py). RELEASE_KEY=FINGERPRINT
+# signs with that key of $GNUPGHOME; without it a key is made for the run (a test build).
+RELEASE_TOOLS := debhelper:/usr/bin/dh lintian:/usr/bin/lintian reprepro:/usr/bin/reprepro \
+                 gnupg:/usr/bin/gpg dpkg-dev:/usr/bin/dpkg-buildpackage
+releasedeps:
+	@$(MAKE) --no-print-directory sysdeps SYSPKGS="$(RELEASE_TOOLS)"
+release: venv releasedeps
+	$(BIN)/python -m tests.support.release $(if $(RELEASE_KEY),--key $(RELEASE_KEY)) \
+	  $(if $(RELEASE_VERSION),--version $(RELEASE_VERSION))
 
 # The whole fault suite, slow runs included (50 kills, 50 power cuts on branchsim.powerfs, the
 # 30-minute soak: FAULTS_SOAK_S, FAULTS_KILLS, FAULTS_CUTS to change them), with the summary table.

@@ -12,6 +12,8 @@ from cryptography import x509
 from agent.protocol import kid_for
 from agent.security.keys import load_public_key
 
+ROOT = Path(__file__).resolve().parents[1]
+
 AGENT = [sys.executable, "-m", "agent.ops.cli"]
 
 
@@ -57,6 +59,26 @@ def test_provision_empty_root(tmp_path: Path) -> None:
     assert "gateway id   branch-0042" in res.stdout
     assert "fingerprint  SHA256:" in res.stdout
     assert "█" in res.stdout  # the QR code
+
+
+def test_provision_on_a_packaged_install_leaves_the_units_to_the_package(tmp_path: Path) -> None:
+    """Installed from the Debian package (its unit in /lib/systemd/system, enabled by its
+    postinst): provision writes the config, the keys and the egress drop-in, but no copy of the
+    unit in /etc (it would hide the package's next unit) and no sysusers/tmpfiles snippets
+    (the package's); an unenabled unit is enabled where the package put it."""
+    root = tmp_path / "root"
+    packaged = root / "lib/systemd/system/branch-agent.service"
+    packaged.parent.mkdir(parents=True)
+    packaged.write_text((ROOT / "systemd" / "branch-agent.service").read_text())
+    res = provision(root)
+    assert res.returncode == 0, res.stderr
+    assert not (root / "etc/systemd/system/branch-agent.service").exists()
+    assert not (root / "usr/lib/sysusers.d/branch-agent.conf").exists()
+    assert (root / "etc/systemd/system/branch-agent.service.d/10-egress.conf").exists()
+    wants = root / "etc/systemd/system/multi-user.target.wants/branch-agent.service"
+    assert str(wants.readlink()) == "/lib/systemd/system/branch-agent.service"
+    assert packaged.read_text() == (ROOT / "systemd" / "branch-agent.service").read_text()
+    assert (root / "etc/branch-agent/agent.toml").exists()
 
 
 def test_provision_twice_keeps_keys(tmp_path: Path) -> None:

@@ -459,8 +459,8 @@ async def check_coap(cfg: AgentConfig, limit: float = 5.0) -> list[Check]:
 def check_integrity(manifest: Path = MANIFEST_PATH, limit: int = 5) -> Check:
     """The installed files match the manifest written by `branch-agent provision`."""
     name = "integrity"
-    reinstall = ("reinstall the release (`pip install --force-reinstall` into /opt/branch-agent) "
-                 "and re-run `branch-agent provision`; report an unexplained change to security")
+    reinstall = ("reinstall the release (`apt-get install --reinstall branch-agent`) and re-run "
+                 "`branch-agent provision`; report an unexplained change to security")
     try:
         doc = json.loads(manifest.read_text())
     except FileNotFoundError:

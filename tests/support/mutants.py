@@ -358,6 +358,15 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_outbox.py::test_an_alarms_commit_runs_before_the_jobs_waiting_for_the_database",),
     ),
     Mutant(
+        "provision-packaged-unit",
+        "provision never hides the Debian package's unit behind a copy in /etc",
+        "agent/ops/provision/image.py",
+        "    packaged = packaged_unit(root)\n",
+        "    packaged = None\n",
+        ("tests/test_provision.py::"
+         "test_provision_on_a_packaged_install_leaves_the_units_to_the_package",),
+    ),
+    Mutant(
         "alarm-lane-topic",
         "alarm lane batches go on their own MQTT topic",
         "agent/uplink/mqtt.py",

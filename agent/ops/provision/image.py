@@ -195,14 +195,25 @@ def provision(root: Path, gateway_id: str, broker: str, coap: str | None = None,
                                          extra=allow_ips)
     warnings += [f"could not resolve {h}: the service may not reach it (re-run provision where "
                  "it resolves, or pass --allow-ip)" for h in unresolved]
-    unit = root / "etc/systemd/system" / UNIT_NAME
     dropin = root / EGRESS_DROPIN
-    files = {
-        unit: unit_text(exec_path),
-        dropin: render_egress(allow, unresolved, str(t.config)).encode(),
-        root / "usr/lib/sysusers.d" / SNIPPET: (units_dir() / "sysusers.d" / SNIPPET).read_bytes(),
-        root / "usr/lib/tmpfiles.d" / SNIPPET: (units_dir() / "tmpfiles.d" / SNIPPET).read_bytes(),
-    }
+    packaged = packaged_unit(root)
+    files = {dropin: render_egress(allow, unresolved, str(t.config)).encode()}
+    if packaged is not None:
+        # Installed from the Debian package, which owns the unit and the sysusers and tmpfiles
+        # snippets (and enabled the unit): a copy in /etc would hide the package's next unit.
+        unit = packaged
+        if exec_path != DEFAULT_EXEC:
+            warnings.append(f"--exec-path {exec_path} ignored: the packaged unit runs "
+                            f"{DEFAULT_EXEC}")
+    else:
+        unit = root / "etc/systemd/system" / UNIT_NAME
+        files |= {
+            unit: unit_text(exec_path),
+            root / "usr/lib/sysusers.d" / SNIPPET:
+                (units_dir() / "sysusers.d" / SNIPPET).read_bytes(),
+            root / "usr/lib/tmpfiles.d" / SNIPPET:
+                (units_dir() / "tmpfiles.d" / SNIPPET).read_bytes(),
+        }
     for path, data in files.items():
         # Shipped and generated files follow the installed agent and the config: replace them.
         note(path, _replace_file(path, data))
@@ -212,7 +223,7 @@ def provision(root: Path, gateway_id: str, broker: str, coap: str | None = None,
     wants = root / "etc/systemd/system/multi-user.target.wants" / UNIT_NAME
     wants.parent.mkdir(parents=True, exist_ok=True)
     if not wants.is_symlink():
-        wants.symlink_to(f"/etc/systemd/system/{UNIT_NAME}")
+        wants.symlink_to(f"/{unit.relative_to(root)}")
         note(wants, True)
     else:
         note(wants, False)
@@ -228,6 +239,14 @@ def provision(root: Path, gateway_id: str, broker: str, coap: str | None = None,
         write_manifest(manifest, doc)
     note(manifest, not same)
     return ProvisionResult(gateway_id, info, cfg_path, csr_path, created, kept, warnings)
+
+
+def packaged_unit(root: Path) -> Path | None:
+    """The unit the Debian package installed under `root`, if it did (docs/OPERATIONS.md)."""
+    for d in ("lib/systemd/system", "usr/lib/systemd/system"):
+        if (root / d / UNIT_NAME).is_file():
+            return root / d / UNIT_NAME
+    return None
 
 
 def registration_text(gateway_id: str, info: KeyInfo) -> str:
