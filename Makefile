@@ -20,7 +20,7 @@ PIP_LOCKED  := python -m pip install --quiet --no-input --require-hashes
 PIP_SELF    := python -m pip install --quiet --no-input --no-deps --no-build-isolation
 
 .PHONY: all venv sysdeps test test-compat test-dist dist wheelhouse lock lint demo bench faults mutants sbom \
-        audit-deps clean release releasedeps
+        audit-deps clean release releasedeps field-test
 
 all: test
 
@@ -175,6 +175,16 @@ releasedeps:
 release: venv releasedeps
 	$(BIN)/python -m tests.support.release $(if $(RELEASE_KEY),--key $(RELEASE_KEY)) \
 	  $(if $(RELEASE_VERSION),--version $(RELEASE_VERSION))
+
+# The packages where gateways run them (not in CI: it downloads an arm64 Debian root and runs
+# it under qemu-user-static; as root): install from the signed repository, provision, run,
+# upgrade with events buffered, remove, purge (tests/support/fieldtest.py). FIELD_WORK=DIR keeps
+# its work (the root is reused by the next run).
+FIELD_TOOLS := mmdebstrap:/usr/bin/mmdebstrap qemu-user-static:/usr/bin/qemu-aarch64-static \
+               mosquitto:/usr/sbin/mosquitto
+field-test: venv releasedeps
+	@$(MAKE) --no-print-directory sysdeps SYSPKGS="$(FIELD_TOOLS)"
+	$(BIN)/python -m tests.support.fieldtest $(if $(FIELD_WORK),--work $(FIELD_WORK))
 
 # The whole fault suite, slow runs included (50 kills, 50 power cuts on branchsim.powerfs, the
 # 30-minute soak: FAULTS_SOAK_S, FAULTS_KILLS, FAULTS_CUTS to change them), with the summary table.

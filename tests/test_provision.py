@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from agent.protocol import kid_for
@@ -79,6 +81,21 @@ def test_provision_on_a_packaged_install_leaves_the_units_to_the_package(tmp_pat
     assert str(wants.readlink()) == "/lib/systemd/system/branch-agent.service"
     assert packaged.read_text() == (ROOT / "systemd" / "branch-agent.service").read_text()
     assert (root / "etc/branch-agent/agent.toml").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another group needs root")
+def test_the_config_is_readable_by_the_service_group(tmp_path: Path) -> None:
+    """The service runs as branch-agent: the config (0640) gets that group of the target's
+    /etc/group (the tmpfiles snippet sets it at boot for an image provisioned before the group
+    exists)."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/group").write_text("root:x:0:\nbranch-agent:x:4242:\n")
+    assert provision(root).returncode == 0
+    cfg = root / "etc/branch-agent/agent.toml"
+    assert (cfg.stat().st_gid, mode(cfg)) == (4242, 0o640)
+    snippet = (ROOT / "systemd/tmpfiles.d/branch-agent.conf").read_text()
+    assert "z /etc/branch-agent/agent.toml 0640 root branch-agent -" in snippet
 
 
 def test_provision_twice_keeps_keys(tmp_path: Path) -> None:

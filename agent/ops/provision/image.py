@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -172,6 +173,7 @@ def provision(root: Path, gateway_id: str, broker: str, coap: str | None = None,
 
     cfg_path = _under(root, t.config)
     note(cfg_path, write_new(cfg_path, config_text.encode(), 0o640))
+    _readable_by_agent(root, cfg_path)
 
     keys = _under(root, t.keys)
     if (keys / PRIVATE_NAME).exists():
@@ -239,6 +241,23 @@ def provision(root: Path, gateway_id: str, broker: str, coap: str | None = None,
         write_manifest(manifest, doc)
     note(manifest, not same)
     return ProvisionResult(gateway_id, info, cfg_path, csr_path, created, kept, warnings)
+
+
+SERVICE_USER = "branch-agent"  # the unit's User= and Group=, made by the sysusers snippet
+
+
+def _readable_by_agent(root: Path, path: Path) -> None:
+    """Group `branch-agent` (of the target's /etc/group) on `path`, which is 0640: the service
+    runs as that user. Without the group yet (an image provisioned before its first boot) the
+    tmpfiles snippet sets it at boot."""
+    try:
+        groups = (root / "etc/group").read_text().splitlines()
+    except OSError:
+        return
+    gid = next((int(f[2]) for f in (line.split(":") for line in groups)
+                if len(f) > 2 and f[0] == SERVICE_USER and f[2].isdigit()), None)
+    if gid is not None and os.geteuid() == 0:
+        os.chown(path, 0, gid)
 
 
 def packaged_unit(root: Path) -> Path | None:
