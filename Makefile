@@ -181,7 +181,7 @@ release: venv releasedeps
 # upgrade with events buffered, remove, purge (tests/support/fieldtest.py). FIELD_WORK=DIR keeps
 # its work (the root is reused by the next run).
 FIELD_TOOLS := mmdebstrap:/usr/bin/mmdebstrap qemu-user-static:/usr/bin/qemu-aarch64-static \
-               mosquitto:/usr/sbin/mosquitto
+               arch-test:/usr/bin/arch-test mosquitto:/usr/sbin/mosquitto
 field-test: venv releasedeps
 	@$(MAKE) --no-print-directory sysdeps SYSPKGS="$(FIELD_TOOLS)"
 	$(BIN)/python -m tests.support.fieldtest $(if $(FIELD_WORK),--work $(FIELD_WORK))
