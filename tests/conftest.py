@@ -22,4 +22,4 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 # The WAN end for any test that asks for it: a mosquitto (`mosquitto`, `mosquitto_factory`,
 # `free_port`), the reference platform on it (`broker` / `platform`), or both with mutual TLS
 # (`pki`, `mosquitto_tls`, `tls_platform`).
-pytest_plugins = ["tests.support.broker", "tests.support.wan"]
+pytest_plugins = ["tests.support.broker", "tests.support.postgres", "tests.support.wan"]

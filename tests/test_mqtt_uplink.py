@@ -26,6 +26,7 @@ from agent.protocol import (
 )
 from agent.uplink.base import Uplink, UplinkDownError
 from agent.uplink.mqtt import MqttUplink, MqttUplinkConfig
+from branchsim.natscluster import NatsCluster
 from branchsim.platform.mqtt_server import MqttPlatformServer, PlatformTls
 from branchsim.platform.receiver import Receiver
 from tests.support import broker as _broker
@@ -258,3 +259,21 @@ async def test_insecure_plain_tcp_v311(
                                         protocol="v311"))
     await wait_until(lambda: run.uplink.connected)
     await run.uplink.send(1, b"payload")
+
+
+async def test_a_refused_ack_subscription_is_counted_and_connected_again(
+        tmp_path: Path, start_uplink: Callable[[MqttUplinkConfig], Running]) -> None:
+    """A broker that refuses the ack topic's subscription (here NATS's permissions; NATS also
+    refuses while its JetStream cannot make the session's consumer, as under a connection
+    storm) leaves no ack to come: the uplink counts it, logs it and connects again, instead of
+    sending batches into a session that never answers. (mosquitto grants a subscription its
+    ACL denies, and only withholds the messages.)"""
+    deny = ("authorization { users = [ {user: gw, password: x, permissions: "
+            '{subscribe: {deny: ["bank.v1.*.ack"]}}} ] }\nno_auth_user: gw\n')
+    with NatsCluster(tmp_path / "nats", nodes=1, extra=deny) as nats:
+        host, port = nats.mqtt[0]
+        run = start_uplink(MqttUplinkConfig.model_validate({
+            "host": host, "port": port, "protocol": "v311", "insecure": True, "backoff_base": 0.05,
+            "backoff_max": 0.5, "connect_timeout": 5.0}))
+        await wait_until(lambda: run.uplink.counters["subscribe_refused"] >= 2)
+        assert run.states[:3] == [True, False, True]  # connected, refused, connected again

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -15,6 +16,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.protocol import ZERO_HASH, batch_hash, build_batch, encode_event, kid_for
 from branchsim.platform.receiver import Receiver
 
+if TYPE_CHECKING:
+    from tests.support.postgres import Store
+
+# The rule tests run against both stores (`receiver` is parametrized); the CLI's and the store
+# file's tests are about SQLite.
 GW = "gw-a"
 
 
@@ -58,21 +64,19 @@ class Gateway:
         self.seq, self.prev = seq, batch_hash(data)
 
 
-@pytest.fixture
-def receiver(tmp_path: Path) -> Iterator[Receiver]:
-    r = Receiver(tmp_path / "platform.db")
-    yield r
-    r.close()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def receiver(request: pytest.FixtureRequest, make_store: Callable[..., Store]) -> Store:
+    return make_store(request.param)
 
 
 @pytest.fixture
-def gw(receiver: Receiver) -> Gateway:
+def gw(receiver: Store) -> Gateway:
     g = Gateway()
     receiver.register(GW, pem(g.key))
     return g
 
 
-def send(receiver: Receiver, g: Gateway, data: bytes, topic_gw: str | None = GW) -> str:
+def send(receiver: Store, g: Gateway, data: bytes, topic_gw: str | None = GW) -> str:
     ack = receiver.handle_batch(data, topic_gw=topic_gw)
     assert ack.h == batch_hash(data)
     if ack.ok:
@@ -82,7 +86,7 @@ def send(receiver: Receiver, g: Gateway, data: bytes, topic_gw: str | None = GW)
     return ack.err
 
 
-def test_a_gateway_that_lost_its_state_rejoins_in_a_new_epoch(receiver: Receiver,
+def test_a_gateway_that_lost_its_state_rejoins_in_a_new_epoch(receiver: Store,
                                                               gw: Gateway) -> None:
     """A gateway with its registered key and no chain state starts a new epoch at seq 1 (ids
     from 1 again): accepted, the gap recorded (where the old chain ended), the events of both
@@ -119,7 +123,7 @@ def test_a_gateway_that_lost_its_state_rejoins_in_a_new_epoch(receiver: Receiver
     assert len(receiver.epochs(GW)) == 2
 
 
-def test_accepts_chain_and_stores_events(receiver: Receiver, gw: Gateway) -> None:
+def test_accepts_chain_and_stores_events(receiver: Store, gw: Gateway) -> None:
     """Consecutive batches are acked ok; events stored once each; chain head advances."""
     b1 = gw.batch(3)
     assert send(receiver, gw, b1) == "ok"
@@ -133,7 +137,7 @@ def test_accepts_chain_and_stores_events(receiver: Receiver, gw: Gateway) -> Non
     assert receiver.counters() == {}
 
 
-def test_tampered_batch_rejected(receiver: Receiver, gw: Gateway) -> None:
+def test_tampered_batch_rejected(receiver: Store, gw: Gateway) -> None:
     """A flipped byte is bad-signature or malformed; nothing stored; counted."""
     data = bytearray(gw.batch(2))
     data[len(data) // 2] ^= 0x40
@@ -142,7 +146,7 @@ def test_tampered_batch_rejected(receiver: Receiver, gw: Gateway) -> None:
     assert sum(receiver.counters().values()) == 1
 
 
-def test_replay_is_reported_and_not_stored_twice(receiver: Receiver, gw: Gateway) -> None:
+def test_replay_is_reported_and_not_stored_twice(receiver: Store, gw: Gateway) -> None:
     """The same batch twice: second ack is replay with the same hash; nothing stored twice."""
     b1 = gw.batch(2)
     assert send(receiver, gw, b1) == "ok"
@@ -152,7 +156,7 @@ def test_replay_is_reported_and_not_stored_twice(receiver: Receiver, gw: Gateway
     assert receiver.counters() == {(GW, "replay"): 1}
 
 
-def test_unknown_key(receiver: Receiver) -> None:
+def test_unknown_key(receiver: Store) -> None:
     """A batch signed by an unregistered key is unknown-key, counted, not stored."""
     stranger = Gateway("gw-x")
     assert send(receiver, stranger, stranger.batch(1), topic_gw="gw-x") == "unknown-key"
@@ -160,7 +164,7 @@ def test_unknown_key(receiver: Receiver) -> None:
     assert receiver.events() == []
 
 
-def test_gap(receiver: Receiver, gw: Gateway) -> None:
+def test_gap(receiver: Store, gw: Gateway) -> None:
     """A seq beyond head+1 is a gap; head unchanged."""
     assert send(receiver, gw, gw.batch(1)) == "ok"
     assert send(receiver, gw, gw.batch(1, seq=3)) == "gap"
@@ -168,7 +172,7 @@ def test_gap(receiver: Receiver, gw: Gateway) -> None:
     assert receiver.counters() == {(GW, "gap"): 1}
 
 
-def test_fork(receiver: Receiver, gw: Gateway) -> None:
+def test_fork(receiver: Store, gw: Gateway) -> None:
     """Other bytes for an accepted seq, or a wrong prev, are a fork; nothing stored."""
     b1 = gw.batch(1)
     assert send(receiver, gw, b1) == "ok"
@@ -178,14 +182,16 @@ def test_fork(receiver: Receiver, gw: Gateway) -> None:
     assert receiver.counters() == {(GW, "fork"): 2}
 
 
-def test_wrong_gateway(receiver: Receiver, gw: Gateway) -> None:
+def test_wrong_gateway(receiver: Store, gw: Gateway) -> None:
     """A key used for another gateway's id, or a batch on another gateway's topic, is refused."""
     assert send(receiver, gw, gw.batch(1, gw="gw-b"), topic_gw="gw-b") == "wrong-gateway"
     assert send(receiver, gw, gw.batch(1), topic_gw="gw-b") == "wrong-gateway"
     assert receiver.events() == []
 
 
-def test_duplicate_event_ids_are_deduplicated(receiver: Receiver, gw: Gateway) -> None:
+# PostgreSQL refuses a duplicate event loudly instead (tests/test_pgstore.py)
+@pytest.mark.parametrize("receiver", ["sqlite"], indirect=True)
+def test_duplicate_event_ids_are_deduplicated(receiver: Store, gw: Gateway) -> None:
     """An event re-sent in a later batch (after a rebuild) is stored once, and the delivery
     count at the wire still shows it twice: that is what the end-to-end tests count, so a
     duplicate delivery cannot hide behind the store."""
@@ -196,7 +202,7 @@ def test_duplicate_event_ids_are_deduplicated(receiver: Receiver, gw: Gateway) -
     assert receiver.delivered_ids(GW) == [1, 2, 2, 3]
 
 
-def test_malformed_counted(receiver: Receiver) -> None:
+def test_malformed_counted(receiver: Store) -> None:
     """Garbage is malformed with seq 0, counted under the topic's gateway."""
     ack = receiver.handle_batch(b"\xff\x00garbage", topic_gw="gw-z")
     assert (ack.ok, ack.err, ack.seq) == (False, "malformed", 0)

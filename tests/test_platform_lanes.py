@@ -9,9 +9,10 @@ import copy
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as paho
 import pytest
@@ -36,6 +37,12 @@ from branchsim.platform.receiver import Receiver
 from tests.support.agentproc import wait_until
 from tests.support.broker import Mosquitto
 from tests.test_platform import GW, pem
+
+if TYPE_CHECKING:
+    from tests.support.postgres import Store
+
+# The rule tests run against both stores (`rx` is parametrized); the store file's, the lock's
+# and the MQTT server's tests are about the SQLite Receiver.
 
 PREFIX = "bank/v1"
 EPOCH_A, EPOCH_B, EPOCH_C = b"\x0a" * 16, b"\x0b" * 16, b"\x0c" * 16
@@ -78,7 +85,7 @@ class Lanes:
         batch = decode_batch(data)[0]
         self.head[batch.lane] = (batch.seq, batch.hash)
 
-    def send(self, rx: Receiver, data: bytes) -> str:
+    def send(self, rx: Store, data: bytes) -> str:
         ack = rx.handle_batch(data, topic_gw=self.gw)
         assert ack.h == batch_hash(data)
         if ack.ok:
@@ -88,21 +95,19 @@ class Lanes:
         return ack.err
 
 
-@pytest.fixture
-def rx(tmp_path: Path) -> Iterator[Receiver]:
-    r = Receiver(tmp_path / "platform.db")
-    yield r
-    r.close()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def rx(request: pytest.FixtureRequest, make_store: Callable[..., Store]) -> Store:
+    return make_store(request.param)
 
 
 @pytest.fixture
-def g(rx: Receiver) -> Lanes:
+def g(rx: Store) -> Lanes:
     lanes = Lanes()
     rx.register(GW, pem(lanes.key))
     return lanes
 
 
-def test_alarm_lane_starts_at_seq_1_beside_a_bulk_lane_at_seq_5(rx: Receiver, g: Lanes) -> None:
+def test_alarm_lane_starts_at_seq_1_beside_a_bulk_lane_at_seq_5(rx: Store, g: Lanes) -> None:
     """With the bulk lane at seq 5 and nothing of it missing, the alarm lane's seq 1 (zero prev)
     is accepted and each lane has its own head; ids are shared, so every id is delivered once
     over the union of the lanes."""
@@ -124,7 +129,7 @@ def test_alarm_lane_starts_at_seq_1_beside_a_bulk_lane_at_seq_5(rx: Receiver, g:
     assert rx.counters() == {}
 
 
-def test_gap_fork_replay_are_per_lane(rx: Receiver, g: Lanes) -> None:
+def test_gap_fork_replay_are_per_lane(rx: Store, g: Lanes) -> None:
     """Each lane is checked against its own head: a gap, a fork (other bytes at a seq, a prev
     that is not the lane's head, the other lane's head included) and a replay in one lane leave
     the other lane alone; a replay is told apart from a fork by lane."""
@@ -150,7 +155,7 @@ def test_gap_fork_replay_are_per_lane(rx: Receiver, g: Lanes) -> None:
     assert (rx.chain_head(GW, BULK_LANE)[0], rx.chain_head(GW, ALARM_LANE)[0]) == (3, 2)
 
 
-def test_an_alarm_lane_batch_holding_a_non_alarm_event_is_malformed(rx: Receiver,
+def test_an_alarm_lane_batch_holding_a_non_alarm_event_is_malformed(rx: Store,
                                                                     g: Lanes) -> None:
     """The alarm lane holds only ALARM events: one of priority 1 makes the batch `malformed`;
     nothing is stored, the rejection counted."""
@@ -161,7 +166,7 @@ def test_an_alarm_lane_batch_holding_a_non_alarm_event_is_malformed(rx: Receiver
 
 
 def test_a_new_epoch_started_by_an_alarm_closes_the_old_epoch_for_both_lanes(
-        rx: Receiver, g: Lanes) -> None:
+        rx: Store, g: Lanes) -> None:
     """An alarm-lane batch of an unseen epoch starts the new chain: the old epoch is closed in
     both lanes (its stored bytes a replay, anything new a fork), the bulk lane starts again at
     seq 1, and `epochs` records where each lane of the replaced chain ended."""
@@ -199,7 +204,7 @@ def test_a_new_epoch_started_by_an_alarm_closes_the_old_epoch_for_both_lanes(
         "alarm_seq": 1, "alarm_hash": batch_hash(new_alarm).hex()}
 
 
-def test_epochs_record_none_for_a_lane_without_batches(rx: Receiver, g: Lanes) -> None:
+def test_epochs_record_none_for_a_lane_without_batches(rx: Store, g: Lanes) -> None:
     """A replaced chain whose bulk lane had no batch (a gateway that sent one alarm, then lost
     its state): `prev` names the alarm lane's end and None for the bulk lane's."""
     alarm = g.batch(ALARM_LANE, 1)

@@ -119,7 +119,10 @@ class MqttUplink:
         self._disconnected: asyncio.Future[None] | None = None
         self._on_ack: Callable[[bytes], None] = lambda _b: None
         self._on_command: Callable[[bytes], None] | None = None
-        self.counters: dict[str, int] = {"commands_dropped": 0}  # oversized, dropped unread
+        self.counters: dict[str, int] = {
+            "commands_dropped": 0,  # oversized, dropped unread
+            "subscribe_refused": 0,  # SUBACKs refusing the ack (or command) topic
+        }
         self._fds: set[int] = set()
         self._connecting = False
 
@@ -165,6 +168,7 @@ class MqttUplink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
@@ -255,6 +259,21 @@ class MqttUplink:
         self._log.info("mqtt.connected", session_present=bool(flags.session_present))
         if fut is not None and not fut.done():
             fut.set_result(None)
+
+    def _on_subscribe(self, client: paho.Client, _u: Any, _mid: int, rcs: list[ReasonCode],
+                      _p: Any) -> None:
+        """A refused subscription would leave the gateway sending batches whose acks never
+        come (a persistent session keeps what it has, so nothing else retries it): connect
+        again, after the backoff. A broker refuses for good (an ACL), or for now: NATS refuses
+        while its JetStream cannot make the session's consumer (a node lost, a connection
+        storm after an outage)."""
+        if not any(rc.is_failure for rc in rcs):
+            return
+        self.counters["subscribe_refused"] += 1
+        self._log.error("mqtt.subscribe_refused", reasons=[rc.getName() for rc in rcs],
+                        hint="if it lasts, the broker's ACL refuses this gateway its "
+                             f"{self.topics['ack']} or {self.topics['cmd']} topic")
+        client.disconnect()
 
     def _on_disconnect(self, client: paho.Client, _u: Any, _flags: Any, rc: ReasonCode,
                        _p: Any) -> None:

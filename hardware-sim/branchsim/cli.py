@@ -4,12 +4,14 @@
     branch-sim run night-intrusion --speed 10 [--workdir DIR]
     branch-sim agent night-intrusion --config agent.toml [--speed X]
     branch-sim demo [--headless] [--duration S] [--transport auto|mqtt|coap]
+    branch-sim fleet --gateways N --rate R --broker HOST:PORT[,HOST:PORT...] [--duration S]
 
 `run` prints the serial devices' paths and the agent's ``[sources]`` config between the lines
 ``--- agent config ---`` and ``--- end ---``, then plays the timeline until it ends or Ctrl-C.
 `agent` runs the agent's real runtime from a config, its GPIO and serial sources replaced by the
 scenario's simulated devices, until SIGTERM. `demo` is simulator, agent and reference platform
-in one terminal (README).
+in one terminal (README). `fleet` runs N simulated gateways in one process against real
+brokers and a platform, cutting the WAN of a share of them on request (branchsim.fleet).
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     from branchsim.demo import HELP, add_arguments
 
     add_arguments(sub.add_parser("demo", help=HELP))
+    from branchsim import fleet
+
+    fleet.add_arguments(sub.add_parser("fleet", help=fleet.HELP))
     return parser
 
 
@@ -127,6 +132,8 @@ def _setup_logging() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
+        return int(args.func(args))
+    if args.command == "fleet":
         return int(args.func(args))
     if args.command == "agent":
         return _agent(args.scenario, Path(args.config), args.speed, args.log_level)

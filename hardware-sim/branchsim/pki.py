@@ -35,6 +35,8 @@ class Pki:
     other_ca_cert: Path  # unrelated CA: trusts nothing above
     other_client_cert: Path  # issued by the other CA: the broker must refuse it
     other_client_key: Path
+    node_cert: Path  # a clustered broker's node: server to clients, client and server to peers
+    node_key: Path
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -84,6 +86,7 @@ def _leaf(
     ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
     *,
     server: bool,
+    client_too: bool = False,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     ca_cert, ca_key = ca
     key = ec.generate_private_key(ec.SECP256R1())
@@ -99,7 +102,8 @@ def _leaf(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH,
+                 *([ExtendedKeyUsageOID.CLIENT_AUTH] if client_too else [])]
             ),
             critical=False,
         )
@@ -140,4 +144,5 @@ def make_pki(dir: Path) -> Pki:
     save("client", *_leaf("gw-test-1", ca, server=False))
     save("platform", *_leaf("platform", ca, server=False))
     save("other_client", *_leaf("gw-impostor", other, server=False))
+    save("node", *_leaf("localhost", ca, server=True, client_too=True))
     return Pki(dir=dir, **paths)

@@ -197,9 +197,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "platform-epoch-replaced",
         "the platform refuses to extend a chain that a new epoch replaced",
-        "hardware-sim/branchsim/platform/receiver.py",
-        '                self._replay_or(batch, "fork", f"epoch {batch.epoch.hex()} was replaced")',
-        "                pass",
+        "hardware-sim/branchsim/platform/rules.py",
+        '            _replay_or(batch, state, "fork", f"epoch {batch.epoch.hex()} was replaced")',
+        "            pass",
         ("tests/test_platform.py::test_a_gateway_that_lost_its_state_rejoins_in_a_new_epoch",),
     ),
     Mutant(
@@ -394,15 +394,43 @@ MUTANTS: tuple[Mutant, ...] = (
         "platform-lane-head",
         "the platform checks each lane against its own chain head",
         "hardware-sim/branchsim/platform/receiver.py",
-        "self._ends(batch.gw, batch.epoch).get(batch.lane,",
-        "self._ends(batch.gw, batch.epoch).get(BULK_LANE,",
+        "head=self._ends(batch.gw, current).get(batch.lane, (0, ZERO_HASH))",
+        "head=self._ends(batch.gw, current).get(BULK_LANE, (0, ZERO_HASH))",
         ("tests/test_platform_lanes.py::test_alarm_lane_starts_at_seq_1_beside_a_bulk_lane_at_seq_5",
          "tests/test_platform_lanes.py::test_gap_fork_replay_are_per_lane"),
     ),
     Mutant(
+        "bus-answer-after-commit",
+        "a fleet receiver answers a gateway only after the batch is committed",
+        "hardware-sim/branchsim/platform/bus.py",
+        "            ack = await asyncio.to_thread(store.handle_batch, msg.data, topic_gw)",
+        "            proto = __import__('agent.protocol').protocol; "
+        "ack = proto.Ack(seq=0, h=proto.batch_hash(msg.data), ok=True); "
+        "asyncio.get_running_loop().run_in_executor(None, store.handle_batch, msg.data, "
+        "topic_gw)",
+        ("tests/test_fleet.py::test_fleet_survives_a_node_and_a_receiver_killed",),
+    ),
+    Mutant(
+        "mqtt-subscribe-refused-reconnects",
+        "a gateway whose ack subscription is refused connects again",
+        "agent/uplink/mqtt.py",
+        """                             f"{self.topics['ack']} or {self.topics['cmd']} topic")
+        client.disconnect()""",
+        """                             f"{self.topics['ack']} or {self.topics['cmd']} topic")""",
+        ("tests/test_mqtt_uplink.py::test_a_refused_ack_subscription_is_counted_and_connected_again",),
+    ),
+    Mutant(
+        "pg-duplicate-refused",
+        "the PostgreSQL store refuses a batch that holds an event already stored",
+        "hardware-sim/branchsim/platform/pgstore.py",
+        '            raise ProtocolError("malformed", str(exc)) from exc',
+        "            return",
+        ("tests/test_pgstore.py::test_a_duplicate_event_fails_loudly_and_stores_nothing_of_its_batch",),
+    ),
+    Mutant(
         "platform-alarm-first",
         "at the platform a waiting alarm lane batch goes before waiting bulk batches",
-        "hardware-sim/branchsim/platform/receiver.py",
+        "hardware-sim/branchsim/platform/handling.py",
         "lane == ALARM_LANE or not self._waiting[ALARM_LANE]))",
         "True))",
         ("tests/test_platform_lanes.py::test_a_waiting_alarm_goes_before_waiting_bulk_batches",),

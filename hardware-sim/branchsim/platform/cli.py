@@ -1,4 +1,10 @@
-"""`branch-platform`: the reference platform (serve, register, verify, events, oscore-pair)."""
+"""`branch-platform`: the reference platform (serve, register, verify, events, oscore-pair).
+
+The store is a SQLite file (`--db PATH`, the default: the demo, the tests, a laptop) or
+PostgreSQL (`--store postgresql://...`, docs/SCALE.md). `serve` takes batches from an MQTT
+broker (mosquitto) by default, or with `--bus nats://...` from a NATS JetStream stream as one of
+any number of receivers (branchsim.platform.bus), answering the gateways over MQTT either way.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +23,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.protocol import ProtocolError, kid_for, verify_batch
 from agent.security.keys import KeyFileError, load_public_key
 from agent.uplink.coap import OscoreContextError, provision_oscore
+from branchsim.platform.bus import BusReceiver
 from branchsim.platform.coap_server import serve_coap, shutdown_coap
 from branchsim.platform.mqtt_server import PlatformTls, serve_mqtt
 from branchsim.platform.receiver import Receiver
+from branchsim.platform.rules import BatchStore
 
 __all__ = ["main"]
 
@@ -32,9 +40,20 @@ def _parser() -> argparse.ArgumentParser:
                    add_help=False)
 
     s = sub.add_parser("serve", help="take batches over MQTT and CoAP, verify and ack them")
-    s.add_argument("--db", type=Path, required=True)
+    _store_arguments(s)
     s.add_argument("--host", default="127.0.0.1", help="the MQTT broker")
     s.add_argument("--port", type=int, default=8883, help="the MQTT broker's port")
+    s.add_argument("--broker", action="append", default=[], metavar="HOST:PORT",
+                   help="with --bus: an MQTT listener of the cluster for the acks; repeat for "
+                        "each node (default: --host:--port)")
+    s.add_argument("--bus", metavar="URL[,URL...]",
+                   help="take batches from the NATS JetStream stream of these servers "
+                        "(nats://HOST:PORT, or tls:// with --ca/--cert/--key) as one receiver of "
+                        "a group (docs/SCALE.md); acks go over MQTT (--broker)")
+    s.add_argument("--workers", type=int, default=4,
+                   help="with --bus: bulk lane workers, each with its own store connection")
+    s.add_argument("--replicas", type=int, default=3,
+                   help="with --bus: replicas of the stream, if this receiver creates it")
     s.add_argument("--no-mqtt", action="store_true",
                    help="no MQTT side (CoAP only; no broker needed)")
     s.add_argument("--coap-host", default="127.0.0.1",
@@ -66,19 +85,46 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--force", action="store_true", help="replace existing contexts")
 
     r = sub.add_parser("register", help="bind a gateway id to its public key")
-    r.add_argument("--db", type=Path, required=True)
+    _store_arguments(r)
     r.add_argument("gw")
     r.add_argument("pubkey", type=Path)
 
     v = sub.add_parser("verify", help="verify captured batch files offline")
     v.add_argument("--db", type=Path, help="take keys from this platform database")
+    v.add_argument("--store", metavar="URL", help="or from this PostgreSQL store")
     v.add_argument("--pubkey", type=Path, help="or verify against this public key (PEM)")
     v.add_argument("files", nargs="+", type=Path)
 
     e = sub.add_parser("events", help="print stored events as JSON lines")
-    e.add_argument("--db", type=Path, required=True)
+    _store_arguments(e)
     e.add_argument("--gw")
     return p
+
+
+def _store_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--db", type=Path, help="the SQLite store file")
+    g.add_argument("--store", metavar="URL",
+                   help="a PostgreSQL store: postgresql://USER@HOST:PORT/DB (docs/SCALE.md)")
+
+
+def _open_store(args: argparse.Namespace, *, lanes: bool = True) -> BatchStore:
+    """The store the arguments name: `Receiver` (SQLite) or `PgReceiver` (PostgreSQL)."""
+    if getattr(args, "store", None):
+        if not str(args.store).startswith(("postgresql://", "postgres://")):
+            raise SystemExit(f"branch-platform: --store {args.store!r}: expected a "
+                             "postgresql:// URL (or --db FILE for SQLite)")
+        from branchsim.platform.pgstore import PgReceiver  # psycopg only when asked for
+
+        return PgReceiver(args.store, lanes=lanes)
+    return Receiver(args.db, lanes=lanes)
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise SystemExit(f"branch-platform: {text!r}: expected HOST:PORT")
+    return host, int(port)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -98,14 +144,22 @@ def _serve(args: argparse.Namespace) -> int:
         print("branch-platform serve: give --ca, --cert and --key (mutual TLS), "
               "or --insecure for a local plain-TCP broker, or --no-mqtt", file=sys.stderr)
         return 2
-    receiver = Receiver(args.db, lanes=not args.without_lanes)
+    if args.bus and (args.no_mqtt or args.shared):
+        print("branch-platform serve: --bus takes the batches from the stream and answers over "
+              "MQTT: without --no-mqtt and --shared", file=sys.stderr)
+        return 2
+    if args.bus and args.without_lanes:
+        print("branch-platform serve: --without-lanes is for the MQTT broker mode",
+              file=sys.stderr)
+        return 2
+    receiver = _open_store(args, lanes=not args.without_lanes)
     try:
         return asyncio.run(_serve_async(args, receiver, tls))
     finally:
         receiver.close()
 
 
-async def _serve_async(args: argparse.Namespace, receiver: Receiver,
+async def _serve_async(args: argparse.Namespace, receiver: BatchStore,
                        tls: PlatformTls | None) -> int:
     """Serve until SIGTERM or SIGINT; both end it cleanly with exit code 0."""
     stop = asyncio.Event()
@@ -134,10 +188,17 @@ async def _serve_async(args: argparse.Namespace, receiver: Receiver,
             return 1
     try:
         async with asyncio.TaskGroup() as tg:
-            tasks = [] if args.no_mqtt else [tg.create_task(
-                serve_mqtt(receiver, args.host, args.port, tls, args.prefix, args.shared),
-                name="platform-mqtt",
-            )]
+            tasks = []
+            if args.bus:
+                bus = BusReceiver(
+                    lambda: _open_store(args), [u for u in args.bus.split(",") if u],
+                    [_hostport(b) for b in args.broker] or [(args.host, args.port)], tls=tls,
+                    prefix=args.prefix, workers=args.workers, replicas=args.replicas)
+                tg.create_task(bus.run(stop), name="platform-bus")
+            elif not args.no_mqtt:
+                tasks.append(tg.create_task(
+                    serve_mqtt(receiver, args.host, args.port, tls, args.prefix, args.shared),
+                    name="platform-mqtt"))
             await stop.wait()
             for task in tasks:
                 task.cancel()
@@ -164,17 +225,21 @@ def _register(args: argparse.Namespace) -> int:
     except KeyFileError as exc:
         print(f"branch-platform register: {exc}", file=sys.stderr)
         return 1
-    kid = Receiver(args.db).register(args.gw, args.pubkey.read_bytes())
+    store = _open_store(args)
+    try:
+        kid = store.register(args.gw, args.pubkey.read_bytes())
+    finally:
+        store.close()
     print(f"registered {args.gw} kid={kid.hex()}")
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    if args.pubkey is None and args.db is None:
-        print("branch-platform verify: give --pubkey or --db", file=sys.stderr)
+    if args.pubkey is None and args.db is None and args.store is None:
+        print("branch-platform verify: give --pubkey, --db or --store", file=sys.stderr)
         return 2
     fixed: Ed25519PublicKey | None = None
-    receiver: Receiver | None = None
+    receiver: BatchStore | None = None
     if args.pubkey is not None:
         try:
             fixed = load_public_key(args.pubkey)
@@ -182,7 +247,7 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"branch-platform verify: {exc}", file=sys.stderr)
             return 2
     else:
-        receiver = Receiver(args.db)
+        receiver = _open_store(args)
 
     def key_for_kid(kid: bytes) -> Ed25519PublicKey | None:
         if fixed is not None:
@@ -206,8 +271,12 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _events(args: argparse.Namespace) -> int:
-    for ev in Receiver(args.db).events(args.gw):
-        print(json.dumps(ev, sort_keys=True))
+    store = _open_store(args)
+    try:
+        for ev in store.events(args.gw):
+            print(json.dumps(ev, sort_keys=True))
+    finally:
+        store.close()
     return 0
 
 

@@ -34,7 +34,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.protocol import encode_ack
-from branchsim.platform.receiver import Receiver
+from branchsim.platform.rules import BatchStore
 
 __all__ = ["MqttPlatformServer", "PlatformTls", "serve_mqtt"]
 
@@ -60,7 +60,7 @@ class MqttPlatformServer:
 
     def __init__(
         self,
-        receiver: Receiver,
+        receiver: BatchStore,
         host: str,
         port: int,
         *,
@@ -173,7 +173,7 @@ class MqttPlatformServer:
 
 
 async def serve_mqtt(
-    receiver: Receiver,
+    receiver: BatchStore,
     host: str,
     port: int,
     tls: PlatformTls | None = None,

@@ -28,10 +28,7 @@ cached; the registration is read again inside the transaction).
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,86 +39,28 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.protocol import (
     ALARM_LANE,
     BULK_LANE,
-    LANES,
     ZERO_HASH,
-    Ack,
     Batch,
-    ProtocolError,
-    batch_hash,
     decode_batch,
     kid_for,
-    verify_batch,
 )
+from branchsim.platform.handling import VerifyingStore, registration_key
+from branchsim.platform.rules import ChainState, check_chain
 from branchsim.platform.store import event_row, open_store, row_event
 
 __all__ = ["Receiver"]
 
 log = structlog.get_logger(__name__)
 
-GAP_POLL_S = 0.005  # how often a batch waiting for its predecessor looks at the chain head again
-
-
-class _StoreLock:
-    """A mutex that lets a waiting alarm-lane handler in before any waiting bulk one (and before
-    queries and registrations, which wait as bulk: so does `with lock:`). `threading.Lock`
-    wakes waiters in no particular order: an alarm could wait behind every bulk batch queued
-    at the receiver."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._held = False
-        self._waiting = dict.fromkeys(LANES, 0)
-
-    def acquire(self, lane: int = BULK_LANE) -> None:
-        with self._cond:
-            self._waiting[lane] += 1
-            try:
-                self._cond.wait_for(lambda: not self._held and (
-                    lane == ALARM_LANE or not self._waiting[ALARM_LANE]))
-            except BaseException:
-                self._cond.notify_all()  # a bulk handler may be waiting on this alarm
-                raise
-            finally:
-                self._waiting[lane] -= 1
-            self._held = True
-
-    def release(self) -> None:
-        with self._cond:
-            self._held = False
-            self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def hold(self, lane: int) -> Iterator[None]:
-        self.acquire(lane)
-        try:
-            yield
-        finally:
-            self.release()
-
-    def __enter__(self) -> None:
-        self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def waiting(self) -> dict[int, int]:
-        with self._cond:
-            return dict(self._waiting)
-
-
-class Receiver:
+class Receiver(VerifyingStore):
     """`lanes=False` answers as a platform from before lanes did (docs/PROTOCOL.md 3.2): the
     payload key `lane` is unknown to it, so an alarm lane batch is `malformed` (and the MQTT
     side does not read the alarm topic). For rehearsing a gateway against such a platform."""
 
     def __init__(self, store_path: Path, *, lanes: bool = True) -> None:
+        super().__init__(lanes=lanes)
         self.store_path = Path(store_path)
-        self.lanes = lanes
         self._db = open_store(self.store_path)
-        self._lock = _StoreLock()
-        # kid -> registered key, read outside the lock (verification runs there); emptied by
-        # every change of the registry, and the registration checked again under the lock
-        self._keys: dict[bytes, Ed25519PublicKey] = {}
 
     def close(self) -> None:
         with self._lock:
@@ -132,10 +71,7 @@ class Receiver:
     def register(self, gw: str, pubkey_pem: bytes) -> bytes:
         """Bind an Ed25519 public key (SPKI PEM) to a gateway id; returns its kid.
         Re-registering a gateway replaces its key (key rotation)."""
-        key = serialization.load_pem_public_key(pubkey_pem)
-        if not isinstance(key, Ed25519PublicKey):
-            raise ValueError("not an Ed25519 public key")
-        kid = kid_for(key)
+        kid = registration_key(pubkey_pem)
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM gateways WHERE gw = ? OR kid = ?", (gw, kid))
@@ -154,69 +90,13 @@ class Receiver:
 
     # --- batches --------------------------------------------------------------------------
 
-    def handle_batch(self, data: bytes, topic_gw: str | None = None, *,
-                     gap_wait_s: float = 0.0) -> Ack:
-        """Verify and store one batch; the Ack says ok or why not (its `h` names `data`).
+    def _rows(self, batch: Batch) -> list[tuple[Any, ...]]:
+        return [event_row(batch.gw, batch.epoch, batch.lane, batch.seq, ev)
+                for ev in batch.events]
 
-        `gap_wait_s`: how long a batch ahead of its lane's chain waits for its predecessor
-        before it is rejected as a gap. Receivers sharing a subscription get a gateway's
-        in-flight batches round-robin, so the predecessor is often being stored by another
-        receiver right now.
-        """
-        h = batch_hash(data)
-        arrived = time.monotonic()
-        try:
-            # Decoding and the signature first, outside the store's lock: they are most of a
-            # bulk batch's cost, and the lock is then held only for the chain check and the
-            # store, which is all an alarm lane batch waits for.
-            batch = verify_batch(data, self._registered_key)
-            if batch.lane != BULK_LANE and not self.lanes:
-                raise ProtocolError("malformed", "payload keys")  # a decoder without lanes
-            rows = [event_row(batch.gw, batch.epoch, batch.lane, batch.seq, ev)
-                    for ev in batch.events]
-        except ProtocolError as exc:
-            with self._lock:
-                return self._refuse(data, topic_gw, h, exc)
-        deadline = arrived + gap_wait_s
-        waiting = False
-        while True:
-            with self._lock.hold(batch.lane):
-                started = time.monotonic()
-                try:
-                    self._check_and_store(batch, data, rows, topic_gw)
-                except ProtocolError as exc:
-                    if exc.reason != "gap" or time.monotonic() >= deadline:
-                        return self._refuse(data, topic_gw, h, exc)
-                    if not waiting:
-                        waiting = True
-                        log.info("platform.gap_wait", gw=batch.gw, lane=batch.lane,
-                                 seq=batch.seq, detail=exc.detail)
-                else:
-                    log.info("platform.accepted", gw=batch.gw, lane=batch.lane, seq=batch.seq,
-                             events=len(batch.events),
-                             waited_ms=round((started - arrived) * 1000, 2),
-                             took_ms=round((time.monotonic() - started) * 1000, 2))
-                    return Ack(seq=batch.seq, h=h, ok=True)
-            # Polled: another process's commit to the store file sends no notification.
-            time.sleep(GAP_POLL_S)
-
-    def _refuse(self, data: bytes, topic_gw: str | None, h: bytes, exc: ProtocolError) -> Ack:
-        """Count and log a rejection; its ack. Runs under the lock."""
-        seq, gw = self._unverified_seq_gw(data, topic_gw)
-        self._count(gw, exc.reason)
-        log.warning("platform.rejected", gw=gw, seq=seq, reason=exc.reason, detail=exc.detail,
-                    hash=h.hex()[:16])
-        return Ack(seq=seq, h=h, ok=False, err=exc.reason)
-
-    def _registered_key(self, kid: bytes) -> Ed25519PublicKey | None:
-        key = self._keys.get(kid)
-        if key is None:
-            with self._lock:
-                found = self._key(kid)
-            if found is None:
-                return None
-            key = self._keys[kid] = found[1]
-        return key
+    def _lookup_key(self, kid: bytes) -> Ed25519PublicKey | None:
+        found = self._key(kid)
+        return None if found is None else found[1]
 
     def _check_and_store(self, batch: Batch, data: bytes, rows: list[tuple[Any, ...]],
                          topic_gw: str | None) -> None:
@@ -228,30 +108,29 @@ class Receiver:
             self._store(batch, data, rows)
 
     def _check(self, batch: Batch, topic_gw: str | None) -> None:
-        """The checks after the signature's (docs/PROTOCOL.md 4.1), inside the transaction."""
-        row = self._db.execute("SELECT gw FROM gateways WHERE kid = ?", (batch.kid,)).fetchone()
-        if row is None:  # retired since the signature was checked
-            raise ProtocolError("unknown-key", f"kid {batch.kid.hex()} is not registered")
-        if batch.gw != row[0]:
-            raise ProtocolError("wrong-gateway", f"key of {row[0]!r} signed for {batch.gw!r}")
-        if topic_gw is not None and topic_gw != batch.gw:
-            raise ProtocolError("wrong-gateway", f"batch of {batch.gw!r} on {topic_gw!r} topic")
-        if batch.epoch == self._current_epoch(batch.gw):
-            last_seq, last_hash = self._ends(batch.gw, batch.epoch).get(batch.lane,
-                                                                        (0, ZERO_HASH))
-        else:
-            known = self._db.execute("SELECT 1 FROM epochs WHERE gw = ? AND epoch = ?",
-                                     (batch.gw, batch.epoch)).fetchone()
-            if known is not None:
-                self._replay_or(batch, "fork", f"epoch {batch.epoch.hex()} was replaced")
-            last_seq, last_hash = 0, ZERO_HASH  # a new chain: it must start at seq 1
-        where = f"lane {batch.lane} seq {batch.seq}"
-        if batch.seq <= last_seq:
-            self._replay_or(batch, "fork", f"{where} <= head {last_seq}, other bytes")
-        if batch.seq > last_seq + 1:
-            raise ProtocolError("gap", f"{where} after head {last_seq}")
-        if batch.prev != last_hash:
-            raise ProtocolError("fork", f"{where}: prev does not match head")
+        """The checks after the signature's (docs/PROTOCOL.md 4.1, `check_chain`), inside the
+        transaction."""
+        db = self._db
+        row = db.execute("SELECT gw FROM gateways WHERE kid = ?", (batch.kid,)).fetchone()
+        current = self._current_epoch(batch.gw)
+        known = current == batch.epoch or db.execute(
+            "SELECT 1 FROM epochs WHERE gw = ? AND epoch = ?", (batch.gw, batch.epoch)
+        ).fetchone() is not None
+
+        def stored_hash() -> bytes | None:
+            found = db.execute(
+                "SELECT hash FROM batches WHERE gw = ? AND epoch = ? AND lane = ? AND seq = ?",
+                (batch.gw, batch.epoch, batch.lane, batch.seq)).fetchone()
+            return None if found is None else bytes(found[0])
+
+        check_chain(batch, topic_gw, ChainState(
+            registered_gw=None if row is None else row[0],
+            current_epoch=current,
+            head=self._ends(batch.gw, current).get(batch.lane, (0, ZERO_HASH))
+            if batch.epoch == current else (0, ZERO_HASH),
+            epoch_known=known,
+            stored_hash=stored_hash,
+        ))
 
     def _current_epoch(self, gw: str) -> bytes | None:
         """The newest epoch the gateway started (None before its first batch)."""
@@ -265,15 +144,6 @@ class Receiver:
             "SELECT lane, last_seq, last_hash FROM chain WHERE gw = ? AND epoch = ?",
             (gw, epoch)).fetchall()
         return {int(lane): (int(seq), bytes(h)) for lane, seq, h in rows}
-
-    def _replay_or(self, batch: Batch, reason: str, detail: str) -> None:
-        """Raise `replay` if these exact bytes are stored, else `reason`."""
-        row = self._db.execute(
-            "SELECT hash FROM batches WHERE gw = ? AND epoch = ? AND lane = ? AND seq = ?",
-            (batch.gw, batch.epoch, batch.lane, batch.seq)).fetchone()
-        if row is not None and bytes(row[0]) == batch.hash:
-            raise ProtocolError("replay", f"lane {batch.lane} seq {batch.seq} already accepted")
-        raise ProtocolError(reason, detail)
 
     def _store(self, batch: Batch, data: bytes, rows: list[tuple[Any, ...]]) -> None:
         """Runs inside _check_and_store's transaction."""
@@ -344,14 +214,6 @@ class Receiver:
                                  (batch.gw, newest_announced[0]))
                 self._keys.clear()
                 log.info("platform.key_retired", gw=batch.gw, kid=batch.kid.hex())
-
-    def _unverified_seq_gw(self, data: bytes, topic_gw: str | None) -> tuple[int, str]:
-        """For a rejection's ack and counter: the claimed seq and gw, if the bytes decode."""
-        try:
-            batch, _, _ = decode_batch(data)
-        except ProtocolError:
-            return 0, topic_gw or ""
-        return batch.seq, topic_gw or batch.gw
 
     def _count(self, gw: str, reason: str) -> None:
         with self._db:
@@ -433,10 +295,6 @@ class Receiver:
                 "SELECT count(*) FROM batches WHERE gw = ? AND (? IS NULL OR lane = ?)",
                 (gw, lane, lane)).fetchone()
         return int(row[0])
-
-    def waiting(self) -> dict[int, int]:
-        """{lane: handlers waiting for the store right now} (tests, diagnostics)."""
-        return self._lock.waiting()
 
     def public_key(self, kid: bytes) -> Ed25519PublicKey | None:
         with self._lock:

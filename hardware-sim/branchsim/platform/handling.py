@@ -1,0 +1,204 @@
+"""What both platform stores do the same way around their transaction: decode and verify a
+batch outside the store's lock (most of a bulk batch's cost), then check and store it under the
+lock (`_check_and_store`, the store's own transaction), waiting for a predecessor being stored
+elsewhere if asked to; count and log each refusal. `Receiver` (SQLite) and `PgReceiver`
+(PostgreSQL) fill in the store."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import structlog
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.protocol import (
+    ALARM_LANE,
+    BULK_LANE,
+    LANES,
+    Ack,
+    Batch,
+    ProtocolError,
+    batch_hash,
+    decode_batch,
+    kid_for,
+    verify_batch,
+)
+
+__all__ = ["GAP_POLL_S", "VerifyingStore", "registration_key"]
+
+log = structlog.get_logger("branchsim.platform.receiver")
+
+GAP_POLL_S = 0.005  # how often a batch waiting for its predecessor looks at the chain head again
+
+
+def registration_key(pubkey_pem: bytes) -> bytes:
+    """The kid of a gateway's Ed25519 public key (SPKI PEM) being registered; ValueError if it
+    is not one."""
+    key = serialization.load_pem_public_key(pubkey_pem)
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("not an Ed25519 public key")
+    return kid_for(key)
+
+
+class _StoreLock:
+    """A mutex that lets a waiting alarm-lane handler in before any waiting bulk one (and before
+    queries and registrations, which wait as bulk: so does `with lock:`). `threading.Lock`
+    wakes waiters in no particular order: an alarm could wait behind every bulk batch queued
+    at the receiver."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held = False
+        self._waiting = dict.fromkeys(LANES, 0)
+
+    def acquire(self, lane: int = BULK_LANE) -> None:
+        with self._cond:
+            self._waiting[lane] += 1
+            try:
+                self._cond.wait_for(lambda: not self._held and (
+                    lane == ALARM_LANE or not self._waiting[ALARM_LANE]))
+            except BaseException:
+                self._cond.notify_all()  # a bulk handler may be waiting on this alarm
+                raise
+            finally:
+                self._waiting[lane] -= 1
+            self._held = True
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def hold(self, lane: int) -> Iterator[None]:
+        self.acquire(lane)
+        try:
+            yield
+        finally:
+            self.release()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def waiting(self) -> dict[int, int]:
+        with self._cond:
+            return dict(self._waiting)
+
+
+class VerifyingStore:
+    """`handle_batch` for a store that provides `_rows`, `_check_and_store`, `_count` and
+    `_lookup_key`. Thread-safe: `_lock` around the store, alarm-lane handlers first."""
+
+    lanes: bool
+
+    def __init__(self, *, lanes: bool) -> None:
+        self.lanes = lanes
+        self._lock = _StoreLock()
+        # kid -> registered key, read outside the lock (verification runs there); emptied by
+        # every change of the registry, and the registration checked again under the lock
+        self._keys: dict[bytes, Ed25519PublicKey] = {}
+
+    # --- what a store provides --------------------------------------------------------------
+
+    def _rows(self, batch: Batch) -> list[tuple[Any, ...]]:
+        """The batch's event rows, made before the lock; may raise ProtocolError."""
+        raise NotImplementedError
+
+    def _check_and_store(self, batch: Batch, data: bytes, rows: list[tuple[Any, ...]],
+                         topic_gw: str | None) -> None:
+        """One transaction: the chain checks (raising ProtocolError) and the store."""
+        raise NotImplementedError
+
+    def _count(self, gw: str, reason: str) -> None:
+        raise NotImplementedError
+
+    def _lookup_key(self, kid: bytes) -> Ed25519PublicKey | None:
+        """The key registered under `kid`, read from the store (under the lock)."""
+        raise NotImplementedError
+
+    # --- batches --------------------------------------------------------------------------
+
+    def handle_batch(self, data: bytes, topic_gw: str | None = None, *,
+                     gap_wait_s: float = 0.0) -> Ack:
+        """Verify and store one batch; the Ack says ok or why not (its `h` names `data`).
+
+        `gap_wait_s`: how long a batch ahead of its lane's chain waits (polling) for its
+        predecessor before it is rejected as a gap. Receivers sharing a subscription get a
+        gateway's in-flight batches round-robin, so the predecessor is often being stored by
+        another receiver right now; 0 answers a gap at once (the NATS bus hands it back to the
+        stream instead).
+        """
+        h = batch_hash(data)
+        arrived = time.monotonic()
+        try:
+            # Decoding and the signature first, outside the store's lock: they are most of a
+            # bulk batch's cost, and the lock is then held only for the chain check and the
+            # store, which is all an alarm lane batch waits for.
+            batch = verify_batch(data, self._registered_key)
+            if batch.lane != BULK_LANE and not self.lanes:
+                raise ProtocolError("malformed", "payload keys")  # a decoder without lanes
+            rows = self._rows(batch)
+        except ProtocolError as exc:
+            with self._lock:
+                return self._refuse(data, topic_gw, h, exc)
+        deadline = arrived + gap_wait_s
+        waiting = False
+        while True:
+            with self._lock.hold(batch.lane):
+                started = time.monotonic()
+                try:
+                    self._check_and_store(batch, data, rows, topic_gw)
+                except ProtocolError as exc:
+                    if exc.reason != "gap" or time.monotonic() >= deadline:
+                        return self._refuse(data, topic_gw, h, exc)
+                    if not waiting:
+                        waiting = True
+                        log.info("platform.gap_wait", gw=batch.gw, lane=batch.lane,
+                                 seq=batch.seq, detail=exc.detail)
+                else:
+                    log.info("platform.accepted", gw=batch.gw, lane=batch.lane, seq=batch.seq,
+                             events=len(batch.events),
+                             waited_ms=round((started - arrived) * 1000, 2),
+                             took_ms=round((time.monotonic() - started) * 1000, 2))
+                    return Ack(seq=batch.seq, h=h, ok=True)
+            # Polled: another process's commit sends no notification.
+            time.sleep(GAP_POLL_S)
+
+    def _refuse(self, data: bytes, topic_gw: str | None, h: bytes, exc: ProtocolError) -> Ack:
+        """Count and log a rejection; its ack. Runs under the lock."""
+        seq, gw = self._unverified_seq_gw(data, topic_gw)
+        self._count(gw, exc.reason)
+        log.warning("platform.rejected", gw=gw, seq=seq, reason=exc.reason, detail=exc.detail,
+                    hash=h.hex()[:16])
+        return Ack(seq=seq, h=h, ok=False, err=exc.reason)
+
+    @staticmethod
+    def _unverified_seq_gw(data: bytes, topic_gw: str | None) -> tuple[int, str]:
+        """For a rejection's ack and counter: the claimed seq and gw, if the bytes decode."""
+        try:
+            batch, _, _ = decode_batch(data)
+        except ProtocolError:
+            return 0, topic_gw or ""
+        return batch.seq, topic_gw or batch.gw
+
+    def _registered_key(self, kid: bytes) -> Ed25519PublicKey | None:
+        key = self._keys.get(kid)
+        if key is None:
+            with self._lock:
+                key = self._lookup_key(kid)
+            if key is None:
+                return None
+            self._keys[kid] = key
+        return key
+
+    def waiting(self) -> dict[int, int]:
+        """{lane: handlers waiting for the store right now} (tests, diagnostics)."""
+        return self._lock.waiting()
