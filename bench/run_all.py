@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/run_all.py [--quick] [--pin CPU]      # `make bench` runs it plain
 
-About 6 minutes on a 2-core desktop (the 1M-event drain twice, a minute of idle agent).
+About 21 minutes on a 2-core desktop (the 1M-event drain twice, a minute of idle agent, and
+the fleet benchmark's 15).
 
 ``--pin 0`` runs each benchmark under ``taskset -c 0`` (one core, closer to a Pi 4; the
 broker and the platform process inherit the pin). ``--quick`` passes ``--quick`` to each:
@@ -30,7 +31,10 @@ BENCHES: list[tuple[str, list[str]]] = [
     # One 1M-event drain per run serves the drain, alarm-latency and draining-RSS figures.
     ("drain.py", ["--runs", "2"]),
     ("footprint.py", []),
+    # The platform at fleet scale (docs/SCALE.md): about 15 minutes.
+    ("fleet.py", []),
 ]
+TIMEOUT_S = {"fleet.py": 2400}  # others: 600
 # bench/coap_ingest.py prints its own lines (no --json); it is run and shown as it prints.
 COAP = ("coap_ingest.py", {"full": ["--seconds", "3"], "quick": ["--seconds", "0.3"]})
 
@@ -58,7 +62,7 @@ def main() -> int:
             out = Path(d) / f"{script}.json"
             cmd = [*prefix, sys.executable, str(HERE / script), "--json", str(out),
                    *(["--quick"] if args.quick else extra)]
-            proc = run(cmd, timeout=600)
+            proc = run(cmd, timeout=TIMEOUT_S.get(script, 600))
             if proc.returncode != 0 or not out.exists():
                 failed.append(script)
                 print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", file=sys.stderr)

@@ -277,3 +277,18 @@ async def test_a_refused_ack_subscription_is_counted_and_connected_again(
             "backoff_max": 0.5, "connect_timeout": 5.0}))
         await wait_until(lambda: run.uplink.counters["subscribe_refused"] >= 2)
         assert run.states[:3] == [True, False, True]  # connected, refused, connected again
+
+
+async def test_a_broker_without_mqtt_5_gets_a_hint_to_use_3_1_1(
+        tmp_path: Path, start_uplink: Callable[[MqttUplinkConfig], Running]) -> None:
+    """NATS speaks MQTT 3.1.1 only and refuses an MQTT 5 CONNECT: the uplink's error says to
+    set protocol = "v311", not to check the certificate."""
+    with NatsCluster(tmp_path / "nats", nodes=1) as nats:
+        host, port = nats.mqtt[0]
+        run = start_uplink(MqttUplinkConfig.model_validate({
+            "host": host, "port": port, "protocol": "v5", "insecure": True,
+            "backoff_base": 0.05, "backoff_max": 0.5, "connect_timeout": 5.0}))
+        await wait_until(lambda: run.uplink.last_error is not None)
+        failure = run.uplink.last_error
+        assert failure is not None and "v311" in str(failure), failure
+        assert run.states == []

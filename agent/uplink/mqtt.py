@@ -246,10 +246,13 @@ class MqttUplink:
                     _p: Any) -> None:
         fut = self._connack
         if rc.is_failure:
+            hint = ("the broker does not speak this MQTT version: set [uplink.mqtt] protocol = "
+                    '"v311" (a NATS broker speaks MQTT 3.1.1 only)'
+                    if rc.getName() == "Unsupported protocol version"
+                    else "check the gateway certificate is registered with the broker")
             if fut is not None and not fut.done():
                 fut.set_exception(MqttConnectError(
-                    f"broker refused the connection: {rc.getName()}",
-                    "check the gateway certificate is registered with the broker"))
+                    f"broker refused the connection: {rc.getName()}", hint))
             return
         client.subscribe(self.topics["ack"], qos=1)
         if self._on_command is not None:

@@ -11,17 +11,22 @@ For each message a receiver:
 1. verifies and stores the batch in its store (`branchsim.platform.pgstore.PgReceiver`, or the
    SQLite `Receiver` on one host), in one transaction that holds the gateway's row lock, so that
    a gateway's batches are stored in chain order whichever receiver has them;
-2. publishes the ack to `{prefix}/{gw}/ack` over MQTT (QoS 1, waiting for the broker's PUBACK),
-   so that a gateway offline at that moment finds it in its persistent session;
-3. only then acks the message on the stream.
+2. publishes the answer to `{prefix}/{gw}/ack` over MQTT (QoS 1), so that a gateway offline at
+   that moment finds it in its persistent session;
+3. then acks the message on the stream; neither step waits for the broker's confirmation.
 
-A receiver that dies between 1 and 3 leaves the message unacked: it is delivered again (to a
-receiver) after `ACK_WAIT_S`, found stored (`replay`) and answered again, which the gateway takes
-as delivered. A batch ahead of its chain (`gap`: its predecessor is in another receiver's hands
-right now, or waiting for redelivery) is never waited for on a thread: it is handed back to the
-stream (NAK) to be delivered again `GAP_RETRY_S` later, then later each time; one still ahead of
-its chain at its `GAP_GIVE_UP`-th delivery (about 8 s) is answered `gap` (its predecessor is
-lost: the gateway sends its window again) and removed from the stream.
+Nothing is answered or acked before the commit. A receiver that dies between 1 and 3 leaves the
+message unacked: it is delivered again (to a receiver) after `ACK_WAIT_S`, found stored
+(`replay`) and answered again, which the gateway takes as delivered. An answer lost after 3 (the
+receiver dies with it in paho's buffer) is made good by the gateway, which sends the batch again
+after its ack timeout and gets `replay`. (Waiting for each PUBACK and stream ack cost a fifth of
+the throughput: docs/SCALE.md.)
+
+A batch ahead of its chain (`gap`: its predecessor is in another receiver's hands right now, or
+waiting for redelivery) is never waited for on a thread: it is handed back to the stream (NAK)
+to be delivered again `GAP_RETRY_S` later, then later each time; one still ahead of its chain at
+its `GAP_GIVE_UP`-th delivery (about 8 s) is answered `gap` (its predecessor is lost: the
+gateway sends its window again) and removed from the stream.
 """
 
 from __future__ import annotations
@@ -72,7 +77,6 @@ GAP_RETRY_MAX_S = 1.0  # as late each time, up to this
 GAP_GIVE_UP = 14  # deliveries (about 8 s) after which it is answered `gap`
 STORE_RETRY_S = 1.0  # a batch the store failed on (its connection lost) comes back after this
 FETCH = 32  # messages a worker takes from the stream at once
-ACK_PUBACK_TIMEOUT_S = 10.0
 
 
 def subjects(prefix: str) -> dict[str, str]:
@@ -114,18 +118,14 @@ def _tls_context(tls: PlatformTls) -> ssl.SSLContext:
 
 
 class AckPublisher:
-    """One MQTT 3.1.1 connection that publishes acks at QoS 1 and reports each PUBACK to the
-    asyncio loop; on a lost connection it moves to the next broker of the list (a NATS node
-    killed: the others carry on)."""
+    """One MQTT 3.1.1 connection (paho's own thread) that publishes the answers at QoS 1; on a
+    lost connection it moves to the next broker of the list (a NATS node killed: the others
+    carry on)."""
 
     def __init__(self, brokers: Sequence[tuple[str, int]], tls: PlatformTls | None,
                  client_id: str) -> None:
         self.brokers = list(brokers)
         self._next = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: dict[int, asyncio.Future[None]] = {}
-        self._early: set[int] = set()  # PUBACKs that came before their publish() registered
-        self._lock = threading.Lock()
         self.connected = threading.Event()
         c = self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                       protocol=paho.MQTTv311, clean_session=True)
@@ -136,11 +136,9 @@ class AckPublisher:
         c.reconnect_delay_set(1, 2)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
-        c.on_publish = self._on_publish
         c.on_socket_open = _nodelay
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def start(self) -> None:
         host, port = self.brokers[0]
         self.client.connect_async(host, port, keepalive=15)
         self.client.loop_start()
@@ -160,52 +158,17 @@ class AckPublisher:
     def _on_disconnect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode,
                        _p: object) -> None:
         self.connected.clear()
-        # Acks whose PUBACK never came: their stream messages stay unacked, come back, and are
-        # answered again (as `replay`).
-        with self._lock:
-            pending, self._pending = self._pending, {}
-            self._early.clear()
-        if self._loop is not None:
-            for fut in pending.values():
-                self._loop.call_soon_threadsafe(_fail, fut)
         self._next = (self._next + 1) % len(self.brokers)
         host, port = self.brokers[self._next]
         with contextlib.suppress(RuntimeError, ValueError):
             client.host, client.port = host, port  # paho's own reconnect goes there
         log.warning("platform.bus.ack_disconnected", reason=str(rc), next=f"{host}:{port}")
 
-    def _on_publish(self, _c: paho.Client, _u: object, mid: int, _rc: ReasonCode,
-                    _p: object) -> None:
-        with self._lock:
-            fut = self._pending.pop(mid, None)
-            if fut is None:
-                if len(self._early) > 65536:  # mids of publishes whose caller gave up
-                    self._early.clear()
-                self._early.add(mid)
-        if fut is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(_done, fut)
-
-    async def publish(self, topic: str, payload: bytes) -> bool:
-        """True once the broker has the ack (PUBACK); False if not within the timeout."""
-        assert self._loop is not None
-        fut: asyncio.Future[None] = self._loop.create_future()
-        # Not under self._lock: paho calls on_publish holding a lock of its own that publish()
-        # takes too (the two locks taken in opposite orders stopped a receiver for good).
-        info = self.client.publish(topic, payload, qos=1)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            return False
-        with self._lock:
-            if info.mid in self._early:  # its PUBACK came before this line
-                self._early.discard(info.mid)
-                return True
-            self._pending[info.mid] = fut
-        try:
-            await asyncio.wait_for(fut, ACK_PUBACK_TIMEOUT_S)
-        except (TimeoutError, ConnectionError):
-            with self._lock:
-                self._pending.pop(info.mid, None)
-            return False
-        return True
+    def send(self, topic: str, payload: bytes) -> bool:
+        """Hand an answer to paho (QoS 1) without waiting for its PUBACK; False if it cannot
+        go now (no connection). An answer lost with this process is made good by the gateway,
+        which sends the batch again after its ack timeout and gets `replay`."""
+        return self.client.publish(topic, payload, qos=1).rc == paho.MQTT_ERR_SUCCESS
 
 
 def _gw_of(msg: Msg) -> str:
@@ -220,16 +183,6 @@ def _nodelay(_c: paho.Client, _u: object, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _done(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-def _fail(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_exception(ConnectionError("connection to the broker lost"))
-
-
 @dataclass
 class BusStats:
     stored: int = 0  # batches stored by this receiver
@@ -237,7 +190,7 @@ class BusStats:
     redelivered: int = 0  # messages seen more than once
     gap_retries: int = 0  # handed back, ahead of their chain
     gaps_answered: int = 0
-    ack_failures: int = 0  # PUBACK not received: the message is left to come back
+    ack_failures: int = 0  # an answer that could not be sent: the message comes back
     store_failures: int = 0  # the store raised: the message is handed back
     by_reason: dict[str, int] = field(default_factory=dict)
 
@@ -264,13 +217,12 @@ class BusReceiver:
         self._all_stores: list[BatchStore] = []
 
     async def run(self, stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
         kwargs: dict[str, Any] = {}
         if self.tls is not None:
             kwargs.update(tls=_tls_context(self.tls), tls_hostname="localhost")
         nc = await nats.connect(self.nats_urls, name=self.name, max_reconnect_attempts=-1,
                                 reconnect_time_wait=0.5, **kwargs)
-        self.acks.start(loop)
+        self.acks.start()
         try:
             js = nc.jetstream(timeout=10)
             await self._retry(lambda: ensure_stream(js, self.prefix, replicas=self.replicas))
@@ -367,13 +319,15 @@ class BusReceiver:
             reason = ack.err or "unspecified"
             self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
         topic = f"{self.prefix}/{topic_gw}/ack"
-        if not await self.acks.publish(topic, encode_ack(ack)):
+        if not self.acks.send(topic, encode_ack(ack)):
             self.stats.ack_failures += 1
-            log.warning("platform.bus.ack_unconfirmed", gw=topic_gw, seq=ack.seq)
-            return  # left unacked on the stream: it comes back, and is answered again
+            log.warning("platform.bus.ack_not_sent", gw=topic_gw, seq=ack.seq)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=STORE_RETRY_S)  # it comes back, and is answered again
+            return
         self.stats.answered += 1
         try:
-            await msg.ack_sync(timeout=5.0)
+            await msg.ack()
         except (TimeoutError, nats.errors.Error) as exc:
             # stored and answered: a redelivery will be a replay, answered again
             log.warning("platform.bus.stream_ack_failed", gw=topic_gw, error=repr(exc))
