@@ -19,7 +19,7 @@ PIP_LOCKED  := python -m pip install --quiet --no-input --require-hashes
 # The product itself goes in on top of a locked environment, never resolving anything.
 PIP_SELF    := python -m pip install --quiet --no-input --no-deps --no-build-isolation
 
-.PHONY: all venv sysdeps test test-compat test-dist dist wheelhouse lock lint demo bench faults mutants sbom \
+.PHONY: all venv sysdeps test test-compat test-dist dist wheelhouse lock lint demo bench bench-smoke faults mutants sbom \
         audit-deps clean release releasedeps field-test
 
 all: test
@@ -206,6 +206,11 @@ demo: venv
 
 bench: venv sysdeps
 	$(BIN)/python bench/run_all.py
+
+# The benchmarks still run (--quick sizes, no figure judged), the fleet benchmark's 2.5 minutes
+# included (make test leaves that one out).
+bench-smoke: venv sysdeps
+	$(BIN)/pytest -q -o addopts=-ra tests/test_bench_smoke.py
 
 # Supply chain: a CycloneDX SBOM of the installed environment, and a vulnerability audit of the
 # dependencies. The tools live in their own venv so that .venv holds only what the agent needs.

@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
+def run(*args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=150, check=False)
+                          timeout=timeout, check=False)
     assert proc.returncode == 0, f"{args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -61,3 +61,20 @@ def test_run_all_prints_one_table_with_the_machine() -> None:
                 "idle CPU", "write amplification", "start-up", "CoAP ingest"):
         assert fig in proc.stdout, fig
     assert "| met?" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_fleet_bench_runs(tmp_path: Path) -> None:
+    """bench/fleet.py --quick (about 2.5 minutes, so `make bench-smoke`, not `make test`): the
+    ceilings and the fleet runs print their rows and write them."""
+    out = tmp_path / "rows.json"
+    proc = run(str(BENCH / "fleet.py"), "--quick", "--json", str(out), timeout=400)
+    rows = json.loads(out.read_text())
+    for fig in ("fleet ceiling, COPY into events alone",
+                "fleet ceiling, publish into the stream alone",
+                "fleet, 20 gateways, 2 receiver(s), stored and acked",
+                "fleet, 2 receiver(s), 20 ev/s per gateway, batch latency p99"):
+        assert fig in proc.stdout, fig
+        row = next(r for r in rows if r["figure"].startswith(fig))
+        assert math.isfinite(row["value"]) and row["value"] > 0, row
