@@ -69,12 +69,15 @@ lock: venv
 # branchsim.powerfs (tests/test_powerfs.py, tests/faults/test_powercut.py).
 # nats-server and postgresql: the platform at fleet scale (tests/test_fleet.py, bench/fleet.py):
 # a 3-node NATS JetStream cluster with its MQTT listener, and PostgreSQL as the store.
+# nut-server (upsd and the dummy-ups driver) and snmpd: the facility sources over IP
+# (tests/test_nut.py, tests/test_snmp.py) run against them.
 LIBFAKETIME := $(or $(wildcard /usr/lib/*/faketime/libfaketime.so.1),/usr/lib/faketime/libfaketime.so.1)
 INITDB := $(or $(wildcard /usr/lib/postgresql/*/bin/initdb),/usr/lib/postgresql/15/bin/initdb)
 SYSPKGS := mosquitto:/usr/sbin/mosquitto dbus-daemon:/usr/bin/dbus-daemon \
            systemd:/usr/bin/systemd-analyze libfaketime:$(LIBFAKETIME) iproute2:/usr/bin/ss \
            strace:/usr/bin/strace fuse3:/usr/bin/fusermount3 \
-           nats-server:/usr/bin/nats-server postgresql:$(INITDB)
+           nats-server:/usr/bin/nats-server postgresql:$(INITDB) \
+           nut-server:/usr/sbin/upsd snmpd:/usr/sbin/snmpd
 sysdeps:
 	@missing=""; for pair in $(SYSPKGS); do pkg=$${pair%%:*}; path=$${pair#*:}; \
 	  [ -e "$$path" ] || missing="$$missing $$([ $$pkg = dbus-daemon ] && echo dbus || echo $$pkg)"; done; \
