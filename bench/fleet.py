@@ -95,9 +95,9 @@ def _signed(n: int, gw: str = "gw-ceiling") -> bytes:
 
 def copy_ceiling(dir: Path, seconds: float) -> float:
     """Rows/s of COPY alone into the platform's events table: the receiver's own COPY
-    (`PgReceiver._copy_events`), rows of the same shape, 500 rows a transaction (one batch),
+    (`PgReceiver.copy_events`), rows of the same shape, 500 rows a transaction (one batch),
     one connection; the rows are made before the clock starts."""
-    from branchsim.platform.pgstore import _event_rows
+    from branchsim.platform.pgstore import event_rows
 
     batch, _, _ = decode_batch(_signed(500))
     with FleetPlatform(dir, nodes=1, receivers=0, tls=False) as platform:
@@ -106,12 +106,12 @@ def copy_ceiling(dir: Path, seconds: float) -> float:
         try:
             rows, copy_s = 0, 0.0
             while copy_s < seconds:
-                loads = [(b, _event_rows(b)) for b in  # new epochs: new keys, not timed
+                loads = [(b, event_rows(b)) for b in  # new epochs: new keys, not timed
                          (dataclasses.replace(batch, epoch=os.urandom(16)) for _ in range(100))]
                 start = time.monotonic()
                 for b, r in loads:
                     with conn.transaction():
-                        store._copy_events(conn, b, r)
+                        store.copy_events(conn, b, r)
                     rows += len(r)
                 copy_s += time.monotonic() - start
         finally:

@@ -41,13 +41,14 @@ def get_free_port() -> int:
 
 
 def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None,
-              log: Path | None = None) -> None:
-    """Poll until 127.0.0.1:port accepts a TCP connection (or fail with the broker's log)."""
+              log: Path | None = None, name: str = "mosquitto") -> None:
+    """Poll until 127.0.0.1:port accepts a TCP connection (or fail with the log of `proc`,
+    the server called `name`)."""
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.poll() is not None:
             text = log.read_text(errors="replace") if log and log.exists() else ""
-            raise RuntimeError(f"mosquitto exited with {proc.returncode}:\n{text}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{text}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return

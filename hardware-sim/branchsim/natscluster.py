@@ -152,11 +152,8 @@ class NatsCluster:
         made and a gateway's MQTT session kept)."""
         deadline = time.monotonic() + timeout
         for port in (node.client_port, node.mqtt_port, node.monitor_port):
-            try:
-                wait_port(port, timeout, proc=node.proc, log=node.log)
-            except RuntimeError as exc:
-                raise RuntimeError(str(exc).replace("mosquitto", f"nats-server {node.name}")
-                                   ) from None
+            wait_port(port, timeout, proc=node.proc, log=node.log,
+                      name=f"nats-server {node.name}")
         while not self.meta_leader(node):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nats-server {node.name}: no JetStream meta leader after "

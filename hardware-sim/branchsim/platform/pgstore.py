@@ -75,7 +75,8 @@ from branchsim.platform.handling import VerifyingStore, registration_key
 from branchsim.platform.rules import ChainState, check_chain
 from branchsim.platform.store import event_row, row_event
 
-__all__ = ["MIGRATIONS", "DuplicateEventError", "PgReceiver", "StoreVersionError", "migrate"]
+__all__ = ["MIGRATIONS", "DuplicateEventError", "PgReceiver", "StoreVersionError", "event_rows",
+           "migrate"]
 
 log = structlog.get_logger(__name__)
 
@@ -162,7 +163,7 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-# The columns COPY loads, in `_event_rows` order, and their types (binary COPY)
+# The columns COPY loads, in `event_rows` order, and their types (binary COPY)
 _EVENT_COLUMNS = ("gw", "epoch", "id", "t", "captured_at", "tq", "src", "type", "v", "u", "prio",
                   "attrs", "lane", "seq")
 _EVENT_TYPES = ["text", "bytea", "int8", "float8", "timestamptz", "int2", "text", "text", "text",
@@ -228,7 +229,7 @@ def _captured_at(t: float) -> datetime:
         return (datetime.min if t < 0 else datetime.max).replace(tzinfo=UTC)
 
 
-def _event_rows(batch: Batch) -> list[tuple[Any, ...]]:
+def event_rows(batch: Batch) -> list[tuple[Any, ...]]:
     """The rows COPY loads (`_EVENT_COLUMNS`). PostgreSQL's text cannot hold U+0000, which a
     CBOR text may: such a batch is `malformed` here (the SQLite store would take it)."""
     texts = [batch.gw]
@@ -323,7 +324,7 @@ class PgReceiver(VerifyingStore):
     # --- batches --------------------------------------------------------------------------
 
     def _rows(self, batch: Batch) -> list[tuple[Any, ...]]:
-        return _event_rows(batch)
+        return event_rows(batch)
 
     def _count(self, gw: str, reason: str) -> None:
         self._conn().execute(
@@ -381,7 +382,7 @@ class PgReceiver(VerifyingStore):
                     "last_hash = excluded.last_hash",
                     (batch.gw, batch.lane, batch.epoch, batch.seq, batch.hash))
                 self._rotate_keys(conn, batch, bool(older_keys))
-            self._copy_events(conn, batch, rows)
+            self.copy_events(conn, batch, rows)
 
     def _start_epoch(self, conn: Connection, batch: Batch, current: bytes | None,
                      ends: dict[int, tuple[int, bytes]]) -> None:
@@ -398,7 +399,7 @@ class PgReceiver(VerifyingStore):
                         lane=batch.lane, prev_epoch=current.hex(), prev_seq=bulk[0],
                         prev_alarm_seq=alarm[0])
 
-    def _copy_events(self, conn: Connection, batch: Batch, rows: list[tuple[Any, ...]]) -> None:
+    def copy_events(self, conn: Connection, batch: Batch, rows: list[tuple[Any, ...]]) -> None:
         """COPY, not INSERT ... ON CONFLICT DO NOTHING: an event already stored fails the
         transaction (see the module's invariants)."""
         columns = sql.SQL(", ").join(map(sql.Identifier, _EVENT_COLUMNS))
