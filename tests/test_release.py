@@ -21,6 +21,9 @@ TOOLS = ("dpkg-buildpackage", "dh", "lintian", "reprepro", "gpg", "apt-get")
 DEBIAN_PYTHON = Path("/usr/bin/python3")
 
 pytestmark = [
+    # Building both packages and running lintian takes 1-3 minutes on a shared 2-core machine
+    # (it ran past the default 120 s in CI); the module-scoped build counts against the first test.
+    pytest.mark.timeout(600),
     pytest.mark.skipif(ARCH is None, reason=f"no Debian package for {os.uname().machine}"),
     pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
                        reason=f"needs {', '.join(TOOLS)} (make releasedeps)"),
