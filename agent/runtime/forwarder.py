@@ -11,6 +11,15 @@ when it has been down for `failover_after_s`, the next one that is up takes the 
 the preferred one returns the traffic moves back. In-flight batches are re-sent on the new path;
 the platform acks each batch once and dedups.
 
+Path supervision (docs/PROTOCOL.md 7): every uplink that can (`HeartbeatChannel`: MQTT, CoAP)
+carries a signed heartbeat every `heartbeat_interval_s`, whether or not it carries the batches,
+so that the platform reports a path that went silent within its reporting time. A path is down
+for the alarm lane when its connection is lost or, once the platform has answered a heartbeat
+on it, when a heartbeat goes unanswered: the alarm lane's batches then go over the next path
+that is up at once, not after `failover_after_s` (the bulk lane still waits for it). Both lanes'
+chains are per lane, not per path, and the platform behind both paths is one: an alarm batch
+re-sent on the other path is stored once (or answered `replay`, which counts as delivered).
+
 Backlog drain is rate-limited by a byte budget (`drain_rate_bytes_per_s`); batches that carry an
 alarm bypass it.
 
@@ -40,6 +49,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +63,8 @@ from agent import protocol
 from agent.core.types import ALARM, ALERT, TQ_SYNCED, TQ_UNSYNCED, Event
 from agent.outbox import DirectClaim, Outbox, OutboxError, PendingBatch
 from agent.protocol import ALARM_LANE, BULK_LANE
-from agent.uplink.base import Uplink, UplinkDownError
+from agent.protocol.heartbeat import build_heartbeat, decode_heartbeat_answer
+from agent.uplink.base import HeartbeatChannel, Uplink, UplinkDownError
 
 __all__ = ["ALARM_WINDOW", "HOLD_REASONS", "MAX_HOLD_S", "MAX_REFUSALS", "RECHAIN_REASONS",
            "Forwarder", "ForwarderStats", "Signer"]
@@ -82,6 +94,13 @@ class Signer:
         with the old key, was acknowledged by the platform)."""
         self._key = new_key
         self.kid = protocol.kid_for(new_key.public_key())
+
+    def heartbeat(self, path: str, after: int) -> tuple[int, bytes]:
+        """The next signed heartbeat for `path` after seq `after`: (seq, bytes). The seq is at
+        least the wall clock in milliseconds, so that it advances across restarts without a
+        stored counter (a clock set back is caught up from the platform's answer)."""
+        seq = max(after + 1, int(self._wall() * 1000))
+        return seq, build_heartbeat(self._key, self.kid, self.gw, path, seq, self._wall())
 
     def build(self, seq: int, prev: bytes, bodies: list[bytes], epoch: bytes = b"",
               lane: int = BULK_LANE) -> bytes:
@@ -113,6 +132,7 @@ class ForwarderStats:
     chain_restarts: int = 0
     alarm_lane: bool = False  # alarms go on a lane of their own now
     alarm_batches_acked: int = 0
+    alarm_uplink: str | None = None  # the path the alarm lane uses now
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -128,6 +148,7 @@ class ForwarderStats:
             "chain_restarts": self.chain_restarts,
             "alarm_lane": self.alarm_lane,
             "alarm_batches_acked": self.alarm_batches_acked,
+            "alarm_uplink": self.alarm_uplink,
         }
 
 
@@ -206,6 +227,10 @@ class Forwarder:
         self._down_since: dict[str, float] = {u.name: time.monotonic() for u in self.uplinks}
         self._acks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10_000)
         self._active: Uplink | None = None
+        self._alarm_via: Uplink | None = None  # the path the alarm lane's batches went on
+        self._abandoned: set[asyncio.Task[bool]] = set()  # alarm sends left on a dead path
+        # uplinks whose heartbeat went unanswered after the platform had answered one there
+        self._hb_down: set[str] = set()
         self._rotation: tuple[Ed25519PrivateKey, int, Callable[[], Awaitable[None]]] | None = None
         self._on_refused = on_refused
         self._synchronized = synchronized  # the time quality of the alerts it records
@@ -228,9 +253,18 @@ class Forwarder:
         if self._unsent:
             log.info("forwarder.resuming", batches=len(self._unsent),
                      first_seq=self._unsent[0].seq)
+        try:
+            await self._run_tasks()
+        finally:
+            for task in list(self._abandoned):
+                task.cancel()
+
+    async def _run_tasks(self) -> None:
         async with asyncio.TaskGroup() as tg:
             for up in self.uplinks:
                 tg.create_task(self._run_uplink(up), name=f"uplink-{up.name}")
+                if isinstance(up, HeartbeatChannel):
+                    tg.create_task(self._heartbeat_loop(up, up), name=f"heartbeat-{up.name}")
             tg.create_task(self._send_loop(), name="forwarder-send")
             tg.create_task(self._alarm_loop(), name="forwarder-alarms")
             tg.create_task(self._ack_loop(), name="forwarder-acks")
@@ -260,6 +294,62 @@ class Forwarder:
                 self._count("ack_queue_full")
 
         await up.run(on_ack, on_state)
+
+    async def _heartbeat_loop(self, up: Uplink, channel: HeartbeatChannel) -> None:
+        """Supervise one path (module doc): a signed heartbeat every interval, counted in the
+        uplink's counters (status.json): sent, acked, failed (unanswered or not sent), refused
+        (answered with a refusal: logged; a `replay` refusal names the platform's last seq, and
+        the next heartbeat goes at once above it)."""
+        path = up.name.split(":", 1)[0]
+        for k in ("heartbeats_sent", "heartbeats_acked", "heartbeats_failed",
+                  "heartbeats_refused"):
+            up.counters.setdefault(k, 0)
+        seq = 0
+        answered = False  # the platform answers heartbeats on this path
+        retried = False
+        while True:
+            seq, data = self.signer.heartbeat(path, seq)
+            h = hashlib.sha256(data).digest()
+            up.counters["heartbeats_sent"] += 1
+            try:
+                answer = decode_heartbeat_answer(
+                    await channel.heartbeat(data, functools.partial(_answers, h=h)))
+            except UplinkDownError as exc:
+                up.counters["heartbeats_failed"] += 1
+                if answered and up.name not in self._hb_down:
+                    self._hb_down.add(up.name)
+                    log.warning("forwarder.heartbeat_unanswered", uplink=up.name,
+                                error=str(exc))
+                    self._kick()
+            else:
+                if answer.ok:
+                    up.counters["heartbeats_acked"] += 1
+                    answered = True
+                    if up.name in self._hb_down:
+                        self._hb_down.discard(up.name)
+                        log.info("forwarder.heartbeat_answered", uplink=up.name)
+                        self._kick()
+                else:
+                    up.counters["heartbeats_refused"] += 1
+                    log.warning("forwarder.heartbeat_refused", uplink=up.name, seq=seq,
+                                reason=answer.err, last=answer.last)
+                    if answer.err == "replay" and answer.last is not None and not retried:
+                        seq, retried = max(seq, answer.last), True
+                        continue
+            retried = False
+            await asyncio.sleep(channel.heartbeat_interval_s)
+
+    def _sound(self, up: Uplink) -> bool:
+        """Up, and not silently dead: its heartbeats are answered (or never were)."""
+        return bool(self._up.get(up.name)) and up.connected and up.name not in self._hb_down
+
+    def _alarm_uplink(self) -> Uplink | None:
+        """The alarm lane's path: the active one while it is sound, else at once the first
+        other sound one (no `failover_after_s` for alarms)."""
+        act = self._active
+        if act is not None and self._sound(act):
+            return act
+        return next((u for u in self.uplinks if u is not act and self._sound(u)), None)
 
     def _choose(self) -> Uplink | None:
         """The first uplink in order that is up. A down uplink is skipped only once it has been
@@ -327,16 +417,21 @@ class Forwarder:
         down."""
         # In flight before the send: an uplink may hand over the ack inside send() (CoAP
         # answers in the response), and that ack must find its batch.
+        flight = _InFlight(batch, time.monotonic(), up.name)
         if self.ack_mode != "broker":
-            self._inflight[batch.key] = _InFlight(batch, time.monotonic(), up.name)
+            self._inflight[batch.key] = flight
         try:
             await up.send(batch.seq, batch.data,
                           lane=batch.lane if self._alarm_topic else BULK_LANE)
         except UplinkDownError as exc:
             log.info("forwarder.send_failed", uplink=up.name, seq=batch.seq, lane=batch.lane,
                      error=str(exc))
-            if self._inflight.pop(batch.key, None) is not None or self.ack_mode == "broker":
+            if self._inflight.get(batch.key) is flight:
+                del self._inflight[batch.key]
                 self._unsend(batch)
+            elif self.ack_mode == "broker":
+                self._unsend(batch)
+            # else: already queued again, or in flight on another path (an alarm's, moved)
             self._up[up.name] = up.connected
             if not up.connected:
                 self._down_since[up.name] = time.monotonic()
@@ -373,20 +468,50 @@ class Forwarder:
         has room."""
         while True:
             self._alarm_fresh += self.outbox.take_alarm_batches()
-            up = self._active
+            up = self._alarm_uplink()
+            self.stats.alarm_uplink = None if up is None else up.name
+            if up is not None and up is not self._alarm_via:
+                if self._alarm_via is not None:
+                    log.warning("forwarder.alarm_path_changed", old=self._alarm_via.name,
+                                new=up.name)
+                    # what went on the old path may be lost with it: the same bytes again
+                    self._requeue_lane(ALARM_LANE)
+                self._alarm_via = up
             if self._offer_alarm_lane() and up is not None:
                 while self._in_flight(ALARM_LANE) < ALARM_WINDOW:
                     batch = self._next_alarm_batch()
-                    if batch is None or not await self._send(up, batch):
+                    if batch is None or not await self._send_alarm(up, batch):
                         break
                     self._alarm_fresh += self.outbox.take_alarm_batches()
                 self._offer_alarm_lane()  # with the lane's new load
             await self._wait(1.0, self._alarm_wake)
 
+    async def _send_alarm(self, up: Uplink, batch: PendingBatch) -> bool:
+        """`_send` that gives up waiting when `up` stops being the alarm path (a PUBACK that
+        will never come through a black hole): the batch then goes again on the new path at
+        once, and the abandoned send ends by itself (it fails when the connection does)."""
+        task = asyncio.create_task(self._send(up, batch), name=f"alarm-send-{batch.seq}")
+        while True:
+            woken = asyncio.ensure_future(self._alarm_wake.wait())
+            try:
+                await asyncio.wait({task, woken}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                task.cancel()  # the forwarder is stopping
+                raise
+            finally:
+                woken.cancel()
+            if task.done():
+                return task.result()
+            self._alarm_wake.clear()
+            if self._alarm_uplink() is not up:
+                self._abandoned.add(task)
+                task.add_done_callback(self._abandoned.discard)
+                return False
+
     def _offer_alarm_lane(self) -> bool:
         """Offer the alarm lane to the outbox while it has room; True when the active uplink
         can take the lane's batches now."""
-        up = self._active
+        up = self._alarm_uplink()
         ready = (up is not None and up.connected and self._up.get(up.name, False)
                  and self._hold_until <= time.monotonic())
         self.stats.alarm_lane = bool(self.alarm_lane and ready and self._settling is None
@@ -443,6 +568,11 @@ class Forwarder:
                                   key=lambda b: (-b.lane, b.seq))
             self._inflight.clear()
             self._alarm_wake.set()
+
+    def _requeue_lane(self, lane: int) -> None:
+        moved = [k for k, f in self._inflight.items() if f.batch.lane == lane]
+        for k in moved:
+            self._unsend(self._inflight.pop(k).batch)
 
     def _requeue_expired(self) -> None:
         now = time.monotonic()
@@ -635,3 +765,11 @@ class Forwarder:
                         await up.publish_status(doc)
                     except (UplinkDownError, OSError) as exc:
                         log.debug("forwarder.status_failed", uplink=up.name, error=str(exc))
+
+
+def _answers(raw: bytes, h: bytes) -> bool:
+    """Whether `raw` is the platform's answer to the heartbeat whose hash is `h`."""
+    try:
+        return decode_heartbeat_answer(raw).h == h
+    except protocol.ProtocolError:
+        return False

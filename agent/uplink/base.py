@@ -10,7 +10,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
-__all__ = ["CommandChannel", "FailureKind", "Uplink", "UplinkDownError", "UplinkFailure"]
+__all__ = ["CommandChannel", "FailureKind", "HeartbeatChannel", "Uplink", "UplinkDownError",
+           "UplinkFailure"]
 
 FailureKind = Literal["tls", "network", "other"]
 
@@ -65,3 +66,18 @@ class CommandChannel(Protocol):
     def set_command_handler(self, on_command: Callable[[bytes], None]) -> None: ...
 
     async def publish_command_ack(self, data: bytes) -> None: ...
+
+
+@runtime_checkable
+class HeartbeatChannel(Protocol):
+    """An uplink that carries path supervision heartbeats (docs/PROTOCOL.md 7): MQTT and CoAP.
+    The forwarder signs them and checks the answers; the uplink only moves the bytes."""
+
+    heartbeat_interval_s: float
+    heartbeat_timeout_s: float
+
+    async def heartbeat(self, data: bytes, accept: Callable[[bytes], bool]) -> bytes:
+        """Send one signed heartbeat on this path, even while it carries no batches, and return
+        the first answer that `accept` takes (stale answers to earlier heartbeats are skipped).
+        Raises UplinkDownError when it cannot be sent or no answer comes within
+        `heartbeat_timeout_s`."""

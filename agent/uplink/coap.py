@@ -176,6 +176,9 @@ class CoapUplink:
         self._batch_uri = f"{cfg.base}/b/{gateway_id}"
         self._status_uri = f"{cfg.base}/s/{gateway_id}"
         self._probe_uri = f"{cfg.base}/.well-known/core"
+        self._heartbeat_uri = f"{cfg.base}/h/{gateway_id}"
+        self.heartbeat_interval_s = cfg.heartbeat_interval_s
+        self.heartbeat_timeout_s = cfg.heartbeat_timeout_s
         self._ctx: aiocoap.Context | None = None
         self._connected = False
         self.last_error: UplinkFailure | None = None  # CoAP has no connection to fail
@@ -295,6 +298,18 @@ class CoapUplink:
             raise UplinkDownError(f"platform answered {resp.code} to batch {seq}")
         self._log.debug("uplink.batch_sent", seq=seq, size=len(data))
         self._on_ack(resp.payload)
+
+    async def heartbeat(self, data: bytes, accept: Callable[[bytes], bool]) -> bytes:
+        """POST one heartbeat to ``{base}/h/{gw}``; the 2.04 response carries the answer (see
+        `agent.uplink.base.HeartbeatChannel`). Sent whether or not this path carries the
+        batches: it is also what keeps the standby path's state current."""
+        msg = aiocoap.Message(code=aiocoap.POST, uri=self._heartbeat_uri, payload=data,
+                              content_format=CF_COSE)
+        resp = await self._exchange(msg, self.heartbeat_timeout_s)
+        if resp.code != aiocoap.CHANGED or not accept(resp.payload):
+            raise UplinkDownError(f"heartbeat answered {resp.code} "
+                                  f"({resp.payload[:100].decode('utf-8', 'replace')!r})")
+        return bytes(resp.payload)
 
     async def publish_status(self, doc: Mapping[str, Any]) -> None:
         msg = aiocoap.Message(

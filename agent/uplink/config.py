@@ -37,6 +37,10 @@ class MqttUplinkConfig(StrictModel):
     backoff_max: float = Field(default=60.0, gt=0)
     protocol: Literal["v5", "v311"] = "v5"
     session_expiry: int = Field(default=7 * 24 * 3600, ge=0)  # MQTT 5 only; seconds
+    # path supervision (docs/PROTOCOL.md 7): a signed heartbeat every interval, answered
+    # within the timeout, on this path whether or not it carries the batches now
+    heartbeat_interval_s: float = Field(default=60.0, gt=0, le=86400)
+    heartbeat_timeout_s: float = Field(default=10.0, gt=0, le=300)
 
     @model_validator(mode="after")
     def _check(self) -> MqttUplinkConfig:
@@ -55,7 +59,8 @@ class MqttUplinkConfig(StrictModel):
 def topics(prefix: str, gw: str) -> dict[str, str]:
     """The gateway's topics (docs/PROTOCOL.md, "MQTT binding")."""
     return {k: f"{prefix}/{gw}/{k}"
-            for k in ("batch", "alarm", "ack", "status", "cmd", "cmd-ack")}
+            for k in ("batch", "alarm", "ack", "status", "cmd", "cmd-ack", "heartbeat",
+                      "hb-ack")}
 
 
 class CoapOscoreConfig(StrictModel):
@@ -71,6 +76,8 @@ class CoapUplinkConfig(StrictModel):
     base = "coap://platform.bank.example:5683"
     timeout = 20.0         # seconds for one batch exchange (all blocks) before "down"
     probe_interval = 15.0  # idle liveness probe (GET /.well-known/core)
+    heartbeat_interval_s = 60.0  # signed path heartbeat (docs/PROTOCOL.md 7)
+    heartbeat_timeout_s = 10.0   # its answer is due within this
     [uplink.coap.oscore]   # OSCORE (RFC 8613); without it `insecure = true` is required
     context = "/var/lib/branch-agent/oscore"
     """
@@ -80,6 +87,8 @@ class CoapUplinkConfig(StrictModel):
     oscore: CoapOscoreConfig | None = None
     timeout: float = Field(default=20.0, gt=0, le=300)
     probe_interval: float = Field(default=15.0, gt=0, le=3600)
+    heartbeat_interval_s: float = Field(default=60.0, gt=0, le=86400)
+    heartbeat_timeout_s: float = Field(default=10.0, gt=0, le=300)
 
     @field_validator("base")
     @classmethod

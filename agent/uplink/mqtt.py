@@ -122,7 +122,12 @@ class MqttUplink:
         self.counters: dict[str, int] = {
             "commands_dropped": 0,  # oversized, dropped unread
             "subscribe_refused": 0,  # SUBACKs refusing the ack (or command) topic
+            "heartbeat_subscribe_refused": 0,  # SUBACKs refusing the heartbeat answers' topic
         }
+        self.heartbeat_interval_s = cfg.heartbeat_interval_s
+        self.heartbeat_timeout_s = cfg.heartbeat_timeout_s
+        self._hb_answers: asyncio.Queue[bytes] | None = None  # while a heartbeat waits
+        self._hb_sub_mid: int | None = None
         self._fds: set[int] = set()
         self._connecting = False
 
@@ -255,6 +260,9 @@ class MqttUplink:
                     f"broker refused the connection: {rc.getName()}", hint))
             return
         client.subscribe(self.topics["ack"], qos=1)
+        # Heartbeat answers (QoS 0: a liveness answer is useless later) on a subscription of
+        # their own: a broker ACL that refuses it must not cost the batch path its connection.
+        self._hb_sub_mid = client.subscribe(self.topics["hb-ack"], qos=0)[1]
         if self._on_command is not None:
             client.subscribe(self.topics["cmd"], qos=1)
         client.publish(self.topics["status"], self._status_json({"state": "online"}), qos=1,
@@ -263,7 +271,7 @@ class MqttUplink:
         if fut is not None and not fut.done():
             fut.set_result(None)
 
-    def _on_subscribe(self, client: paho.Client, _u: Any, _mid: int, rcs: list[ReasonCode],
+    def _on_subscribe(self, client: paho.Client, _u: Any, mid: int, rcs: list[ReasonCode],
                       _p: Any) -> None:
         """A refused subscription would leave the gateway sending batches whose acks never
         come (a persistent session keeps what it has, so nothing else retries it): connect
@@ -271,6 +279,12 @@ class MqttUplink:
         while its JetStream cannot make the session's consumer (a node lost, a connection
         storm after an outage)."""
         if not any(rc.is_failure for rc in rcs):
+            return
+        if mid == self._hb_sub_mid:
+            self.counters["heartbeat_subscribe_refused"] += 1
+            self._log.warning("mqtt.heartbeat_subscribe_refused",
+                              hint=f"the broker's ACL refuses {self.topics['hb-ack']}: the "
+                                   "path's heartbeats go unanswered (docs/PROTOCOL.md 7)")
             return
         self.counters["subscribe_refused"] += 1
         self._log.error("mqtt.subscribe_refused", reasons=[rc.getName() for rc in rcs],
@@ -302,6 +316,11 @@ class MqttUplink:
     def _on_message(self, client: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         if msg.topic == self.topics["cmd"] and self._on_command is not None:
             self._command(bytes(msg.payload))
+            return
+        if msg.topic == self.topics["hb-ack"]:
+            if self._hb_answers is not None:
+                with contextlib.suppress(asyncio.QueueFull):
+                    self._hb_answers.put_nowait(bytes(msg.payload))
             return
         if msg.topic != self.topics["ack"]:
             return
@@ -452,6 +471,30 @@ class MqttUplink:
         """Publish one batch (QoS 1), the alarm lane's on its own topic (the platform reads it
         apart: docs/PROTOCOL.md 5); returns on PUBACK. Raises UplinkDownError."""
         await self._publish(self.topics["alarm" if lane else "batch"], data)
+
+    async def heartbeat(self, data: bytes, accept: Callable[[bytes], bool]) -> bytes:
+        """Publish one heartbeat on `{prefix}/{gw}/heartbeat` and wait for its answer on
+        `hb-ack` (see `agent.uplink.base.HeartbeatChannel`). QoS 0 both ways: a heartbeat held
+        in a session and delivered late would report a dead path as alive."""
+        client = self._client
+        if client is None or not self._connected:
+            raise UplinkDownError(f"{self.name} is not connected")
+        answers: asyncio.Queue[bytes] = asyncio.Queue(maxsize=16)
+        self._hb_answers = answers
+        try:
+            info = client.publish(self.topics["heartbeat"], data, qos=0)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                raise UplinkDownError(f"heartbeat publish failed: {paho.error_string(info.rc)}")
+            async with asyncio.timeout(self.heartbeat_timeout_s):
+                while not accept(answer := await answers.get()):
+                    pass
+            return answer
+        except TimeoutError:
+            raise UplinkDownError(
+                f"no heartbeat answer within {self.heartbeat_timeout_s} s") from None
+        finally:
+            if self._hb_answers is answers:
+                self._hb_answers = None
 
     async def publish_status(self, doc: Mapping[str, Any]) -> None:
         """Publish a retained status document; returns on PUBACK. Raises UplinkDownError."""

@@ -1,9 +1,12 @@
-"""`branch-platform`: the reference platform (serve, register, verify, events, oscore-pair).
+"""`branch-platform`: the reference platform (serve, register, verify, events, supervision,
+oscore-pair).
 
 The store is a SQLite file (`--db PATH`, the default: the demo, the tests, a laptop) or
 PostgreSQL (`--store postgresql://...`, docs/SCALE.md). `serve` takes batches from an MQTT
 broker (mosquitto) by default, or with `--bus nats://...` from a NATS JetStream stream as one of
 any number of receivers (branchsim.platform.bus), answering the gateways over MQTT either way.
+With the SQLite store and without `--bus`/`--shared`, `serve` also supervises each gateway's
+paths (branchsim.platform.supervision, docs/PROTOCOL.md 7); `supervision` prints what it raised.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from branchsim.platform.coap_server import serve_coap, shutdown_coap
 from branchsim.platform.mqtt_server import PlatformTls, serve_mqtt
 from branchsim.platform.receiver import Receiver
 from branchsim.platform.rules import BatchStore
+from branchsim.platform.supervision import OFFLINE_AFTER_S, PATH_LOST_AFTER_S, Supervision
 
 __all__ = ["main"]
 
@@ -75,6 +79,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="answer as a platform from before the alarm lane (docs/PROTOCOL.md "
                         "3.2): no alarm topic, its batches refused as malformed; to rehearse "
                         "gateways against an old platform")
+    s.add_argument("--path-lost-after", type=float, default=PATH_LOST_AFTER_S, metavar="S",
+                   help="raise gateway.path_lost when a gateway's path has sent no heartbeat "
+                        "for S seconds (default 180: EN 50136 grade 4, loss of one path)")
+    s.add_argument("--offline-after", type=float, default=OFFLINE_AFTER_S, metavar="S",
+                   help="raise gateway.offline when every path of a gateway is lost and the "
+                        "last heartbeat is S seconds old (default 18000: grade 4, loss of the "
+                        "other path; at least --path-lost-after)")
+    s.add_argument("--no-supervision", action="store_true",
+                   help="do not take path heartbeats (docs/PROTOCOL.md 7)")
 
     o = sub.add_parser("oscore-pair",
                        help="provision a pre-shared OSCORE context pair for one gateway")
@@ -98,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("events", help="print stored events as JSON lines")
     _store_arguments(e)
     e.add_argument("--gw")
+
+    sv = sub.add_parser("supervision",
+                        help="print the platform's path supervision events (gateway.path_lost, "
+                             "path_restored, offline, online) as JSON lines")
+    _store_arguments(sv)
+    sv.add_argument("--gw")
     return p
 
 
@@ -148,6 +167,10 @@ def _serve(args: argparse.Namespace) -> int:
         print("branch-platform serve: --bus takes the batches from the stream and answers over "
               "MQTT: without --no-mqtt and --shared", file=sys.stderr)
         return 2
+    if not 0 < args.path_lost_after <= args.offline_after:
+        print("branch-platform serve: expected 0 < --path-lost-after <= --offline-after",
+              file=sys.stderr)
+        return 2
     if args.bus and args.without_lanes:
         print("branch-platform serve: --without-lanes is for the MQTT broker mode",
               file=sys.stderr)
@@ -166,6 +189,7 @@ async def _serve_async(args: argparse.Namespace, receiver: BatchStore,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    supervision = _supervision(args, receiver)
     coap_ctx: aiocoap.Context | None = None
     if not args.no_coap:
         oscore: dict[str, Path] = {}
@@ -178,7 +202,7 @@ async def _serve_async(args: argparse.Namespace, receiver: BatchStore,
             oscore[gw] = Path(path)
         try:
             coap_ctx = await serve_coap(receiver, args.coap_host, args.coap_port,
-                                        oscore=oscore or None)
+                                        oscore=oscore or None, supervision=supervision)
         except OscoreContextError as exc:
             print(f"branch-platform serve: {exc}", file=sys.stderr)
             return 2
@@ -189,6 +213,8 @@ async def _serve_async(args: argparse.Namespace, receiver: BatchStore,
     try:
         async with asyncio.TaskGroup() as tg:
             tasks = []
+            if supervision is not None:
+                tasks.append(tg.create_task(supervision.run(), name="platform-supervision"))
             if args.bus:
                 bus = BusReceiver(
                     lambda: _open_store(args), [u for u in args.bus.split(",") if u],
@@ -197,7 +223,8 @@ async def _serve_async(args: argparse.Namespace, receiver: BatchStore,
                 tg.create_task(bus.run(stop), name="platform-bus")
             elif not args.no_mqtt:
                 tasks.append(tg.create_task(
-                    serve_mqtt(receiver, args.host, args.port, tls, args.prefix, args.shared),
+                    serve_mqtt(receiver, args.host, args.port, tls, args.prefix, args.shared,
+                               supervision=supervision),
                     name="platform-mqtt"))
             await stop.wait()
             for task in tasks:
@@ -205,6 +232,33 @@ async def _serve_async(args: argparse.Namespace, receiver: BatchStore,
     finally:
         if coap_ctx is not None:
             await shutdown_coap(coap_ctx)
+    return 0
+
+
+def _supervision(args: argparse.Namespace, receiver: BatchStore) -> Supervision | None:
+    """Path supervision for `serve`, where it can see every heartbeat and store its events."""
+    if args.no_supervision:
+        return None
+    why = "--bus" if args.bus else "--shared" if args.shared else "a PostgreSQL store"
+    if args.bus or args.shared or not isinstance(receiver, Receiver):
+        print(f"branch-platform serve: no path supervision with {why} (docs/PROTOCOL.md 7)",
+              file=sys.stderr)
+        return None
+    return Supervision(receiver, path_lost_after=args.path_lost_after,
+                       offline_after=args.offline_after)
+
+
+def _supervision_events(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    try:
+        if not isinstance(store, Receiver):
+            print("branch-platform supervision: only the SQLite store (--db) keeps path "
+                  "supervision events", file=sys.stderr)
+            return 2
+        for ev in store.platform_events(args.gw):
+            print(json.dumps(ev, sort_keys=True))
+    finally:
+        store.close()
     return 0
 
 
@@ -289,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return main_command(argv[1:])
     args = _parser().parse_args(argv)
     commands = {"serve": _serve, "register": _register, "verify": _verify, "events": _events,
-                "oscore-pair": _oscore_pair}
+                "supervision": _supervision_events, "oscore-pair": _oscore_pair}
     try:
         return commands[args.cmd](args)
     except BrokenPipeError:

@@ -3,7 +3,9 @@
 ``POST /b/{gw}`` (content-format 18, COSE_Sign1, block-wise reassembled by aiocoap) is handed to
 `Receiver.handle_batch` and answered 2.04 with the CBOR ack (content-format 60) as payload, ok or
 with the reason, exactly as the MQTT ack topic would carry it. ``POST /s/{gw}`` (JSON) keeps the
-gateway's latest status document.
+gateway's latest status document. With `supervision`, ``POST /h/{gw}`` (content-format 18) takes
+the gateway's CoAP path heartbeat and answers 2.04 with the heartbeat answer (content-format 60,
+docs/PROTOCOL.md 7).
 
 With `oscore` contexts (gateway id -> the platform's half from ``branch-platform oscore-pair``),
 requests are OSCORE-protected (RFC 8613) and ``/b/{gw}`` and ``/s/{gw}`` take only requests
@@ -26,7 +28,7 @@ import structlog
 from agent.protocol import Ack, encode_ack
 from agent.uplink.coap import oscore_credentials, release_oscore_contexts
 
-__all__ = ["BatchHandler", "serve_coap", "shutdown_coap"]
+__all__ = ["BatchHandler", "HeartbeatHandler", "serve_coap", "shutdown_coap"]
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +42,13 @@ class BatchHandler(Protocol):
     """What the endpoint needs from `branchsim.platform.receiver.Receiver`."""
 
     def handle_batch(self, data: bytes, topic_gw: str | None = None) -> Ack: ...
+
+
+class HeartbeatHandler(Protocol):
+    """What the endpoint needs of `branchsim.platform.supervision.Supervision`."""
+
+    def handle_heartbeat(self, data: bytes, via: str, topic_gw: str | None = None
+                         ) -> bytes: ...
 
 
 def _text(code: Any, text: str) -> aiocoap.Message:
@@ -99,6 +108,19 @@ class _Batches(_PerGateway):
         )
 
 
+class _Heartbeats(_PerGateway):
+    def __init__(self, supervision: HeartbeatHandler, oscore_required: bool) -> None:
+        super().__init__(oscore_required)
+        self._supervision = supervision
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        if request.opt.content_format != CF_COSE:
+            return _text(aiocoap.UNSUPPORTED_CONTENT_FORMAT, "application/cose (18) only")
+        answer = self._supervision.handle_heartbeat(request.payload, "coap",
+                                                    request.opt.uri_path[0])
+        return aiocoap.Message(code=aiocoap.CHANGED, payload=answer, content_format=CF_CBOR)
+
+
 class _Status(_PerGateway):
     def __init__(self, statuses: dict[str, Any], oscore_required: bool) -> None:
         super().__init__(oscore_required)
@@ -121,12 +143,14 @@ async def serve_coap(
     port: int,
     statuses: dict[str, Any] | None = None,
     oscore: Mapping[str, Path] | None = None,
+    supervision: HeartbeatHandler | None = None,
 ) -> aiocoap.Context:
     """Serve ``/b/{gw}``, ``/s/{gw}`` and ``/.well-known/core`` on host:port (UDP).
 
     `statuses`, when given, receives each gateway's latest status document. `oscore` maps
     gateway ids to their OSCORE context directories (the platform's halves) and makes OSCORE
-    mandatory for them. The caller owns the returned context and ends it with
+    mandatory for them. `supervision` answers the path heartbeats on ``/h/{gw}`` (without it,
+    4.04). The caller owns the returned context and ends it with
     `shutdown_coap` (which also releases the OSCORE contexts).
     """
     required = oscore is not None
@@ -136,6 +160,8 @@ async def serve_coap(
     )
     site.add_resource(("b",), _Batches(receiver, required))
     site.add_resource(("s",), _Status(statuses if statuses is not None else {}, required))
+    if supervision is not None:
+        site.add_resource(("h",), _Heartbeats(supervision, required))
     root: Any = site
     credentials = aiocoap.credentials.CredentialsMap()
     if oscore is not None:

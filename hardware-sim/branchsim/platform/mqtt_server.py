@@ -11,6 +11,12 @@ batch's lane is what its signed payload says, whichever topic it came on. With
 They must share one store file too (`--db`, on one host: SQLite's WAL needs shared memory): the
 hash chains are per gateway and lane, and the broker hands a gateway's in-flight batches to the
 instances in turn.
+
+With `supervision` (branchsim.platform.supervision), the last client (the alarm lane's, or the
+only one) also reads the gateways' path heartbeats on `{prefix}/+/heartbeat` and answers each
+on `{prefix}/{gw}/hb-ack`, QoS 0 both ways (docs/PROTOCOL.md 7): a liveness signal kept in a
+session and delivered late would report a dead path as alive. Not with `shared_group`: one
+instance's supervision would see only its share of the heartbeats.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 import structlog
@@ -36,7 +42,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.protocol import encode_ack
 from branchsim.platform.rules import BatchStore
 
-__all__ = ["MqttPlatformServer", "PlatformTls", "serve_mqtt"]
+__all__ = ["HeartbeatHandler", "MqttPlatformServer", "PlatformTls", "serve_mqtt"]
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +51,13 @@ log = structlog.get_logger(__name__)
 # Well under the gateway's ack timeout (15 s by default); a predecessor really lost still ends
 # in a `gap` ack.
 SHARED_GAP_WAIT_S = 5.0
+
+
+class HeartbeatHandler(Protocol):
+    """What the MQTT side needs of `branchsim.platform.supervision.Supervision`."""
+
+    def handle_heartbeat(self, data: bytes, via: str, topic_gw: str | None = None
+                         ) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -68,8 +81,12 @@ class MqttPlatformServer:
         prefix: str = "bank/v1",
         shared_group: str | None = None,
         client_id: str | None = None,
+        supervision: HeartbeatHandler | None = None,
     ) -> None:
+        if supervision is not None and shared_group:
+            raise ValueError("path supervision needs every heartbeat: not with a shared group")
         self.receiver = receiver
+        self.supervision = supervision
         self.host, self.port, self.prefix = host, port, prefix
         self.batch_filter = f"{prefix}/+/batch"
         self.alarm_filter = f"{prefix}/+/alarm"
@@ -84,14 +101,19 @@ class MqttPlatformServer:
         self._granted: set[str] = set()
         self._state_lock = threading.Lock()  # `handled` and `_granted`: two paho threads
         client_id = client_id or f"branch-platform-{uuid.uuid4().hex[:8]}"
-        self._clients = [self._client(client_id, self.batch_filter, tls)]
+        filters = [(self.batch_filter, 1)]
         if receiver.lanes:  # a platform from before lanes does not read the alarm topic
-            self._clients.append(self._client(f"{client_id}-alarm", self.alarm_filter, tls))
+            filters.append((self.alarm_filter, 1))
+        self._clients = [self._client(client_id if i == 0 else f"{client_id}-alarm", [f], tls)
+                         for i, f in enumerate(filters)]
+        if supervision is not None:  # on the last client: apart from the bulk batches
+            heartbeats = (f"{prefix}/+/heartbeat", 0)
+            self._clients[-1].user_data_set([*self._clients[-1].user_data_get(), heartbeats])
 
-    def _client(self, client_id: str, topic_filter: str, tls: PlatformTls | None
+    def _client(self, client_id: str, filters: list[tuple[str, int]], tls: PlatformTls | None
                 ) -> paho.Client:
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=paho.MQTTv5, userdata=topic_filter)
+                             protocol=paho.MQTTv5, userdata=filters)
         if tls is not None:
             ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -110,20 +132,20 @@ class MqttPlatformServer:
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def _on_connect(self, client: paho.Client, topic_filter: str, _f: object, rc: ReasonCode,
-                    _p: object) -> None:
+    def _on_connect(self, client: paho.Client, filters: list[tuple[str, int]], _f: object,
+                    rc: ReasonCode, _p: object) -> None:
         if rc.is_failure:
-            log.error("platform.mqtt.refused", reason=rc.getName(), filter=topic_filter)
+            log.error("platform.mqtt.refused", reason=rc.getName(), filters=filters)
             return
-        client.subscribe(topic_filter, qos=1)
+        client.subscribe(filters)
 
-    def _on_subscribe(self, client: paho.Client, topic_filter: str, _mid: int,
+    def _on_subscribe(self, client: paho.Client, filters: list[tuple[str, int]], _mid: int,
                       rcs: list[ReasonCode], _p: object) -> None:
         if any(rc.is_failure for rc in rcs):
-            log.error("platform.mqtt.subscribe_refused", filter=topic_filter)
+            log.error("platform.mqtt.subscribe_refused", filters=filters)
             return
         with self._state_lock:
-            self._granted.add(topic_filter)
+            self._granted.add(filters[0][0])
             granted = sorted(self._granted)
         if len(granted) == len(self._clients):
             log.info("platform.mqtt.subscribed", filters=granted)
@@ -132,6 +154,14 @@ class MqttPlatformServer:
     def _on_message(self, client: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         parts = msg.topic.split("/")
         topic_gw = parts[-2] if len(parts) >= 2 else ""
+        if parts[-1] == "heartbeat" and self.supervision is not None:
+            try:
+                answer = self.supervision.handle_heartbeat(bytes(msg.payload), "mqtt", topic_gw)
+            except Exception:  # a bug here must not stop the platform; it goes unanswered
+                log.exception("platform.mqtt.heartbeat_failed", topic=msg.topic)
+                return
+            client.publish(f"{self.prefix}/{topic_gw}/hb-ack", answer, qos=0)
+            return
         try:
             ack = self.receiver.handle_batch(bytes(msg.payload), topic_gw=topic_gw,
                                              gap_wait_s=self.gap_wait_s)
@@ -179,10 +209,11 @@ async def serve_mqtt(
     tls: PlatformTls | None = None,
     prefix: str = "bank/v1",
     shared_group: str | None = None,
+    supervision: HeartbeatHandler | None = None,
 ) -> None:
     """Run the MQTT side of the platform until cancelled."""
     server = MqttPlatformServer(receiver, host, port, tls=tls, prefix=prefix,
-                                shared_group=shared_group)
+                                shared_group=shared_group, supervision=supervision)
     await asyncio.to_thread(server.start)  # blocking connect + TLS handshake
     try:
         await asyncio.Event().wait()

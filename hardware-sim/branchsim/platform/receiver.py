@@ -28,6 +28,7 @@ cached; the registration is read again inside the transaction).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -300,3 +301,53 @@ class Receiver(VerifyingStore):
         with self._lock:
             found = self._key(kid)
         return None if found is None else found[1]
+
+    # --- path supervision (branchsim.platform.supervision, docs/PROTOCOL.md 7) ----------------
+
+    def registration(self, kid: bytes) -> tuple[str, Ed25519PublicKey] | None:
+        """(the gateway, its key) registered under `kid`, or None."""
+        with self._lock:
+            return self._key(kid)
+
+    def advance_heartbeat(self, gw: str, path: str, seq: int, at: float) -> tuple[bool, int]:
+        """Record `seq` as the path's last heartbeat if it is above the last one: (True, seq);
+        else (False, the last accepted seq) and nothing changes. One transaction, so two
+        receivers on one file cannot both accept one heartbeat."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT last_seq FROM heartbeats WHERE gw = ? AND path = ?",
+                                   (gw, path)).fetchone()
+            if row is not None and seq <= int(row[0]):
+                return False, int(row[0])
+            self._db.execute(
+                "INSERT INTO heartbeats (gw, path, last_seq, last_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (gw, path) DO UPDATE SET last_seq = excluded.last_seq, "
+                "last_at = excluded.last_at", (gw, path, seq, at))
+            return True, seq
+
+    def heartbeat_paths(self) -> list[tuple[str, str]]:
+        """Every (gateway, path) a heartbeat was ever accepted on: supervised from the start."""
+        with self._lock:
+            rows = self._db.execute("SELECT gw, path FROM heartbeats ORDER BY gw, path")
+            return [(str(gw), str(path)) for gw, path in rows.fetchall()]
+
+    def record_platform_event(self, gw: str, type: str, attrs: dict[str, Any],
+                              at: float) -> None:
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("INSERT INTO platform_events (at, gw, type, attrs) "
+                             "VALUES (?, ?, ?, ?)", (at, gw, type, json.dumps(attrs)))
+
+    def platform_events(self, gw: str | None = None) -> list[dict[str, Any]]:
+        """The platform's own events about its gateways, oldest first: {at, gw, type, attrs}."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, gw, type, attrs FROM platform_events "
+                "WHERE ? IS NULL OR gw = ? ORDER BY n", (gw, gw)).fetchall()
+        return [{"at": float(at), "gw": g, "type": t, "attrs": json.loads(a)}
+                for at, g, t, a in rows]
+
+    def count_rejection(self, gw: str, reason: str) -> None:
+        """Count a refusal that is not a batch's (a heartbeat's: `heartbeat-<reason>`)."""
+        with self._lock:
+            self._count(gw, reason)

@@ -1,5 +1,6 @@
 """The reference platform's own SQLite database: registered gateways, hash chains, accepted
-batches (raw bytes kept as evidence), deduplicated events, and rejection counters.
+batches (raw bytes kept as evidence), deduplicated events, rejection counters, and path
+supervision (each path's last heartbeat; the platform's own events about its gateways).
 
 A gateway's batches form one hash chain per lane (docs/PROTOCOL.md 3.2: 0 bulk, 1 alarm) within
 an epoch, so a chain head, a batch and the batch that delivered an event are named by lane and
@@ -72,6 +73,20 @@ CREATE TABLE IF NOT EXISTS rejections (
     reason TEXT NOT NULL,
     count INTEGER NOT NULL,
     PRIMARY KEY (gw, reason)
+);
+CREATE TABLE IF NOT EXISTS heartbeats (  -- path supervision (docs/PROTOCOL.md 7)
+    gw TEXT NOT NULL,
+    path TEXT NOT NULL,           -- 'mqtt', 'coap'
+    last_seq INTEGER NOT NULL,    -- the last accepted heartbeat's seq: the next must be above
+    last_at REAL NOT NULL,        -- when it arrived (platform clock, Unix seconds)
+    PRIMARY KEY (gw, path)
+);
+CREATE TABLE IF NOT EXISTS platform_events (  -- what the platform itself raised about a gateway
+    n INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,             -- platform clock, Unix seconds
+    gw TEXT NOT NULL,
+    type TEXT NOT NULL,           -- gateway.path_lost, gateway.path_restored, gateway.offline,
+    attrs TEXT NOT NULL           -- gateway.online; attrs: JSON
 );
 """
 
