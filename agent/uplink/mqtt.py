@@ -386,8 +386,14 @@ class MqttUplink:
                     finally:
                         self._connecting = False
                     assert self._connack is not None
-                    await asyncio.wait_for(self._connack, self.cfg.connect_timeout)
+                    # Not asyncio.wait_for: on 3.11 it returns (or raises) a result that is
+                    # ready when it is cancelled, and a CONNACK failing just as the agent stops
+                    # made the loop go on forever, swallowing the stop.
+                    async with asyncio.timeout(self.cfg.connect_timeout):
+                        await asyncio.shield(self._connack)
                 except Exception as exc:
+                    if _cancelling():
+                        raise asyncio.CancelledError from exc  # the stop wins over the retry
                     error = _classify(exc, self.cfg)
                     self.last_error = error.failure()
                     self._log.warning("mqtt.connect_failed", error=str(error).split(" (")[0],
@@ -499,3 +505,9 @@ class MqttUplink:
     async def publish_status(self, doc: Mapping[str, Any]) -> None:
         """Publish a retained status document; returns on PUBACK. Raises UplinkDownError."""
         await self._publish(self.topics["status"], self._status_json(doc), retain=True)
+
+
+def _cancelling() -> bool:
+    """Whether the current task has been asked to stop (a cancellation an exception hid)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -69,6 +69,8 @@ __all__ = ["STREAM", "AckPublisher", "BusReceiver", "BusStats", "ensure_stream",
 
 log = structlog.get_logger(__name__)
 
+DRAIN_TIMEOUT_S = 2.0  # at stop: the subscriptions' drain, bounded (see `run`)
+
 STREAM = "BRANCH_BATCHES"
 CONSUMERS = {"batch": "platform-bulk", "alarm": "platform-alarm"}  # durable, shared by receivers
 ACK_WAIT_S = 30.0  # a receiver gone quiet for this long: its messages go to another one
@@ -220,8 +222,12 @@ class BusReceiver:
         kwargs: dict[str, Any] = {}
         if self.tls is not None:
             kwargs.update(tls=_tls_context(self.tls), tls_hostname="localhost")
+        # drain_timeout: at stop, what was fetched and not acked is simply redelivered (to
+        # another receiver, or to this one when it is back); nats.py's default of 30 s made
+        # every stop wait that long for a pull subscription that never drains.
         nc = await nats.connect(self.nats_urls, name=self.name, max_reconnect_attempts=-1,
-                                reconnect_time_wait=0.5, **kwargs)
+                                reconnect_time_wait=0.5, drain_timeout=DRAIN_TIMEOUT_S,
+                                **kwargs)
         self.acks.start()
         try:
             js = nc.jetstream(timeout=10)
