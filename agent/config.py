@@ -17,13 +17,23 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from agent.core.config import StrictModel
 from agent.core.errors import ConfigError
 from agent.core.paths import StateLayout
+from agent.rules.config import (
+    ArmingConfig,
+    HeldOpenConfig,
+    SequenceConfig,
+    SilenceConfig,
+)
+from agent.rules.config import problems as arming_problems
 from agent.runtime.pipeline import Rule, Threshold
 from agent.security.config import AuditConfig, CommandsConfig
 from agent.uplink.config import CoapUplinkConfig, MqttUplinkConfig
 from drivers.ble import BleConfig
 from drivers.coap.config import CoapIngestConfig
 from drivers.gpio.config import GpioConfig
+from drivers.modbus_tcp.config import ModbusTcpConfigs
+from drivers.nut.config import NutSourceList
 from drivers.serial import SerialConfig
+from drivers.snmp import SnmpList
 from drivers.synthetic import SyntheticConfig
 
 __all__ = ["DEFAULT_CONFIG_PATH", "AgentConfig", "format_errors", "load_config", "parse_config"]
@@ -144,6 +154,12 @@ class RuleConfig(StrictModel):
     min_interval_s: float = Field(default=0.0, ge=0)
     max_interval_s: float | None = Field(default=None, gt=0)
     priority: int | None = Field(default=None, ge=0, le=3)
+    priority_armed: int | None = Field(
+        default=None, ge=0, le=3, description="the priority while the branch is armed "
+        "(needs [arming]); e.g. a vault contact: an alarm while armed")
+    priority_disarmed: int | None = Field(
+        default=None, ge=0, le=3, description="the priority while disarmed (needs [arming]); "
+        "e.g. a vault contact: telemetry during opening hours")
     drop: bool = False
     thresholds: list[ThresholdConfig] = Field(default_factory=list)
 
@@ -157,6 +173,8 @@ class RuleConfig(StrictModel):
             min_interval_s=self.min_interval_s,
             max_interval_s=self.max_interval_s,
             priority=self.priority,
+            priority_armed=self.priority_armed,
+            priority_disarmed=self.priority_disarmed,
             drop=self.drop,
             thresholds=tuple(
                 Threshold(t.above, t.below, t.hysteresis, t.type, t.priority)
@@ -188,6 +206,12 @@ class SourcesConfig(StrictModel):
     ble: BleConfig | None = Field(
         default=None, description="BLE scanner through BlueZ; off unless this table is present"
     )
+    nut: NutSourceList = Field(default_factory=list,
+                               description="UPSs on NUT servers (upsd, TCP 3493)")
+    snmp: SnmpList = Field(default_factory=list,
+                           description="UPS network cards and PDUs over SNMP (v2c, v3 authPriv)")
+    modbus_tcp: ModbusTcpConfigs = Field(
+        default_factory=list, description="Modbus TCP meters, PLCs and TCP-to-RTU gateways")
 
 
 class AgentConfig(StrictModel):
@@ -204,6 +228,13 @@ class AgentConfig(StrictModel):
     commands: CommandsConfig | None = Field(
         default=None, description="signed downlink commands; off unless this table is present"
     )
+    arming: ArmingConfig | None = Field(
+        default=None, description="when the branch is armed (docs/RULES.md); off unless this "
+        "table is present"
+    )
+    held_open: list[HeldOpenConfig] = Field(default_factory=list)
+    silence: list[SilenceConfig] = Field(default_factory=list)
+    sequence: list[SequenceConfig] = Field(default_factory=list)
 
     @property
     def outbox_path(self) -> Path:
@@ -269,12 +300,29 @@ def format_errors(exc: ValidationError, root: type[BaseModel] = AgentConfig) -> 
     return lines
 
 
+def cross_problems(cfg: AgentConfig) -> list[str]:
+    """What no single key shows: overlapping periods and exception dates given twice in
+    [arming], armed-state priorities without [arming]. Same line format as `format_errors`."""
+    out = arming_problems(cfg.arming)
+    if cfg.arming is None:
+        for i, r in enumerate(cfg.rules):
+            for key in ("priority_armed", "priority_disarmed"):
+                if getattr(r, key) is not None:
+                    out.append(f"rules[{i}].{key}: got {getattr(r, key)!r}, expected an [arming] "
+                               "table (the arm state decides this priority)")
+    return out
+
+
 def parse_config(data: dict[str, Any], origin: str = "<config>") -> AgentConfig:
     try:
-        return AgentConfig.model_validate(data)
+        cfg = AgentConfig.model_validate(data)
     except ValidationError as exc:
         problems = format_errors(exc)
         raise ConfigError(f"{origin}: {len(problems)} problem(s)", problems) from None
+    problems = cross_problems(cfg)
+    if problems:
+        raise ConfigError(f"{origin}: {len(problems)} problem(s)", problems)
+    return cfg
 
 
 def load_config(path: Path) -> AgentConfig:

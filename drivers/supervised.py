@@ -10,6 +10,7 @@ device never stops the agent.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import structlog
 
@@ -19,7 +20,17 @@ from agent.core.errors import DriverError, RefusedError
 from agent.core.types import ALERT, TELEMETRY, Reading, Value
 from drivers.base import Sink, SourceHealth, SourceState
 
-__all__ = ["DeviceUnavailable", "SupervisedSource"]
+__all__ = ["DeviceUnavailable", "Reachability", "SupervisedSource"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reachability:
+    """The doctor's verdict on one networked device (`check_reachable` in each IP driver):
+    `detail` says what was seen, `fix` what to do when not `ok`."""
+
+    ok: bool
+    detail: str
+    fix: str = ""
 
 
 class DeviceUnavailable(DriverError, OSError):

@@ -51,6 +51,15 @@ def test_drivers_see_the_agent_only_through_its_core() -> None:
     assert {k: v for k, v in bad.items() if v} == {}
 
 
+def test_rules_are_pure() -> None:
+    """agent/rules (arming, stateful rules) import only agent/core: they are unit-tested with
+    plain numbers, and the runtime feeds them time and events."""
+    bad = {str(p.relative_to(ROOT)): [m for m in _outside_core(p)
+                                      if not m.startswith("agent.rules")]
+           for p in (ROOT / "agent/rules").rglob("*.py")}
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
 def test_the_product_never_imports_the_simulator() -> None:
     """No module of agent/ or drivers/ imports branchsim, not even lazily: the simulator's
     distribution depends on the product, and adds `branch-agent demo` through an entry point."""
@@ -74,7 +83,7 @@ def test_loading_a_config_imports_no_driver_stack() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout.strip().split(",")
     heavy = {"gpiozero", "bleak", "dbus_fast", "aiocoap", "pymodbus", "serial", "bthome_ble",
-             "ruuvitag_ble"}
+             "ruuvitag_ble", "pysnmp", "pyasn1"}
     assert sorted(heavy & set(out)) == []
 
 

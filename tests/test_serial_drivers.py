@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from drivers.base import Source, SourceContext, SourceState
 from drivers.serial import SerialConfig, build_sources
 from drivers.serial.config import SerialPortConfig
 from drivers.serial.port import open_port, read_some
-from tests.support.sinks import CollectingSink
+from tests.support.sinks import CollectingSink, has, running
 
 FAST = {"poll_interval_s": 0.05, "timeout_s": 0.3, "backoff_base_s": 0.05, "backoff_cap_s": 0.2}
 
@@ -48,24 +48,8 @@ def source_for(device: SimSerialDevice, **overrides: Any) -> Source:
     return source
 
 
-@contextlib.asynccontextmanager
-async def running(source: Source, sink: CollectingSink) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(source.run(sink), name=source.name)
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    assert source.health.state is SourceState.STOPPED
-
-
 def state_of(source: Source) -> SourceState:
     return source.health.state
-
-
-def has(type_: str, value: Any = None) -> Callable[[list[Reading]], bool]:
-    return lambda rs: any(r.type == type_ and (value is None or r.value == value) for r in rs)
 
 
 def after(type_: str, then: str) -> Callable[[list[Reading]], bool]:

@@ -4,44 +4,23 @@ outbox as the expected events, through the real seams (MockFactory pins, pty ser
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cbor2
 import pytest
 
 from agent.config import parse_config
 from agent.runtime.root import Runtime
-from agent.security.keys import generate_keypair
 from branchsim.agentrun import merge_sim_sources, started_sim
-from branchsim.broker import get_free_port
 from drivers.base import SourceHealth
-
-Events = list[dict[str, Any]]
+from tests.support.offline import Events, offline_gateway, outbox_events
 
 
 def agent_cfg(tmp_path: Path) -> dict[str, Any]:
-    generate_keypair(tmp_path / "keys")
-    return {
-        "gateway": {"id": "sim-gw", "state_dir": str(tmp_path / "state"),
-                    "runtime_dir": str(tmp_path / "run"),
-                    "key_file": str(tmp_path / "keys" / "signing.key"), "time_sync": "synced"},
-        # A port where nothing listens: the uplink stays down and every event stays in the
-        # outbox, where the test reads it.
-        "uplink": {"order": ["mqtt"], "mqtt": {"host": "127.0.0.1", "port": get_free_port(),
-                                               "insecure": True, "backoff_max": 1.0}},
-        # each reading committed at once, so the outbox shows the timeline as it is played
-        "outbox": {"telemetry_window_ms": 0.0},
-    }
-
-
-def outbox_events(state: Path) -> Events:
-    with sqlite3.connect(f"file:{state / 'outbox.db'}?mode=ro", uri=True) as c:
-        return [cbor2.loads(b) for (b,) in c.execute("SELECT body FROM events ORDER BY id")]
+    return offline_gateway(tmp_path, "sim-gw")
 
 
 @dataclass(frozen=True, slots=True)

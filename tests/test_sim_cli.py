@@ -67,11 +67,12 @@ def running_sim(
 
 
 def test_list_prints_every_shipped_scenario() -> None:
-    """`branch-sim list` names the four shipped scenarios."""
+    """`branch-sim list` names every shipped scenario."""
     result = branch_sim("list")
     assert result.returncode == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
-    assert names == ["flaky-devices", "night-intrusion", "power-failure", "quiet-day"]
+    assert names == ["door-propped-open", "flaky-devices", "late-night-vault", "night-intrusion",
+                     "power-failure", "quiet-day", "sensor-dies"]
 
 
 def test_run_gpio_scenario_prints_a_config_that_parses(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from drivers.serial.line import LineSplitter
 from tests import test_ble_bluez as _bluez
 from tests import test_serial_drivers as _serial
 from tests.support.agentproc import until
-from tests.support.sinks import CollectingSink
+from tests.support.sinks import CollectingSink, running
 from tests.test_ble_bluez import RUUVI, THERMO, VAULT, World, leaks
 
 world = _bluez.world  # private dbus-daemon + fake BlueZ (its paced radio is silenced below)
@@ -236,7 +236,7 @@ async def test_line_flood_is_refused_counted_and_logged_once_per_interval(
     sink = CollectingSink()
     with structlog.testing.capture_logs() as logs:
         source = line_source(env, clock)
-        async with _serial.running(source, sink):
+        async with running(source, sink):
             await until(lambda: source.health.state is SourceState.ONLINE)
             env.apply({"emit": "reading", "count": 1000})
             await until(lambda: len(temperatures(sink.readings)) == 100)
@@ -260,7 +260,7 @@ async def test_line_device_at_a_normal_rate_loses_nothing(
     env = devices("line", "env", interval_s=0)
     sink = CollectingSink()
     source = line_source(env, clock)
-    async with _serial.running(source, sink):
+    async with running(source, sink):
         await until(lambda: source.health.state is SourceState.ONLINE)
         for i in range(250):
             env.apply({"set": {"temp": float(i)}, "emit": "reading"})

@@ -262,8 +262,10 @@ async def test_a_cut_path_is_reported_within_the_reporting_time(wan: Wan,
     assert [e["type"] for e in wan.events()] == ["gateway.path_lost", "gateway.path_restored"]
     assert not wan.events(path="coap")
     c = gateway.mqtt.counters
-    assert c["heartbeats_sent"] == c["heartbeats_acked"] + c["heartbeats_failed"] + \
-        c["heartbeats_refused"] and c["heartbeats_refused"] == 0
+    settled = c["heartbeats_acked"] + c["heartbeats_failed"] + c["heartbeats_refused"]
+    # every heartbeat sent is counted once settled; one may still await its answer
+    assert c["heartbeats_sent"] - settled in (0, 1), c
+    assert c["heartbeats_refused"] == 0
 
 
 async def test_an_alarm_during_the_cut_goes_over_the_other_path_at_once(

@@ -234,6 +234,33 @@ def check_serial(cfg: AgentConfig) -> list[Check]:
     return checks
 
 
+# --------------------------------------------------------------------------- devices over IP
+
+
+async def check_ip_devices(cfg: AgentConfig, limit: float = 5.0) -> list[Check]:
+    """Each NUT server, SNMP agent and Modbus TCP device answers (concurrently: a dead device
+    costs its own timeout, not the sum of all)."""
+    jobs: list[tuple[str, Any]] = []
+    if cfg.sources.nut:
+        from drivers import nut
+
+        jobs += [(f"nut {c.name}", nut.check_reachable(c)) for c in cfg.sources.nut]
+    if cfg.sources.snmp:
+        from drivers import snmp
+
+        jobs += [(f"snmp {c.name}", snmp.check_reachable(c, limit)) for c in cfg.sources.snmp]
+    if cfg.sources.modbus_tcp:
+        from drivers.modbus_tcp import source as modbus_tcp
+
+        jobs += [(f"modbus_tcp {c.name}", modbus_tcp.check_reachable(c))
+                 for c in cfg.sources.modbus_tcp]
+    if not jobs:
+        return [Check("ip devices", Status.SKIP, "no NUT, SNMP or Modbus TCP devices configured")]
+    found = await asyncio.gather(*(job for _, job in jobs))
+    return [_ok(name, r.detail) if r.ok else _fail(name, r.detail, r.fix)
+            for (name, _), r in zip(jobs, found, strict=True)]
+
+
 # --------------------------------------------------------------------------- BLE
 
 
@@ -494,6 +521,7 @@ async def run_checks(config_path: Path, limit: float = 5.0,
               check_gpio(cfg)]
     checks.append(await asyncio.to_thread(check_integrity, manifest))
     checks += await asyncio.to_thread(check_serial, cfg)
+    checks += await check_ip_devices(cfg, limit)
     checks.append(await check_ble(getattr(cfg.sources, "ble", None), limit))
     checks += await asyncio.to_thread(check_mqtt, cfg, limit)
     checks += await check_coap(cfg, limit)

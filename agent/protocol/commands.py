@@ -39,7 +39,8 @@ __all__ = [
 # uplink before buffering it and by the processor before decoding it.
 MAX_COMMAND_BYTES = 16 * 1024
 FORMAT_VERSION = 1
-COMMANDS = frozenset({"ping", "status", "doctor", "log-level", "rotate-key", "pulse"})
+COMMANDS = frozenset({"ping", "status", "doctor", "log-level", "rotate-key", "pulse", "arm",
+                      "disarm"})
 REJECT_REASONS = frozenset({
     "malformed", "unknown-key", "bad-signature", "wrong-gateway", "version", "expired",
     "not-yet-valid", "too-long-valid", "clock-unsynced", "replay", "out-of-order",

@@ -17,6 +17,13 @@ Rules are matched by source and type patterns (fnmatch), first match wins:
 - `thresholds`: crossing `above`/`below` raises an alert event (`<type>.high` / `<type>.low` by
   default, priority 1) with hysteresis; returning inside the band raises the clearing event.
 - `priority`: overrides the driver's suggestion.
+- `priority_armed` / `priority_disarmed`: the priority while the branch is armed / disarmed
+  (`set_armed`, from agent.rules.arming); a vault contact is telemetry during opening hours and
+  an alarm at night. Before the arm state is known (and without [arming]) `priority` applies.
+
+Stateful rules (agent.rules.stateful: held-open, silence, sequences) see every reading as
+*heard* and every event this pipeline emits; what they find becomes events here too, and their
+deadlines join the debounce's in `next_deadline()` / `due(now)`.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.core.types import ALERT, TQ_SYNCED, TQ_UNSYNCED, Event, Reading
+from agent.rules.stateful import Finding, StatefulRules
 
 __all__ = ["Pipeline", "Rule", "Threshold"]
 
@@ -54,6 +62,8 @@ class Rule:
     priority: int | None = None
     thresholds: tuple[Threshold, ...] = ()
     drop: bool = False
+    priority_armed: int | None = None
+    priority_disarmed: int | None = None
 
     def matches(self, r: Reading) -> bool:
         return fnmatch.fnmatchcase(r.source, self.source) and fnmatch.fnmatchcase(r.type, self.type)
@@ -88,8 +98,11 @@ class Pipeline:
         pseudonym_key: bytes | None = None,
         pseudonymise_attrs: Sequence[str] = (),
         strip_attrs: Sequence[str] = (),
+        stateful: StatefulRules | None = None,
     ) -> None:
         self.rules = tuple(rules)
+        self.stateful = stateful if stateful is not None else StatefulRules()
+        self.armed: bool | None = None  # unknown until agent.rules.arming decides
         self._wall = wall
         self._synced = synchronized
         self._tracks: dict[tuple[str, str], _Track] = {}
@@ -110,8 +123,34 @@ class Pipeline:
             self._rule_cache[key] = rule
         return rule
 
+    @property
+    def has_deadlines(self) -> bool:
+        """Whether anything here ever waits for time to pass (debounce, stateful rules)."""
+        return bool(self.stateful) or any(r.debounce_s > 0 for r in self.rules)
+
+    def set_armed(self, armed: bool | None) -> None:
+        """The branch's arm state, for `priority_armed` / `priority_disarmed`."""
+        self.armed = armed
+
     def process(self, r: Reading, now: float) -> list[Event]:
         """The events `r` becomes at monotonic time `now` (often none, sometimes two)."""
+        if not self.stateful:
+            return self._process(r, now)
+        found = self.stateful.heard(r.source, r.type, now)
+        return self._with_findings(self._process(r, now), now, found)
+
+    def _with_findings(self, events: list[Event], now: float,
+                       found: list[Finding]) -> list[Event]:
+        for e in events:
+            found.extend(self.stateful.observe(e, now))
+        return events + [self._finding(f) for f in found]
+
+    def _finding(self, f: Finding) -> Event:
+        return Event(src=f.src, type=f.type, v=f.value, t=self._wall(),
+                     tq=TQ_SYNCED if self._synced() else TQ_UNSYNCED, prio=f.prio,
+                     attrs=f.attrs)
+
+    def _process(self, r: Reading, now: float) -> list[Event]:
         rule = self.rule_for(r)
         if rule.drop:
             self._count("dropped_by_rule")
@@ -167,7 +206,7 @@ class Pipeline:
 
     def next_deadline(self) -> float | None:
         """Monotonic time at which `due` has something to hand out, if any."""
-        best: float | None = None
+        best: float | None = self.stateful.next_deadline() if self.stateful else None
         for (src, typ), t in self._tracks.items():
             if t.pending is None:
                 continue
@@ -177,7 +216,14 @@ class Pipeline:
         return best
 
     def due(self, now: float) -> list[Event]:
-        """Debounced changes whose value stayed stable for the rule's window."""
+        """Debounced changes whose value stayed stable for the rule's window, and what the
+        stateful rules find at `now` (a contact held open, a silent sensor)."""
+        out = self._due(now)
+        if not self.stateful:
+            return out
+        return self._with_findings(out, now, self.stateful.due(now))
+
+    def _due(self, now: float) -> list[Event]:
         out: list[Event] = []
         for (src, typ), t in self._tracks.items():
             if t.pending is None:
@@ -224,10 +270,17 @@ class Pipeline:
             v=r.value,
             t=r.ts if r.ts is not None else self._wall(),
             tq=TQ_SYNCED if self._synced() else TQ_UNSYNCED,
-            prio=rule.priority if rule.priority is not None else r.priority,
+            prio=self._priority(r, rule),
             u=r.unit,
             attrs=self._private(r.attrs) if r.attrs else None,
         )
+
+    def _priority(self, r: Reading, rule: Rule) -> int:
+        if self.armed is True and rule.priority_armed is not None:
+            return rule.priority_armed
+        if self.armed is False and rule.priority_disarmed is not None:
+            return rule.priority_disarmed
+        return rule.priority if rule.priority is not None else r.priority
 
     def _private(self, attrs: Mapping[str, Any]) -> Mapping[str, Any] | None:
         """Strip listed attributes; replace pseudonymised ones by a keyed hash (HMAC-SHA256,

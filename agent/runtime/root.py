@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +23,13 @@ from agent.config import AgentConfig
 from agent.core.atomic import write_atomic
 from agent.core.backoff import Backoff
 from agent.core.clock import Clock, make_clock
+from agent.core.errors import RefusedError
 from agent.core.paths import RuntimeLayout, StateLayout
-from agent.core.types import Event
+from agent.core.types import Event, Reading
 from agent.outbox import Outbox
+from agent.rules.arming import ArmChange, Arming, Cause
+from agent.rules.config import stateful_rules
+from agent.rules.stateful import StatefulRules
 from agent.runtime.forwarder import Forwarder, Signer
 from agent.runtime.pipeline import Pipeline
 from agent.runtime.sdnotify import Notifier, watchdog_interval
@@ -47,11 +51,16 @@ log = structlog.get_logger(__name__)
 
 
 AUDIT_FORWARD_EVERY_S = 5  # how often the local audit log is looked at for operator records
+# The arm state is re-evaluated at least this often, besides at the schedule's next change:
+# the wall clock may be stepped (NTP after boot) or become synchronised meanwhile.
+ARMING_RECHECK_S = 30.0
+ARMING_SOURCE = "arming"  # the source of the arm.state events
 
 
 def build_sources(cfg: AgentConfig, ctx: SourceContext) -> list[Source]:
     """Every configured source, each from its own driver's factory. A driver module (and its
-    libraries: gpiozero, pyserial, bleak, aiocoap) is imported only when it is configured."""
+    libraries: gpiozero, pyserial, bleak, aiocoap, pysnmp, pymodbus) is imported only when it is
+    configured."""
     sources: list[Source] = []
     sources.extend(synthetic.build_sources(cfg.sources.synthetic, ctx))
     if cfg.sources.gpio is not None:
@@ -70,6 +79,18 @@ def build_sources(cfg: AgentConfig, ctx: SourceContext) -> list[Source]:
         from drivers import ble
 
         sources.extend(ble.build_sources(cfg.sources.ble, ctx))
+    if cfg.sources.nut:
+        from drivers import nut
+
+        sources.extend(nut.build_sources(cfg.sources.nut, ctx))
+    if cfg.sources.snmp:
+        from drivers import snmp
+
+        sources.extend(snmp.build_sources(cfg.sources.snmp, ctx))
+    if cfg.sources.modbus_tcp:
+        from drivers.modbus_tcp import source as modbus_tcp
+
+        sources.extend(modbus_tcp.build_sources(cfg.sources.modbus_tcp, ctx))
     return sources
 
 
@@ -147,6 +168,9 @@ class Runtime:
         self._audit_forward_lock = asyncio.Lock()
         self._audit_forwarder: AuditForwarder | None = None
         self._audit_log_seen: tuple[int, int] | None = None  # (size, mtime_ns) last forwarded
+        self.arming: Arming | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._arming_wake = asyncio.Event()
 
     # ----------------------------------------------------------------- assembly
 
@@ -176,7 +200,11 @@ class Runtime:
             pseudonym_key=pkey,
             pseudonymise_attrs=cfg.privacy.pseudonymise_attrs,
             strip_attrs=cfg.privacy.strip_attrs,
+            stateful=StatefulRules(stateful_rules(cfg.held_open, cfg.silence, cfg.sequence,
+                                                  start=self.clock.monotonic())),
         )
+        if cfg.arming is not None:
+            self.arming = Arming(cfg.arming.schedule(), max_disarm_s=cfg.arming.max_disarm_s)
         self._key = key
         self.audit = AuditTrail(
             AuditLog.from_config(cfg.audit, cfg.gateway.state_dir, self.clock.time),
@@ -238,6 +266,10 @@ class Runtime:
             uplinks=[u.name for u in self.uplinks],
             kid=self.forwarder.signer.kid.hex(),
         )
+        if self.arming is not None:
+            # Decided before any source starts: the first readings get the armed-state
+            # priority, and the outbox holds the state the branch started in.
+            await self._arming_tick()
         metrics_server: Any = None
         if self.cfg.metrics.enabled:
             from agent.runtime.metrics import serve
@@ -253,6 +285,8 @@ class Runtime:
                 ]
                 tasks.append(tg.create_task(self.forwarder.run(), name="forwarder"))
                 tasks.append(tg.create_task(self._debounce_loop(), name="pipeline-due"))
+                if self.arming is not None:
+                    tasks.append(tg.create_task(self._arming_loop(), name="arming"))
                 tasks.append(tg.create_task(self._status_loop(), name="status"))
                 tasks.append(tg.create_task(self._watchdog_loop(), name="watchdog"))
                 if self.commands is not None:
@@ -313,13 +347,68 @@ class Runtime:
 
     async def _debounce_loop(self) -> None:
         assert self.sink is not None
-        if not any(r.debounce_s > 0 for r in self.sink.pipeline.rules):
+        pipeline = self.sink.pipeline
+        if not pipeline.has_deadlines:
             return  # nothing is ever held back: no need to wake 20 times a second (idle CPU)
+        # Debounce windows are tens of milliseconds; the stateful rules' waits are seconds to
+        # minutes, where half a second late does not matter and waking less often does.
+        step = 0.05 if any(r.debounce_s > 0 for r in pipeline.rules) else 0.5
         while True:
-            deadline = self.sink.pipeline.next_deadline()
-            delay = 0.05 if deadline is None else max(0.0, deadline - self.clock.monotonic())
-            await asyncio.sleep(min(delay, 0.05))
+            deadline = pipeline.next_deadline()
+            delay = step if deadline is None else max(0.0, deadline - self.clock.monotonic())
+            await asyncio.sleep(min(delay, step))
             await self.sink.flush_due()
+
+    # ----------------------------------------------------------------- arming
+
+    async def _arming_loop(self) -> None:
+        """The arm state at the schedule's next change, at an override's end, after a manual
+        act, and every ARMING_RECHECK_S (clock steps, clock sync)."""
+        assert self.arming is not None
+        while True:
+            wait = self.arming.next_tick(self.clock.time(), self.clock.monotonic())
+            self._arming_wake.clear()
+            # just past the change: the schedule counts its boundary as the new state
+            # (asyncio.timeout, not wait_for: on 3.11 wait_for may swallow the stop when the
+            # wake-up and the cancellation come together, and this loop would never end)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(wait + 0.001, ARMING_RECHECK_S)):
+                    await self._arming_wake.wait()
+            await self._arming_tick()
+
+    async def _arming_tick(self) -> None:
+        assert self.arming is not None
+        await self._arm_changed(self.arming.tick(self.clock.time(), self.clock.monotonic(),
+                                                 self.clock.synchronized()))
+
+    async def arm_manual(self, armed: bool, cause: Cause, **detail: Any) -> dict[str, Any]:
+        """A keyswitch turn or a signed command; returns the state it leaves."""
+        if self.arming is None:
+            raise RuntimeError("no [arming] table in the configuration")
+        changes = self.arming.manual(armed, cause, self.clock.time(), self.clock.monotonic(),
+                                     self.clock.synchronized())
+        changes = [ArmChange(c.armed, c.cause, c.t, c.initial, {**c.detail, **detail})
+                   for c in changes]
+        self._arming_wake.set()  # the override's end is a new deadline
+        await self._arm_changed(changes)
+        return {"state": "armed" if self.arming.armed else "disarmed",
+                "cause": self.arming.cause, "changed": bool(changes)}
+
+    async def _arm_changed(self, changes: Sequence[ArmChange]) -> None:
+        """Each change: the pipeline's priorities first, then the arm.state event."""
+        assert self.sink is not None and self.cfg.arming is not None
+        for c in changes:
+            self.sink.pipeline.set_armed(c.armed)
+            attrs: dict[str, Any] = {"cause": c.cause, **c.detail}
+            if c.initial:
+                attrs["initial"] = True
+            log.info("arming.changed", state=c.value, **attrs)
+            try:
+                await self.sink.submit(Reading(source=ARMING_SOURCE, type="arm.state",
+                                               value=c.value, ts=c.t,
+                                               priority=self.cfg.arming.priority, attrs=attrs))
+            except RefusedError as exc:  # a full disk: the state still applies
+                log.warning("arming.event_refused", error=str(exc))
 
     async def _watchdog_loop(self) -> None:
         """WATCHDOG=1 from the event loop itself: a blocked loop stops the pings and systemd
@@ -360,14 +449,29 @@ class Runtime:
     # ----------------------------------------------------------------- audit and commands
 
     def _observe(self, events: Sequence[Event]) -> None:
-        """Committed events the audit trail must also see (tamper contacts)."""
+        """Committed events the runtime acts on: keyswitch turns (manual arm/disarm; not the
+        switch's position at start, which is no act: a reboot at night must not disarm) and
+        tamper contacts (the audit trail)."""
+        if self.arming is not None:
+            for e in events:
+                if e.type == "keyswitch" and not (e.attrs or {}).get("initial") and (
+                        e.v in ("arm", "disarm")):
+                    self._spawn(self.arm_manual(e.v == "arm", "keyswitch", source=e.src),
+                                "arm-keyswitch")
         if self.audit is None:
             return
         for e in events:
             if e.type == "tamper":
-                asyncio.get_running_loop().create_task(
-                    self.audit.record("audit.tamper_contact",
-                                      {"source": e.src, "state": str(e.v)}, actor="sensor"))
+                self._spawn(self.audit.record("audit.tamper_contact",
+                                              {"source": e.src, "state": str(e.v)},
+                                              actor="sensor"), "audit-tamper")
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run `coro` in the background, keeping the task referenced until it ends (the event
+        loop keeps only weak references: an unreferenced task may vanish mid-way)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _batch_refused(self, info: dict[str, Any]) -> None:
         """The forwarder took a platform refusal as final (docs/PROTOCOL.md 4.3): one record
@@ -484,6 +588,7 @@ class Runtime:
             doctor=doctor,
             set_log_level=lambda level: configure_logging(level, cfg.log.format),
             default_log_level=cfg.log.level,
+            arm=self._arm_command if self.arming is not None else None,
             rotate_key=make_rotate_hook(key_file, self.outbox.append, self.clock, announced),
         )
         proc = CommandProcessor(cc, gw=cfg.gateway.id,
@@ -494,6 +599,9 @@ class Runtime:
             if isinstance(up, CommandChannel):
                 up.set_command_handler(functools.partial(_submit_to, proc, up))
         return proc
+
+    async def _arm_command(self, armed: bool) -> Mapping[str, Any]:
+        return await self.arm_manual(armed, "command")
 
     # ----------------------------------------------------------------- status
 
@@ -530,6 +638,9 @@ class Runtime:
         if self.sink is not None:
             doc["pipeline"] = dict(self.sink.pipeline.counters)
             doc["accepted"] = self.sink.accepted
+        if self.arming is not None and self.arming.armed is not None:
+            doc["arming"] = {"state": "armed" if self.arming.armed else "disarmed",
+                             "cause": self.arming.cause}
         return doc
 
     def _write_status(self) -> None:

@@ -105,6 +105,9 @@ class CommandHooks:
     # current key) and switch after the announcement is acked; returns {"kid": hex, ...}.
     rotate_key: Callable[[], Awaitable[Mapping[str, Any]]] | None = None
     pulse: Callable[[str, float], Awaitable[None]] | None = None
+    # Manual arm (True) / disarm (False) of the branch (agent.rules.arming): overrides the
+    # schedule until its next change; returns {"state", "cause", "changed"}.
+    arm: Callable[[bool], Awaitable[Mapping[str, Any]]] | None = None
 
 
 Reply = Callable[[bytes], Awaitable[None]]
@@ -263,6 +266,10 @@ class CommandProcessor:
             return self._log_level(args)
         if cmd.cmd == "rotate-key":
             return dict(await _need(h.rotate_key)())
+        if cmd.cmd in ("arm", "disarm"):
+            if args:
+                raise CommandError("bad-args", "arm/disarm take no arguments")
+            return dict(await _need(h.arm)(cmd.cmd == "arm"))
         return await self._pulse(args)
 
     def _log_level(self, args: Mapping[str, Any]) -> dict[str, Any]:

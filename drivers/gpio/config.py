@@ -25,7 +25,7 @@ __all__ = [
     "normalise_pin",
 ]
 
-InputKind = Literal["door", "vault", "motion", "panic", "tamper", "generic"]
+InputKind = Literal["door", "vault", "motion", "panic", "tamper", "keyswitch", "generic"]
 PinFactoryName = Literal["default", "lgpio", "mock"]
 StatusState = Literal["online", "buffering", "fault"]
 PinSpec = int | str
@@ -48,6 +48,9 @@ KINDS: dict[str, KindSpec] = {
     "motion": KindSpec("motion", ALERT, True, False),
     "panic": KindSpec("panic", ALARM, "pressed", "released"),
     "tamper": KindSpec("tamper", ALARM, "tampered", "normal"),
+    # The arming keyswitch: asserted = turned to disarm. The runtime takes its changes (not
+    # its position at start) as manual disarm/arm (agent.rules.arming, docs/RULES.md).
+    "keyswitch": KindSpec("keyswitch", ALERT, "disarm", "arm"),
 }
 
 

@@ -12,16 +12,19 @@ level that is (docs/HARDWARE.md has the wiring).
 
 Readings (source ``gpio.<name>``):
 
-====== =========== ========================= ==========
-kind   type        value (asserted/not)      priority
-====== =========== ========================= ==========
-door   contact     "open" / "closed"         ALERT
-vault  contact     "open" / "closed"         ALARM
-generic contact    "open" / "closed"         TELEMETRY
-motion motion      True / False              ALERT
-panic  panic       "pressed" / "released"    ALARM
-tamper tamper      "tampered" / "normal"     ALARM
-====== =========== ========================= ==========
+========= =========== ========================= ==========
+kind      type        value (asserted/not)      priority
+========= =========== ========================= ==========
+door      contact     "open" / "closed"         ALERT
+vault     contact     "open" / "closed"         ALARM
+generic   contact     "open" / "closed"         TELEMETRY
+motion    motion      True / False              ALERT
+panic     panic       "pressed" / "released"    ALARM
+tamper    tamper      "tampered" / "normal"     ALARM
+keyswitch keyswitch   "disarm" / "arm"          ALERT
+========= =========== ========================= ==========
+
+(``keyswitch``: the arming keyswitch; the runtime takes each change as a manual disarm/arm.)
 
 The initial state is reported at start (``attrs={"initial": True}``), then each debounced
 change, and every ``snapshot_interval_s`` a ``contact.snapshot`` (source ``gpio``, TELEMETRY,

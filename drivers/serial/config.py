@@ -3,11 +3,11 @@ line-protocol devices), apart from the drivers: loading a config imports no seri
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from agent.core.config import StrictModel
+from agent.core.config import StrictModel, duplicates, unique_names
 from agent.core.types import TELEMETRY
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "LineFormat",
     "ModbusConfig",
     "ModbusRegister",
+    "RegisterMap",
     "RegisterType",
     "SerialConfig",
     "SerialPortConfig",
@@ -96,20 +97,16 @@ class ModbusRegister(StrictModel):
     priority: int = Field(default=TELEMETRY, ge=0, le=3)
 
 
+# A register map (RTU or TCP): at least one register, names unique (they are the reading types).
+RegisterMap = Annotated[list[ModbusRegister], Field(min_length=1), unique_names("register")]
+
+
 class ModbusConfig(SerialPortConfig):
     """``[[sources.serial.modbus]]``: one RTU device (unit id) and the registers to poll."""
 
     baudrate: int = Field(default=9600, gt=0)
     unit_id: int = Field(default=1, ge=0, le=247)
-    registers: list[ModbusRegister] = Field(min_length=1)
-
-    @field_validator("registers")
-    @classmethod
-    def _unique(cls, regs: list[ModbusRegister]) -> list[ModbusRegister]:
-        names = [r.name for r in regs]
-        if dups := sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"duplicate register names: {', '.join(dups)}")
-        return regs
+    registers: RegisterMap
 
 
 class SerialConfig(StrictModel):
@@ -124,10 +121,8 @@ class SerialConfig(StrictModel):
     @model_validator(mode="after")
     def _unique(self) -> SerialConfig:
         for kind, entries in (("ups", self.ups), ("modbus", self.modbus), ("line", self.line)):
-            names = [e.name for e in entries]
-            if dups := sorted({n for n in names if names.count(n) > 1}):
+            if dups := duplicates(e.name for e in entries):
                 raise ValueError(f"duplicate serial.{kind} names: {', '.join(dups)}")
-        ports = [e.port for e in [*self.ups, *self.modbus, *self.line]]
-        if dups := sorted({p for p in ports if ports.count(p) > 1}):
+        if dups := duplicates(e.port for e in [*self.ups, *self.modbus, *self.line]):
             raise ValueError(f"serial port used by more than one device: {', '.join(dups)}")
         return self

@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent.config import AgentConfig, SourcesConfig
+from agent.config import AgentConfig, SourcesConfig, parse_config
 from agent.runtime.root import Runtime, install_signal_handlers
 
-__all__ = ["merge_sim_sources", "run_with_sim", "started_sim"]
+if TYPE_CHECKING:
+    from branchsim.sim import Simulator
+
+__all__ = ["merge_sim_sources", "run_with_sim", "started_sim", "with_scenario"]
 
 log = structlog.get_logger(__name__)
 
@@ -28,6 +31,20 @@ def merge_sim_sources(cfg: AgentConfig, sim_sources: dict[str, Any]) -> AgentCon
     sources = cfg.sources.model_dump(mode="python", exclude_none=True)
     sources.update(sim_sources)
     return cfg.model_copy(update={"sources": SourcesConfig.model_validate(sources)})
+
+
+def with_scenario(cfg: AgentConfig, sim: Simulator) -> AgentConfig:
+    """`cfg` on the scenario's branch: its GPIO and serial sources are the simulator's devices,
+    and the tables of the scenario's ``[agent]`` (the rules it was written for: ``[arming]``,
+    ``[[held_open]]``, ``[[silence]]``, ``[[sequence]]``, ``[[rules]]``) replace the config's.
+    Checked as a whole config is (`parse_config`): errors name the scenario."""
+    merged = merge_sim_sources(cfg, sim.agent_sources_config())
+    overlay = dict(sim.scenario.agent or {})
+    if not overlay:
+        return merged
+    doc = merged.model_dump(mode="python", exclude_none=True)
+    doc.update(overlay)
+    return parse_config(doc, f"{sim.scenario.origin} [agent] over the agent's config")
 
 
 @contextlib.contextmanager
@@ -45,15 +62,18 @@ def started_sim(scenario: str, workdir: Path, speed: float) -> Any:
 
 
 def run_with_sim(cfg: AgentConfig, scenario: str, speed: float = 1.0) -> None:
-    """Run the agent on a simulated branch until SIGTERM/SIGINT. The timeline starts once the
-    agent's sources are up, so no step is played to a driver that is not listening yet."""
+    """Run the agent on a simulated branch (`with_scenario`) until SIGTERM/SIGINT. The timeline
+    starts once the agent's sources are up, so no step is played to a driver that is not
+    listening yet."""
 
     async def main() -> None:
         stop = asyncio.Event()
         install_signal_handlers(stop)
         with started_sim(scenario, cfg.gateway.state_dir / "sim", speed) as sim:
-            merged = merge_sim_sources(cfg, sim.agent_sources_config())
-            rt = Runtime(merged, pin_factory=sim.pin_factory)
+            # the scenario's rules, and its wall clock when it has one (arming: a night at
+            # the branch whatever the time here)
+            rt = Runtime(with_scenario(cfg, sim), pin_factory=sim.pin_factory,
+                         clock=sim.agent_clock())
             log.info("sim.started", scenario=scenario, speed=speed, devices=sim.device_paths())
 
             async def resume_when_ready() -> None:

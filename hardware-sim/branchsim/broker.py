@@ -4,7 +4,6 @@ simulated WAN end of the demo and of the tests (tests/support/broker.py adds pyt
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 from types import TracebackType
 
 from branchsim.pki import Pki
+from branchsim.procs import terminate
 
 __all__ = [
     "MOSQUITTO",
@@ -119,15 +119,7 @@ class Mosquitto:
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM (mosquitto saves its persistence file), then SIGKILL if it hangs."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
+        terminate(self.proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL: a crash; only what autosave wrote survives."""

@@ -22,12 +22,19 @@ A scenario is a TOML file (hardware-sim/branchsim/scenarios/*.toml)::
     set = true               # gpio: set / hold / pulse, with optional bounce
     bounce = 4
 
+Optional: ``start = 2026-12-01T23:30:00+01:00`` (a TOML offset date-time): the wall clock the
+agent sees when the timeline starts (`Simulator.agent_clock`), for scenarios whose rules depend
+on the time of day (arming). ``[agent]``: the agent configuration the scenario is written for
+(``[agent.arming]``, ``[[agent.held_open]]`` ...), its tables replacing the agent's own where
+the agent runs beside the simulator (`branchsim.agentrun.with_scenario`: `branch-sim agent`).
+
 Steps may repeat with ``every`` (+ ``until``, default the duration). Errors name the file and
 the key path (``steps[3].set.utility_fial: unknown key``).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -186,11 +193,20 @@ class _ScenarioFile(StrictModel):
     name: str
     description: str = ""
     duration: float = Field(gt=0)
+    start: dt.datetime | None = None
+    agent: dict[str, Any] = Field(default_factory=dict)
     gpio: list[SimGpioInput] = Field(default_factory=list)
     ups: list[SerialDeviceSpec] = Field(default_factory=list)
     modbus: list[SerialDeviceSpec] = Field(default_factory=list)
     line: list[SerialDeviceSpec] = Field(default_factory=list)
     steps: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _start_has_offset(self) -> _ScenarioFile:
+        if self.start is not None and self.start.utcoffset() is None:
+            raise ValueError("start needs a UTC offset (2026-12-01T23:30:00+01:00): a local "
+                             "time alone is ambiguous")
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +228,8 @@ class Scenario:
     serial: Mapping[DeviceKind, tuple[SerialDeviceSpec, ...]]
     steps: tuple[TimedStep, ...]
     origin: str = "<scenario>"
+    start: float | None = None  # Unix time the agent's wall clock reads at time 0
+    agent: Mapping[str, Any] | None = None  # the agent config the scenario is written for
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
@@ -294,6 +312,8 @@ def parse_scenario(data: Mapping[str, Any], origin: str = "<scenario>") -> Scena
         serial={"ups": tuple(raw.ups), "modbus": tuple(raw.modbus), "line": tuple(raw.line)},
         steps=tuple(steps),
         origin=origin,
+        start=raw.start.timestamp() if raw.start is not None else None,
+        agent=raw.agent or None,
     )
 
 

@@ -34,9 +34,30 @@ from drivers.gpio.config import GpioConfig
 if TYPE_CHECKING:
     from branchsim.serialdev import SimSerialDevice
 
-__all__ = ["Simulator"]
+__all__ = ["SimClock", "Simulator"]
 
 _log = structlog.get_logger(__name__)
+
+
+class SimClock:
+    """The agent's clock on a simulated branch (agent.core.clock.Clock): monotonic time is the
+    machine's, the wall clock reads `start` when the clock is made and runs from there, and
+    whether it is synchronised is the simulator's to say (`synchronized_now`), so a scenario
+    can show a gateway that booted without NTP."""
+
+    def __init__(self, start: float, synchronized: bool = True) -> None:
+        self._mono0 = time.monotonic()
+        self._start = start
+        self.synchronized_now = synchronized
+
+    def time(self) -> float:
+        return self._start + (time.monotonic() - self._mono0)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def synchronized(self) -> bool:
+        return self.synchronized_now
 
 
 class Simulator:
@@ -145,6 +166,13 @@ class Simulator:
             "# the simulator itself (branch-sim agent) sees them.\n"
         )
         return header + tomli_w.dumps({"sources": _drop_none(self.agent_sources_config())})
+
+    def agent_clock(self, synchronized: bool = True) -> SimClock | None:
+        """A clock for the agent whose wall time starts at the scenario's `start` (None for a
+        scenario without one: the machine's clock then serves)."""
+        if self.scenario.start is None:
+            return None
+        return SimClock(self.scenario.start, synchronized)
 
     def device_paths(self) -> dict[str, str]:
         """Serial device name -> the path the agent opens."""

@@ -435,8 +435,66 @@ MUTANTS: tuple[Mutant, ...] = (
         "True))",
         ("tests/test_platform_lanes.py::test_a_waiting_alarm_goes_before_waiting_bulk_batches",),
     ),
+    Mutant(
+        "arming-unsynced-never-disarms",
+        "an unsynchronised clock never disarms the branch (the schedule may still arm it)",
+        "agent/rules/arming.py",
+        "if not sched_armed and not synced:",
+        "if False:",
+        ("tests/test_arming.py::test_unsynchronised_clock_never_disarms_but_arms",),
+    ),
+    Mutant(
+        "held-open-waits",
+        "a contact held open raises its alert at the configured time, not later",
+        "agent/rules/stateful.py",
+        "if src not in self._raised and now - since >= self.after_s:",
+        "if src not in self._raised and now - since >= 2 * self.after_s:",
+        ("tests/test_stateful_rules.py::test_held_open_raises_after_the_wait_and_closing_clears",),
+    ),
+    Mutant(
+        "silence-raises",
+        "a source silent for after_s raises sensor.silent",
+        "agent/rules/stateful.py",
+        "if src not in self._silent and now - last >= self.after_s:",
+        "if False:",
+        ("tests/test_stateful_rules.py::test_silence_raises_once_and_hearing_clears",
+         "tests/test_branch_rules_e2e.py"),
+    ),
+    Mutant(
+        "heartbeat-path-signed",
+        "a heartbeat signed for one path and played on the other is refused",
+        "hardware-sim/branchsim/platform/supervision.py",
+        "if hb.path != via:",
+        "if False:",
+        ("tests/test_supervision.py::"
+         "test_forged_replayed_and_misrouted_heartbeats_are_refused_and_counted",),
+    ),
+    Mutant(
+        "alarm-other-path",
+        "an alarm goes over the other path at once when heartbeats stop being answered",
+        "agent/runtime/forwarder.py",
+        "return next((u for u in self.uplinks if u is not act and self._sound(u)), None)",
+        "return act",
+        ("tests/test_supervision.py::test_an_alarm_during_the_cut_goes_over_the_other_path_at_once",),
+    ),
+    Mutant(
+        "nut-on-battery-alert",
+        "a UPS on battery (NUT status OB) is an alert",
+        "drivers/nut/source.py",
+        '"OB": ("ups.on_battery", ALERT),',
+        '"OB": ("ups.on_battery", TELEMETRY),',
+        ("tests/test_nut.py::test_readings_units_and_status_alerts_once",
+         "tests/test_ip_devices.py::test_the_runtime_runs_each_ip_source_from_the_config"),
+    ),
+    Mutant(
+        "ip-sources-run",
+        "the NUT sources in the config are run by the agent",
+        "agent/runtime/root.py",
+        "sources.extend(nut.build_sources(cfg.sources.nut, ctx))",
+        "pass",
+        ("tests/test_ip_devices.py::test_the_runtime_runs_each_ip_source_from_the_config",),
+    ),
 )
-
 
 def tree_files() -> list[str]:
     out = subprocess.run(

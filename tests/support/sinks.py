@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from agent.core.types import Reading
+from drivers.base import Source, SourceState
 
 
 class CollectingSink:
@@ -39,3 +42,22 @@ class CollectingSink:
 
         await asyncio.wait_for(_wait(), timeout)
         return self.readings
+
+
+@contextlib.asynccontextmanager
+async def running(source: Source, sink: CollectingSink) -> AsyncIterator[asyncio.Task[None]]:
+    """`source` runs into `sink` for the block (its task is yielded); then it is cancelled and
+    must have reached STOPPED."""
+    task = asyncio.create_task(source.run(sink), name=source.name)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert source.health.state is SourceState.STOPPED
+
+
+def has(type_: str, value: Any = None) -> Callable[[list[Reading]], bool]:
+    """A `wait_for` predicate: a reading of `type_` (with `value`, when given) arrived."""
+    return lambda rs: any(r.type == type_ and (value is None or r.value == value) for r in rs)

@@ -50,7 +50,8 @@ def egress_allowlist(cfg: AgentConfig, *, nameservers: Iterable[str] = (),
                      resolve: Callable[[str], list[str]] = resolve_now,
                      ) -> tuple[list[tuple[str, str]], list[str]]:
     """([(address or prefix, why)], [unresolved hosts]) the agent's unit may exchange IP packets
-    with: the uplinks' hosts (resolved now), the DNS servers, the CoAP sensors' networks (only
+    with: the uplinks' hosts and the NUT, SNMP and Modbus TCP devices' hosts (resolved now),
+    the DNS servers, the CoAP sensors' networks (only
     those configured) and `extra` (`provision --allow-ip`). Loopback is always allowed."""
     allow: list[tuple[str, str]] = []
     unresolved: list[str] = []
@@ -62,6 +63,9 @@ def egress_allowlist(cfg: AgentConfig, *, nameservers: Iterable[str] = (),
         host = urlsplit(cfg.uplink.coap.base).hostname
         if host:
             hosts.append((host, f"coap platform {cfg.uplink.coap.base}"))
+    for kind, devices in (("nut", cfg.sources.nut), ("snmp", cfg.sources.snmp),
+                          ("modbus_tcp", cfg.sources.modbus_tcp)):
+        hosts += [(d.host, f"{kind} {d.name} {d.where}") for d in devices]
     for host, why in hosts:
         addrs = resolve(host)
         if not addrs:

@@ -137,7 +137,7 @@ def main_command(argv: Sequence[str] | None = None) -> int:
                                 description="sign and send a command to a gateway")
     p.add_argument("gw")
     p.add_argument("cmd", choices=["ping", "status", "doctor", "log-level", "rotate-key",
-                                   "pulse"])
+                                   "pulse", "arm", "disarm"])
     p.add_argument("--arg", action="append", default=[], type=_parse_arg, metavar="KEY=VALUE",
                    help="e.g. --arg level=debug --arg seconds=600, --arg output=door_strike")
     p.add_argument("--key", type=Path, required=True, help="the platform command key (PEM)")
