@@ -19,7 +19,7 @@ PIP_LOCKED  := python -m pip install --quiet --no-input --require-hashes
 # The product itself goes in on top of a locked environment, never resolving anything.
 PIP_SELF    := python -m pip install --quiet --no-input --no-deps --no-build-isolation
 
-.PHONY: all venv sysdeps test test-compat test-dist dist wheelhouse lock lint demo bench bench-smoke faults mutants sbom \
+.PHONY: all venv sysdeps test test-compat test-dist dist-venvs dist wheelhouse lock lint demo bench bench-smoke faults mutants sbom \
         audit-deps clean release releasedeps field-test
 
 all: test
@@ -154,7 +154,14 @@ wheelhouse: dist
 DISTVENV := .venv-dist
 SIMVENV  := .venv-dist-sim
 WH_INSTALL = python -m pip install --quiet --no-input --no-index
-test-dist: wheelhouse sysdeps
+test-dist: dist-venvs
+	@echo "== end-to-end against the built wheels ($$(cd $(DIST) && ls *.whl | tr '\n' ' '))" \
+	  "installed offline from $(WHEELHOUSE): the product alone from $(LOCK) in $(DISTVENV)," \
+	  "with the simulator from $(SIM_LOCK) in $(SIMVENV)"
+	BRANCH_DIST_VENV=$(abspath $(DISTVENV)) BRANCH_DIST_SIM_VENV=$(abspath $(SIMVENV)) \
+	  BRANCH_DIST_DIR=$(abspath $(DIST)) $(BIN)/pytest -v -p no:cacheprovider tests/dist
+
+dist-venvs: wheelhouse sysdeps
 	rm -rf $(DISTVENV) $(SIMVENV)
 	for v in $(DISTVENV) $(SIMVENV); do $(PYTHON) -m venv $$v && \
 	  $$v/bin/$(WH_INSTALL) --require-hashes --find-links $(WHEELHOUSE) -r $(WHEELHOUSE)/pip.lock \
@@ -165,11 +172,6 @@ test-dist: wheelhouse sysdeps
 	  -r $(WHEELHOUSE)/requirements-sim.lock
 	$(SIMVENV)/bin/$(WH_INSTALL) --no-deps $(WHEELHOUSE)/branch_gateway_agent-*.whl \
 	  $(WHEELHOUSE)/branch_gateway_sim-*.whl
-	@echo "== end-to-end against the built wheels ($$(cd $(DIST) && ls *.whl | tr '\n' ' '))" \
-	  "installed offline from $(WHEELHOUSE): the product alone from $(LOCK) in $(DISTVENV)," \
-	  "with the simulator from $(SIM_LOCK) in $(SIMVENV)"
-	BRANCH_DIST_VENV=$(abspath $(DISTVENV)) BRANCH_DIST_SIM_VENV=$(abspath $(SIMVENV)) \
-	  BRANCH_DIST_DIR=$(abspath $(DIST)) $(BIN)/pytest -v -p no:cacheprovider tests/dist
 
 # The Debian packages (branch-agent, branch-gateway-sim) for arm64 and amd64, built from the
 # locks on this machine whatever its architecture, checked by lintian, and a signed apt
@@ -207,7 +209,8 @@ demo: venv
 	@command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || echo "(mosquitto not installed: the demo runs over CoAP)"
 	$(BIN)/branch-sim demo
 
-bench: venv sysdeps
+# footprint.py's agent runs on .venv-dist: the packages a gateway installs, and no others.
+bench: venv sysdeps dist-venvs
 	$(BIN)/python bench/run_all.py
 
 # The benchmarks still run (--quick sizes, no figure judged), the fleet benchmark's 2.5 minutes

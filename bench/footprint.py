@@ -84,6 +84,7 @@ from tests.support.pki import Pki, make_pki
 
 # The interpreter of the agent process (--agent-python); the platform and broker run here.
 AGENT_PYTHON = [sys.executable]
+CHECKOUT = Path(__file__).resolve().parent.parent
 WRITES = Path(__file__).resolve().parent / "_writes.py"
 
 STARTUP_TARGET_S = 1.5
@@ -145,7 +146,11 @@ class Agent:
                 self.proc = subprocess.Popen(
                     [AGENT_PYTHON[0], *self.main, "agent.ops.cli", "run", "--config",
                      str(self.config)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+                    # in the checkout: `-m` puts the working directory first on sys.path, so
+                    # this tree's agent runs whatever --agent-python has installed; what that
+                    # interpreter brings is the set of packages beside it
+                    cwd=CHECKOUT, stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT, env=env)
             try:
                 took = self._wait_ready(sock, start)
                 yield took
@@ -741,9 +746,9 @@ def main() -> None:
                     help="[outbox] telemetry_window_ms of the agents of the write figures "
                     "(default: the product's, 10000)")
     ap.add_argument("--agent-python", default=sys.executable, metavar="PATH",
-                    help="the interpreter that runs the agent, e.g. .venv-dist/bin/python: the "
-                         "product as a gateway installs it (make test-dist), without the "
-                         "simulator's packages (rich), which .venv has")
+                    help="the interpreter that runs the agent, e.g. .venv-dist/bin/python: only "
+                         "the packages a gateway installs (make bench builds it), not the "
+                         "simulator's (rich), which .venv has")
     args = ap.parse_args()
     AGENT_PYTHON[0] = args.agent_python
     root = state_root(args.state_root)

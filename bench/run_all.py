@@ -1,6 +1,7 @@
 """Run every benchmark (each in its own process) and print one table with the machine.
 
-    .venv/bin/python bench/run_all.py [--quick] [--pin CPU]      # `make bench` runs it plain
+    .venv/bin/python bench/run_all.py [--quick] [--pin CPU] [--agent-python PATH]
+                                                              # `make bench` runs it plain
 
 About 21 minutes on a 2-core desktop (the 1M-event drain twice, a minute of idle agent, and
 the fleet benchmark's 15).
@@ -42,6 +43,18 @@ SKIP_QUICK = {"fleet.py"}
 COAP = ("coap_ingest.py", {"full": ["--seconds", "3"], "quick": ["--seconds", "0.3"]})
 
 
+def agent_python(given: str | None) -> str:
+    """The interpreter of footprint.py's agent (which runs this tree's code): `.venv-dist`'s,
+    which has exactly the product's locked packages as a gateway installs them (`make bench`
+    builds it from the wheelhouse), else this one, whose venv also has the simulator's and the
+    test tools' packages (rich alone adds ~4 MB of RSS to every process that imports
+    structlog)."""
+    if given:
+        return given
+    dist = HERE.parent / ".venv-dist" / "bin" / "python"
+    return str(dist) if dist.exists() else sys.executable
+
+
 def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     print(f"$ {shlex.join(cmd)}", flush=True)
     start = time.monotonic()
@@ -55,8 +68,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--pin", metavar="CPU", help="taskset -c CPU for every benchmark")
+    ap.add_argument("--agent-python", metavar="PATH",
+                    help="the agent's interpreter in footprint.py (default: .venv-dist's when "
+                         "it exists, else this one)")
     args = ap.parse_args()
     prefix = ["taskset", "-c", args.pin] if args.pin else []
+    product = agent_python(args.agent_python)
+    print(f"# footprint.py's agent runs on {product}", flush=True)
+    if product == sys.executable:
+        print("#   (not the product as installed: `make bench` builds .venv-dist for that)",
+              flush=True)
     rows: list[Row] = []
     failed: list[str] = []
     extra_out: list[str] = []
@@ -68,6 +89,8 @@ def main() -> int:
             out = Path(d) / f"{script}.json"
             cmd = [*prefix, sys.executable, str(HERE / script), "--json", str(out),
                    *(["--quick"] if args.quick else extra)]
+            if script == "footprint.py":
+                cmd += ["--agent-python", product]
             proc = run(cmd, timeout=TIMEOUT_S.get(script, 600))
             if proc.returncode != 0 or not out.exists():
                 failed.append(script)
