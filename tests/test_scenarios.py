@@ -18,8 +18,8 @@ from branchsim.scenario import (
 from branchsim.sim import Simulator
 from drivers.gpio.config import GpioConfig
 
-SHIPPED = ["door-propped-open", "flaky-devices", "late-night-vault", "night-intrusion",
-           "power-failure", "quiet-day", "sensor-dies"]
+SHIPPED = ["door-propped-open", "facility-over-ip", "flaky-devices", "late-night-vault",
+           "night-intrusion", "power-failure", "quiet-day", "sensor-dies"]
 
 
 def base(**extra: Any) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def base(**extra: Any) -> dict[str, Any]:
 
 
 def test_every_shipped_scenario_is_listed() -> None:
-    """`list_scenarios` finds the seven shipped scenarios, each with a description."""
+    """`list_scenarios` finds the eight shipped scenarios, each with a description."""
     listed = dict(list_scenarios())
     assert sorted(listed) == SHIPPED
     assert all(listed.values())

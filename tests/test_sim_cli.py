@@ -15,9 +15,12 @@ from typing import Any
 
 import pytest
 
+from agent.config import SourcesConfig
 from agent.core.types import ALARM
 from branchsim.broker import get_free_port
 from branchsim.cli import CONFIG_BEGIN, CONFIG_END
+from branchsim.nutserver import find_nut
+from branchsim.snmpagent import find_snmpd
 from drivers.gpio.config import GpioConfig
 from tests.support.agentproc import AgentProcess, mqtt_uplink, wait_until
 
@@ -71,8 +74,9 @@ def test_list_prints_every_shipped_scenario() -> None:
     result = branch_sim("list")
     assert result.returncode == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
-    assert names == ["door-propped-open", "flaky-devices", "late-night-vault", "night-intrusion",
-                     "power-failure", "quiet-day", "sensor-dies"]
+    assert names == ["door-propped-open", "facility-over-ip", "flaky-devices",
+                     "late-night-vault", "night-intrusion", "power-failure", "quiet-day",
+                     "sensor-dies"]
 
 
 def test_run_gpio_scenario_prints_a_config_that_parses(tmp_path: Path) -> None:
@@ -99,6 +103,26 @@ def test_run_serial_scenario_prints_device_paths_in_workdir(tmp_path: Path) -> N
     (ups,) = serial["ups"]
     assert Path(ups["port"]).parent == tmp_path
     assert f"  main  {ups['port']}" in result.stdout
+
+
+@pytest.mark.skipif(find_nut() is None or find_snmpd() is None,
+                    reason="needs Debian's nut-server (upsd, dummy-ups) and snmpd")
+def test_run_ip_scenario_prints_the_ip_sources(tmp_path: Path) -> None:
+    """`run facility-over-ip --speed 0` prints each IP device's address and its
+    [[sources.nut]] / [[sources.snmp]] / [[sources.modbus_tcp]] entry, named as in the
+    scenario, which the agent's config accepts; the daemons' files stay in the workdir."""
+    result = branch_sim("run", "facility-over-ip", "--speed", "0", "--workdir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    sources = SourcesConfig.model_validate(snippet(result.stdout)["sources"])
+    (nut,), (snmp,), (meter,) = sources.nut, sources.snmp, sources.modbus_tcp
+    assert (nut.name, nut.ups, snmp.name, snmp.profile, meter.name) == (
+        "ups", "rack-ups", "pdu", "pdu-outlets", "meter")
+    assert snmp.version == "2c" and snmp.community is not None
+    for name, kind, port in (("ups", "nut", nut.port), ("pdu", "snmp", snmp.port),
+                             ("meter", "modbus_tcp", meter.port)):
+        assert f"  {name}  {kind} 127.0.0.1:{port}" in result.stdout
+    assert (tmp_path / next(p.name for p in tmp_path.glob("ups-*")) / "upsd.log").exists()
+    assert (tmp_path / next(p.name for p in tmp_path.glob("pdu-*")) / "snmpd.log").exists()
 
 
 def test_run_bad_scenario_exits_2_naming_the_key(tmp_path: Path) -> None:

@@ -2,8 +2,9 @@
 
 GPIO needs it: the simulator's pins live on an in-process gpiozero MockFactory, handed to the
 drivers as their pin factory exactly as lgpio's would be on a Pi. Serial devices are ptys the
-drivers open by path. The simulator depends on the product, never the reverse: the agent is
-started here with the simulated hardware injected through its seams.
+drivers open by path; NUT, SNMP and Modbus TCP devices listen on 127.0.0.1. The simulator
+depends on the product, never the reverse: the agent is started here with the simulated
+hardware injected through its seams.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ log = structlog.get_logger(__name__)
 
 
 def merge_sim_sources(cfg: AgentConfig, sim_sources: dict[str, Any]) -> AgentConfig:
-    """`cfg` with its GPIO and serial sources replaced by the simulator's devices."""
+    """`cfg` with its GPIO, serial, NUT, SNMP and Modbus TCP sources replaced by the
+    simulator's devices (`Simulator.agent_sources_config`)."""
     sources = cfg.sources.model_dump(mode="python", exclude_none=True)
     sources.update(sim_sources)
     return cfg.model_copy(update={"sources": SourcesConfig.model_validate(sources)})
 
 
 def with_scenario(cfg: AgentConfig, sim: Simulator) -> AgentConfig:
-    """`cfg` on the scenario's branch: its GPIO and serial sources are the simulator's devices,
+    """`cfg` on the scenario's branch: its device sources are the simulator's devices,
     and the tables of the scenario's ``[agent]`` (the rules it was written for: ``[arming]``,
     ``[[held_open]]``, ``[[silence]]``, ``[[sequence]]``, ``[[rules]]``) replace the config's.
     Checked as a whole config is (`parse_config`): errors name the scenario."""

@@ -6,10 +6,12 @@
     branch-sim demo [--headless] [--duration S] [--transport auto|mqtt|coap]
     branch-sim fleet --gateways N --rate R --broker HOST:PORT[,HOST:PORT...] [--duration S]
 
-`run` prints the serial devices' paths and the agent's ``[sources]`` config between the lines
-``--- agent config ---`` and ``--- end ---``, then plays the timeline until it ends or Ctrl-C.
-`agent` runs the agent's real runtime from a config, its GPIO and serial sources replaced by the
-scenario's simulated devices, until SIGTERM. `demo` is simulator, agent and reference platform
+`run` prints the serial devices' paths, the IP devices' addresses and the agent's ``[sources]``
+config between the lines ``--- agent config ---`` and ``--- end ---``, then plays the timeline
+until it ends or Ctrl-C. `agent` runs the agent's real runtime from a config, its GPIO, serial,
+NUT, SNMP and Modbus TCP sources replaced by the scenario's simulated devices, until SIGTERM.
+A scenario whose devices need a daemon this machine lacks (upsd, snmpd) exits 2 naming the
+package to install. `demo` is simulator, agent and reference platform
 in one terminal (README). `fleet` runs N simulated gateways in one process against real
 brokers and a platform, cutting the WAN of a share of them on request (branchsim.fleet).
 """
@@ -28,7 +30,7 @@ from types import FrameType
 import structlog
 
 from branchsim.scenario import ScenarioError, list_scenarios, load_scenario
-from branchsim.sim import Simulator
+from branchsim.sim import Simulator, SimUnavailable
 
 __all__ = ["main"]
 
@@ -83,6 +85,8 @@ def _run(scenario_arg: str, speed: float, workdir: Path | None) -> int:
             print("devices:")
             for name, path in sim.device_paths().items():
                 print(f"  {name}  {path}")
+            for name, address in sim.device_addresses().items():
+                print(f"  {name}  {address}")
             for g in scenario.gpio:
                 print(f"  {g.name}  pin {g.pin} ({g.kind}, in-process mock pin)")
             print(CONFIG_BEGIN)
@@ -92,6 +96,9 @@ def _run(scenario_arg: str, speed: float, workdir: Path | None) -> int:
                 pass
             print("branch-sim: timeline done", flush=True)
             return 1 if sim.errors else 0
+        except SimUnavailable as exc:
+            print(f"branch-sim: {exc}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             print("branch-sim: stopped", flush=True)
             return 130
@@ -117,7 +124,11 @@ def _agent(scenario: str, config: Path, speed: float, level: str | None) -> int:
         print(f"branch-sim: {exc}", file=sys.stderr)
         return 2
     configure_logging(level or cfg.log.level, cfg.log.format)
-    run_with_sim(cfg, scenario, speed)
+    try:
+        run_with_sim(cfg, scenario, speed)
+    except SimUnavailable as exc:
+        print(f"branch-sim: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

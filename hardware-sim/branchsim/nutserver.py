@@ -115,6 +115,27 @@ class NutServer:
         self.state.update(values)
         self._write_dev()
 
+    def apply(self, step: Mapping[str, Any]) -> None:
+        """A scenario step: ``set`` (variables, as `set`), then ``driver`` = stop | start |
+        freeze | thaw, then ``upsd`` = stop | start. Starting what runs, or stopping what is
+        stopped, does nothing."""
+        if "set" in step:
+            self.set({k: str(v) for k, v in dict(step["set"]).items()})
+        match step.get("driver"):
+            case "stop":
+                self.stop_driver()
+            case "start" if not _running(self.driver):
+                self.start_driver()
+            case "freeze" if _running(self.driver):
+                self.freeze_driver()
+            case "thaw" if _running(self.driver):
+                self.thaw_driver()
+        match step.get("upsd"):
+            case "stop":
+                self.stop_upsd()
+            case "start" if not _running(self.upsd):
+                self.start_upsd()
+
     def query(self, command: str, timeout: float = 2.0) -> list[str]:
         """One protocol command, its reply lines (a whole list for LIST commands)."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
@@ -188,6 +209,9 @@ class NutServer:
         terminate(self.upsd)
 
     def stop_driver(self) -> None:
+        if _running(self.driver):
+            assert self.driver is not None
+            os.kill(self.driver.pid, signal.SIGCONT)  # a frozen driver would not act on SIGTERM
         terminate(self.driver)
 
     def freeze_driver(self) -> None:
@@ -202,11 +226,8 @@ class NutServer:
 
     def stop(self) -> None:
         """Stop upsd and the driver (also a frozen one). Idempotent."""
-        if _running(self.driver):
-            assert self.driver is not None
-            os.kill(self.driver.pid, signal.SIGCONT)
         terminate(self.upsd)
-        terminate(self.driver)
+        self.stop_driver()
 
     def agent_config(self, **overrides: Any) -> dict[str, Any]:
         """The ``[[sources.nut]]`` entry that watches this UPS."""

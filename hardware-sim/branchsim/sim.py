@@ -1,21 +1,29 @@
-"""The simulated branch: GPIO contacts on a gpiozero MockFactory and simulated serial devices,
-driven through a scenario's timeline from the simulator's own thread.
+"""The simulated branch: GPIO contacts on a gpiozero MockFactory, simulated serial devices and
+facility devices over IP (a NUT server, an SNMP agent, a Modbus TCP meter), driven through a
+scenario's timeline from the simulator's own thread.
 
 The agent sees the same seams as on a Pi: it opens the serial devices' paths (ptys behind
-stable symlinks in `workdir`) and reads pins through `pin_factory` (pass it as
-``SourceContext.pin_factory``). Pins are driven from the timeline thread because real gpiozero
+stable symlinks in `workdir`), reads pins through `pin_factory` (pass it as
+``SourceContext.pin_factory``) and reaches the IP devices on 127.0.0.1 at the ports
+`agent_sources_config` names. Pins are driven from the timeline thread because real gpiozero
 backends call back from a foreign thread and the agent must cope with that.
+
+The NUT and SNMP devices are Debian's real daemons (upsd + dummy-ups, snmpd), each in a temp
+dir of its own under `workdir`; a scenario that needs one this machine lacks fails at `start`,
+before anything starts, with `SimUnavailable` naming the package to install.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 import tomli_w
@@ -23,10 +31,17 @@ from gpiozero.pins.mock import MockFactory
 
 from branchsim.gpio import SimContact, sim_pin_factory
 from branchsim.scenario import (
+    IP_KINDS,
     SERIAL_KINDS,
+    DeviceKind,
     GpioStep,
+    IpDeviceSpec,
+    ModbusTcpDeviceSpec,
+    NutDeviceSpec,
     Scenario,
     SerialStep,
+    SnmpDeviceSpec,
+    Step,
     TimedStep,
 )
 from drivers.gpio.config import GpioConfig
@@ -34,9 +49,104 @@ from drivers.gpio.config import GpioConfig
 if TYPE_CHECKING:
     from branchsim.serialdev import SimSerialDevice
 
-__all__ = ["SimClock", "Simulator"]
+__all__ = ["SimClock", "SimUnavailable", "Simulator", "missing_daemons"]
 
 _log = structlog.get_logger(__name__)
+
+# A simulated branch plays minutes in seconds: the agent's IP sources retry soon after an
+# outage, so a device that comes back is seen within a poll or two, also at high speed.
+_RETRY: dict[str, float] = {"backoff_base_s": 0.2, "backoff_cap_s": 2.0}
+
+
+class SimUnavailable(RuntimeError):
+    """A scenario device this machine cannot run; the message names the package to install."""
+
+
+def missing_daemons(scenario: Scenario) -> list[str]:
+    """What the scenario's IP devices need that is not installed, one line each (empty: all
+    there). Looked up when called, so a scenario loads on any machine."""
+    from branchsim import nutserver, snmpagent
+
+    problems = []
+    needs: list[tuple[DeviceKind, bool, str, str]] = [
+        ("nut", nutserver.find_nut() is not None, "NUT's upsd and dummy-ups "
+         f"({nutserver.UPSD}, {nutserver.DUMMY_UPS})", "nut-server"),
+        ("snmp", snmpagent.find_snmpd() is not None, f"net-snmp's snmpd ({snmpagent.SNMPD})",
+         "snmpd"),
+    ]
+    for kind, found, what, package in needs:
+        names = [d.name for d in scenario.ip.get(kind, ())]
+        if names and not found:
+            problems.append(f"{scenario.origin}: the {kind} devices {names} need {what}, "
+                            f"not installed here: apt install {package}")
+    return problems
+
+
+class _IpSim(Protocol):
+    """What NutServer, SnmpAgentSim and ModbusTcpDevice have in common."""
+
+    port: int  # on 127.0.0.1; chosen when made (NUT, SNMP) or at the first start (Modbus TCP)
+
+    def start(self) -> object: ...
+    def stop(self) -> None: ...
+    def apply(self, step: Mapping[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _IpDevice:
+    kind: DeviceKind
+    spec: IpDeviceSpec
+    sim: _IpSim
+
+    def agent_config(self) -> dict[str, Any]:
+        """The agent's entry for this device (``[[sources.<kind>]]``), named as in the scenario."""
+        from branchsim.modbustcp import ModbusTcpDevice
+        from branchsim.nutserver import NutServer
+        from branchsim.snmpagent import OUTLETS, SnmpAgentSim
+
+        name = self.spec.name
+        if isinstance(self.sim, NutServer):
+            assert isinstance(self.spec, NutDeviceSpec)
+            return self.sim.agent_config(
+                name=name, poll_interval_s=self.spec.params.poll_interval_s, timeout_s=1.0,
+                **_RETRY)
+        if isinstance(self.sim, SnmpAgentSim):
+            assert isinstance(self.spec, SnmpDeviceSpec)
+            # v2c with the simulator's own community: a test stand-in, not a device to protect
+            return {"name": name, **self.sim.agent_config("2c"),
+                    "profile": self.spec.params.profile, "max_outlets": OUTLETS,
+                    "poll_interval_s": self.spec.params.poll_interval_s, "timeout_s": 0.5,
+                    "retries": 1, **_RETRY}
+        assert isinstance(self.sim, ModbusTcpDevice)
+        return {**self.sim.agent_config(), **_RETRY}
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.sim.port}"
+
+
+def _create_ip_device(spec: IpDeviceSpec, workdir: Path) -> _IpDevice:
+    """The simulated device, not started; the daemons' files in a temp dir of its own under
+    `workdir` (imported here: GPIO-only scenarios run without these modules' libraries)."""
+    if isinstance(spec, ModbusTcpDeviceSpec):
+        from branchsim.modbustcp import ModbusTcpDevice
+
+        return _IpDevice("modbus_tcp", spec, ModbusTcpDevice(spec.name, spec.params))
+    home = Path(tempfile.mkdtemp(prefix=f"{spec.name}-", dir=workdir))
+    if isinstance(spec, NutDeviceSpec):
+        from branchsim.nutserver import DEFAULT_STATE, NutServer
+
+        p = spec.params
+        return _IpDevice("nut", spec, NutServer(home, ups=p.ups, maxage_s=p.maxage_s,
+                                                state=DEFAULT_STATE | p.values))
+    assert isinstance(spec, SnmpDeviceSpec)
+    from branchsim.snmpagent import SnmpAgentSim
+
+    snmp = SnmpAgentSim(home)
+    snmp.apply({"set": spec.params.ups.model_dump(exclude_none=True),
+                "outlets": {n: c.model_dump(exclude_none=True)
+                            for n, c in spec.params.outlets.items()}})
+    return _IpDevice("snmp", spec, snmp)
 
 
 class SimClock:
@@ -81,6 +191,7 @@ class Simulator:
         self.errors = 0
         self._contacts: dict[str, SimContact] = {}
         self._serial: dict[str, SimSerialDevice] = {}
+        self._ip: dict[str, _IpDevice] = {}
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._stop = threading.Event()
@@ -102,6 +213,8 @@ class Simulator:
             self._go.set()
         if self._thread is not None:
             raise RuntimeError("simulator already started")
+        if problems := missing_daemons(self.scenario):
+            raise SimUnavailable("\n".join(problems))
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
             for kind in SERIAL_KINDS:
@@ -113,6 +226,11 @@ class Simulator:
                     device = create_device(kind, spec.name, spec.params, self.workdir)
                     self._serial[spec.name] = device
                     device.start()
+            for kind in IP_KINDS:
+                for ip_spec in self.scenario.ip.get(kind, ()):
+                    ip = _create_ip_device(ip_spec, self.workdir)
+                    self._ip[ip_spec.name] = ip  # before start: stop() ends a half-started one
+                    ip.sim.start()
             self._thread = threading.Thread(target=self._run, name="branch-sim", daemon=True)
             self._thread.start()
             self._ready.wait()
@@ -127,13 +245,19 @@ class Simulator:
         self._go.set()
 
     def stop(self) -> None:
-        """Idempotent: ends the timeline thread and stops every serial device."""
+        """Idempotent: ends the timeline thread and stops every device (each IP device's
+        daemons too, also those of one that failed half-way through its start)."""
         self._stop.set()
         self._go.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
         for device in self._serial.values():
             device.stop()
+        for ip in reversed(self._ip.values()):
+            try:
+                ip.sim.stop()
+            except Exception:  # the others must still be stopped
+                _log.exception("sim_device_stop_failed", device=ip.spec.name)
 
     def wait_done(self, timeout: float) -> bool:
         """True once every step ran and the scenario's duration has passed (scaled by speed)."""
@@ -156,7 +280,10 @@ class Simulator:
         serial: dict[str, list[dict[str, Any]]] = {kind: [] for kind in SERIAL_KINDS}
         for device in self._serial.values():
             serial[device.kind].append(device.agent_config())
-        return {"gpio": gpio.model_dump(mode="json", exclude_none=True), "serial": serial}
+        ip: dict[str, list[dict[str, Any]]] = {kind: [] for kind in IP_KINDS}
+        for device_ip in self._ip.values():
+            ip[device_ip.kind].append(device_ip.agent_config())
+        return {"gpio": gpio.model_dump(mode="json", exclude_none=True), "serial": serial, **ip}
 
     def config_snippet(self) -> str:
         """`agent_sources_config` as TOML text."""
@@ -177,6 +304,10 @@ class Simulator:
     def device_paths(self) -> dict[str, str]:
         """Serial device name -> the path the agent opens."""
         return {name: device.path for name, device in self._serial.items()}
+
+    def device_addresses(self) -> dict[str, str]:
+        """IP device name -> ``kind 127.0.0.1:port``, where the agent reaches it."""
+        return {name: f"{ip.kind} {ip.address}" for name, ip in self._ip.items()}
 
     # -- the timeline thread ---------------------------------------------------------------
 
@@ -224,6 +355,8 @@ class Simulator:
             log.debug("sim_step", step=timed.step.model_dump(exclude_none=True))
             if isinstance(timed.step, GpioStep):
                 self._gpio_step(self._contacts[timed.device], timed.step)
+            elif timed.kind in IP_KINDS:
+                self._ip[timed.device].sim.apply(_ip_payload(timed.step))
             else:
                 assert isinstance(timed.step, SerialStep)
                 self._serial_step(self._serial[timed.device], timed.step)
@@ -255,6 +388,14 @@ class Simulator:
         payload = step.payload()
         if payload:
             device.apply(payload)
+
+
+def _ip_payload(step: Step) -> dict[str, Any]:
+    """An IP device's step as its `apply` takes it: the step's keys, unplug/replug included."""
+    payload = step.payload()
+    if isinstance(step, SerialStep):
+        payload |= {k: True for k in ("unplug", "replug") if getattr(step, k)}
+    return payload
 
 
 def _drop_none(value: Any) -> Any:

@@ -42,9 +42,18 @@ from typing import Any
 
 from branchsim.procs import terminate
 
-__all__ = ["SNMPD", "UPS_ALARMS", "Outlet", "SnmpAgentSim", "free_udp_port"]
+__all__ = [
+    "OUTLETS",
+    "SNMPD",
+    "UPS_ALARMS",
+    "Outlet",
+    "SnmpAgentSim",
+    "find_snmpd",
+    "free_udp_port",
+]
 
 SNMPD = "/usr/sbin/snmpd"
+OUTLETS = 8  # the simulated PDU's outlets, numbered from 1
 
 UPS_MIB = "1.3.6.1.2.1.33.1"
 APC_RPDU = "1.3.6.1.4.1.318.1.1.12"
@@ -76,6 +85,11 @@ DEFAULT_UPS: dict[str, Any] = {
 }
 
 
+def find_snmpd() -> str | None:
+    """snmpd's path when Debian's snmpd is installed."""
+    return SNMPD if os.access(SNMPD, os.X_OK) else None
+
+
 def free_udp_port() -> int:
     """A UDP port that was free a moment ago on 127.0.0.1."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -103,7 +117,7 @@ class SnmpAgentSim:
     priv_key: str = "priv-secret-1"
     ups: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_UPS))
     outlets: list[Outlet] = field(
-        default_factory=lambda: [Outlet(f"outlet-{i}") for i in range(1, 9)]
+        default_factory=lambda: [Outlet(f"outlet-{i}") for i in range(1, OUTLETS + 1)]
     )
     # OIDs left out on purpose (a device that lacks an object): served as noSuchObject
     hidden: set[str] = field(default_factory=set)
@@ -166,11 +180,16 @@ class SnmpAgentSim:
         self.write_values()
 
     def apply(self, step: Mapping[str, Any]) -> None:
-        """A scenario step: ``{"set": {ups values}, "outlets": {"3": {"on": false}}}``."""
+        """A scenario step: ``{"set": {ups values}, "outlets": {"3": {"on": false}}}``, and
+        ``"snmpd": "stop" | "start"`` (no answer meanwhile; starting a running one is a no-op)."""
         if "set" in step:
             self.set_ups(**step["set"])
         for number, change in dict(step.get("outlets", {})).items():
             self.set_outlet(int(number), **change)
+        if step.get("snmpd") == "stop":
+            self.stop()
+        elif step.get("snmpd") == "start" and not self.running:
+            self.start()
 
     def oid_values(self) -> dict[str, tuple[str, Any]]:
         """OID -> (pass_persist type, value) for everything served."""
