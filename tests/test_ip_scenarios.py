@@ -198,13 +198,18 @@ def test_start_failing_half_way_stops_every_daemon_started(tmp_path: Path) -> No
         sim = Simulator(scenario, workdir=tmp_path, speed=0)
         with pytest.raises(RuntimeError, match="Could not start listen"):  # pymodbus's words
             sim.start()
-    addresses = sim.device_addresses()
-    nut_port = int(addresses["ups"].rsplit(":", 1)[1])
-    snmp_port = int(addresses["pdu"].rsplit(":", 1)[1])
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", nut_port)) != 0  # upsd is gone
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", snmp_port))  # snmpd no longer holds it
+    try:
+        addresses = sim.device_addresses()
+        nut_port = int(addresses["ups"].rsplit(":", 1)[1])
+        snmp_port = int(addresses["pdu"].rsplit(":", 1)[1])
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", nut_port)) != 0  # upsd is gone
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", snmp_port))  # snmpd no longer holds it
+    finally:
+        # when the promise is broken (make mutants), the daemons would outlive the test
+        for device in sim._ip.values():
+            device.sim.stop()
 
 
 # --- the agent's real runtime on facility-over-ip -------------------------------------------------

@@ -494,6 +494,22 @@ MUTANTS: tuple[Mutant, ...] = (
         "pass",
         ("tests/test_ip_devices.py::test_the_runtime_runs_each_ip_source_from_the_config",),
     ),
+    Mutant(
+        "ip-scenario-steps",
+        "a scenario's steps reach its IP devices (NUT, SNMP, Modbus TCP)",
+        "hardware-sim/branchsim/sim.py",
+        "self._ip[timed.device].sim.apply(_ip_payload(timed.step))",
+        "pass",
+        ("tests/test_ip_scenarios.py::test_facility_over_ip_reaches_the_outbox",),
+    ),
+    Mutant(
+        "ip-scenario-daemons-stopped",
+        "the simulator stops every daemon it started, also after a start failing half-way",
+        "hardware-sim/branchsim/sim.py",
+        "                ip.sim.stop()\n",
+        "                pass\n",
+        ("tests/test_ip_scenarios.py::test_start_failing_half_way_stops_every_daemon_started",),
+    ),
 )
 
 def tree_files() -> list[str]:
