@@ -216,3 +216,38 @@ def test_provision_then_doctor(installed: Installed, tmp_path: Path, pki: Pki,
     for name in ("config", "signing key", "state dir", "clock", "integrity", "mqtt certificate",
                  "mqtt broker", "mqtt tls handshake", "mqtt connect"):
         assert checks[name]["status"] == "pass", checks[name]
+
+
+def test_doctor_reaches_the_ip_devices_with_the_locked_libraries(installed: Installed,
+                                                                 tmp_path: Path) -> None:
+    """The IP sources import their protocol libraries only when they talk to a device (pysnmp,
+    pymodbus): the installed product's doctor, on exactly the locked packages, reaches a real
+    upsd, snmpd and Modbus TCP server, and fails a device nothing answers for."""
+    import tomli_w
+
+    from branchsim.modbustcp import ModbusTcpDevice
+    from branchsim.nutserver import NutServer, find_nut
+    from branchsim.snmpagent import SnmpAgentSim, find_snmpd
+    from tests.support.broker import get_free_port
+    from tests.support.offline import offline_gateway
+
+    if find_nut() is None or find_snmpd() is None:
+        pytest.skip("nut-server and snmpd are not installed (make sysdeps)")
+    with NutServer(tmp_path / "nut") as nut, SnmpAgentSim(tmp_path / "snmp") as snmp:
+        meter = ModbusTcpDevice("meter").start()
+        try:
+            dead = {**meter.agent_config(), "name": "dead", "port": get_free_port()}
+            doc = offline_gateway(tmp_path / "gw", "gw-dist", sources={
+                "nut": [nut.agent_config(name="ups")],
+                "snmp": [{"name": "card", "profile": "ups-mib", **snmp.agent_config("3")}],
+                "modbus_tcp": [meter.agent_config(), dead]})
+            cfg = tmp_path / "agent.toml"
+            cfg.write_text(tomli_w.dumps(doc))
+            r = installed.run("branch-agent", "doctor", "--config", str(cfg), "--json",
+                              "--timeout", "5")
+        finally:
+            meter.stop()
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    for name in ("nut ups", "snmp card", "modbus_tcp meter"):
+        assert checks[name]["status"] == "pass", (checks[name], r.stderr[-2000:])
+    assert checks["modbus_tcp dead"]["status"] == "fail", checks["modbus_tcp dead"]
