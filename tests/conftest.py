@@ -21,5 +21,6 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 # The WAN end for any test that asks for it: a mosquitto (`mosquitto`, `mosquitto_factory`,
 # `free_port`), the reference platform on it (`broker` / `platform`), or both with mutual TLS
-# (`pki`, `mosquitto_tls`, `tls_platform`).
-pytest_plugins = ["tests.support.broker", "tests.support.postgres", "tests.support.wan"]
+# (`pki`, `mosquitto_tls`, `tls_platform`). The power-cut file system: `power`, `children`.
+pytest_plugins = ["tests.support.broker", "tests.support.postgres", "tests.support.wan",
+                  "tests.support.power"]

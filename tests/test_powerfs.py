@@ -12,7 +12,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,25 +21,6 @@ from branchsim.powerfs.mounts import is_mounted
 
 UNAVAILABLE = fuse_unavailable()
 needs_fuse = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"power-cut fs: {UNAVAILABLE}")
-
-
-@pytest.fixture
-def power(tmp_path: Path) -> Iterator[PowerSupply]:
-    if UNAVAILABLE is not None:
-        pytest.skip(f"power-cut fs: {UNAVAILABLE}")
-    with PowerSupply(tmp_path / "mnt") as supply:
-        yield supply
-
-
-@pytest.fixture
-def children(power: PowerSupply) -> Iterator[list[subprocess.Popen[str]]]:
-    """Processes a test starts; stopped before the mount is (they may hold files there)."""
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait(timeout=10)
 
 
 def write(path: Path, data: bytes, *, sync: bool = False) -> None:

@@ -510,6 +510,24 @@ MUTANTS: tuple[Mutant, ...] = (
         "                pass\n",
         ("tests/test_ip_scenarios.py::test_start_failing_half_way_stops_every_daemon_started",),
     ),
+    Mutant(
+        "platform-ack-before-sync",
+        "the reference platform answers a batch only once it is durable (its batch commits do "
+        "not fsync; the WAL is synced before the answer)",
+        "hardware-sim/branchsim/platform/receiver.py",
+        "            os.fsync(fd)\n",
+        "            pass\n",
+        ("tests/test_platform_durable.py::test_every_acknowledged_batch_survives_a_power_cut",),
+    ),
+    Mutant(
+        "platform-never-checkpoints",
+        "the reference platform checkpoints its WAL itself, so the WAL stays bounded",
+        "hardware-sim/branchsim/platform/receiver.py",
+        "if wal_bytes >= limit and self._checkpointing.acquire(blocking=False):",
+        "if False:",
+        ("tests/test_platform_durable.py::"
+         "test_the_wal_is_checkpointed_outside_the_lock_and_stays_bounded",),
+    ),
 )
 
 def tree_files() -> list[str]:

@@ -126,6 +126,11 @@ class VerifyingStore:
 
     # --- batches --------------------------------------------------------------------------
 
+    def _make_durable(self, lane: int) -> None:
+        """Make every transaction committed so far durable, outside the store's lock; called
+        before any answer leaves `handle_batch` (`lane`: the batch's, bulk when it did not
+        decode). A store whose commit is durable by itself does nothing."""
+
     def handle_batch(self, data: bytes, topic_gw: str | None = None, *,
                      gap_wait_s: float = 0.0) -> Ack:
         """Verify and store one batch; the Ack says ok or why not (its `h` names `data`).
@@ -135,7 +140,17 @@ class VerifyingStore:
         gateway's in-flight batches round-robin, so the predecessor is often being stored by
         another receiver right now; 0 answers a gap at once (the NATS bus hands it back to the
         stream instead).
+
+        No answer leaves before what it reports is durable (`_make_durable`): a `replay` or
+        `ok` may report a transaction of another handler's that is committed but not yet
+        synced.
         """
+        ack, lane = self._handle_batch(data, topic_gw, gap_wait_s)
+        self._make_durable(lane)
+        return ack
+
+    def _handle_batch(self, data: bytes, topic_gw: str | None,
+                      gap_wait_s: float) -> tuple[Ack, int]:
         h = batch_hash(data)
         arrived = time.monotonic()
         try:
@@ -148,7 +163,7 @@ class VerifyingStore:
             rows = self._rows(batch)
         except ProtocolError as exc:
             with self._lock:
-                return self._refuse(data, topic_gw, h, exc)
+                return self._refuse(data, topic_gw, h, exc), BULK_LANE
         deadline = arrived + gap_wait_s
         waiting = False
         while True:
@@ -158,7 +173,7 @@ class VerifyingStore:
                     self._check_and_store(batch, data, rows, topic_gw)
                 except ProtocolError as exc:
                     if exc.reason != "gap" or time.monotonic() >= deadline:
-                        return self._refuse(data, topic_gw, h, exc)
+                        return self._refuse(data, topic_gw, h, exc), batch.lane
                     if not waiting:
                         waiting = True
                         log.info("platform.gap_wait", gw=batch.gw, lane=batch.lane,
@@ -168,7 +183,7 @@ class VerifyingStore:
                              events=len(batch.events),
                              waited_ms=round((started - arrived) * 1000, 2),
                              took_ms=round((time.monotonic() - started) * 1000, 2))
-                    return Ack(seq=batch.seq, h=h, ok=True)
+                    return Ack(seq=batch.seq, h=h, ok=True), batch.lane
             # Polled: another process's commit sends no notification.
             time.sleep(GAP_POLL_S)
 

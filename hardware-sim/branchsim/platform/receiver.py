@@ -29,6 +29,8 @@ cached; the registration is read again inside the transaction).
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,10 @@ __all__ = ["Receiver"]
 
 log = structlog.get_logger(__name__)
 
+# WAL size past which a bulk batch's handler checkpoints: SQLite's default threshold (1,000
+# pages of 4 KiB); the WAL is not synced page by page but the checkpoint copies it all.
+CHECKPOINT_BYTES = 4 << 20
+
 class Receiver(VerifyingStore):
     """`lanes=False` answers as a platform from before lanes did (docs/PROTOCOL.md 3.2): the
     payload key `lane` is unknown to it, so an alarm lane batch is `malformed` (and the MQTT
@@ -62,9 +68,17 @@ class Receiver(VerifyingStore):
         super().__init__(lanes=lanes)
         self.store_path = Path(store_path)
         self._db = open_store(self.store_path)
+        self._wal = f"{self.store_path}-wal"
+        # Checkpoints run outside the store's lock (`_make_durable`), not inside the commit
+        # that crosses SQLite's threshold: a checkpoint copies megabytes and syncs the file, and
+        # an alarm's batch would wait for it behind the lock.
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
+        self._checkpointer = open_store(self.store_path)
+        self._checkpointing = threading.Lock()
 
     def close(self) -> None:
-        with self._lock:
+        with self._checkpointing, self._lock:
+            self._checkpointer.close()
             self._db.close()
 
     # --- registration ---------------------------------------------------------------------
@@ -102,11 +116,46 @@ class Receiver(VerifyingStore):
     def _check_and_store(self, batch: Batch, data: bytes, rows: list[tuple[Any, ...]],
                          topic_gw: str | None) -> None:
         """One write transaction: BEGIN IMMEDIATE takes the store's write lock before the chain
-        head is read, so no other receiver on the file can move it between check and store."""
-        with self._db:  # commits, or rolls back when a check raises
-            self._db.execute("BEGIN IMMEDIATE")
-            self._check(batch, topic_gw)
-            self._store(batch, data, rows)
+        head is read, so no other receiver on the file can move it between check and store.
+
+        Committed with synchronous=NORMAL: the commit writes the WAL but does not fsync it, so
+        the store's lock (and SQLite's write lock, which other receiver processes wait for) is
+        not held across a disk flush; `handle_batch` syncs the WAL after releasing them
+        (`_make_durable`), before the batch is acknowledged. An alarm's batch thus waits at
+        most for a bulk batch's inserts, not for its fsync (bench/README.md, alarm lane)."""
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with self._db:  # commits, or rolls back when a check raises
+                self._db.execute("BEGIN IMMEDIATE")
+                self._check(batch, topic_gw)
+                self._store(batch, data, rows)
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
+
+    def _make_durable(self, lane: int) -> None:
+        """fsync the WAL: every transaction committed in it so far, by this process or another
+        receiver's, is durable once this returns. A checkpoint in between is no loss: SQLite
+        syncs the WAL before it copies frames into the database file, and the file after.
+
+        Then, past SQLite's own threshold, a passive checkpoint on a connection of its own
+        (writers go on meanwhile; one thread at a time, others skip it). An alarm's handler
+        leaves it to the bulk ones unless the WAL has grown far past it (a platform that
+        receives only alarms)."""
+        try:
+            fd = os.open(self._wal, os.O_RDONLY)
+        except FileNotFoundError:  # no WAL: the last connection checkpointed it (synced) and
+            return                 # removed it; nothing is waiting in it
+        try:
+            os.fsync(fd)
+            wal_bytes = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        limit = CHECKPOINT_BYTES if lane == BULK_LANE else 16 * CHECKPOINT_BYTES
+        if wal_bytes >= limit and self._checkpointing.acquire(blocking=False):
+            try:
+                self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            finally:
+                self._checkpointing.release()
 
     def _check(self, batch: Batch, topic_gw: str | None) -> None:
         """The checks after the signature's (docs/PROTOCOL.md 4.1, `check_chain`), inside the
