@@ -515,7 +515,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "the reference platform answers a batch only once it is durable (its batch commits do "
         "not fsync; the WAL is synced before the answer)",
         "hardware-sim/branchsim/platform/receiver.py",
-        "            os.fsync(fd)\n",
+        "            os.fdatasync(fd)\n",
         "            pass\n",
         ("tests/test_platform_durable.py::test_every_acknowledged_batch_survives_a_power_cut",),
     ),

@@ -133,9 +133,10 @@ class Receiver(VerifyingStore):
             self._db.execute("PRAGMA synchronous=FULL")
 
     def _make_durable(self, lane: int) -> None:
-        """fsync the WAL: every transaction committed in it so far, by this process or another
-        receiver's, is durable once this returns. A checkpoint in between is no loss: SQLite
-        syncs the WAL before it copies frames into the database file, and the file after.
+        """Sync the WAL (fdatasync, as SQLite does): every transaction committed in it so far,
+        by this process or another receiver's, is durable once this returns. A checkpoint in
+        between is no loss: SQLite syncs the WAL before it copies frames into the database
+        file, and the file after.
 
         Then, past SQLite's own threshold, a passive checkpoint on a connection of its own
         (writers go on meanwhile; one thread at a time, others skip it). An alarm's handler
@@ -146,14 +147,14 @@ class Receiver(VerifyingStore):
         except FileNotFoundError:  # no WAL: the last connection checkpointed it (synced) and
             return                 # removed it; nothing is waiting in it
         try:
-            os.fsync(fd)
+            os.fdatasync(fd)
             wal_bytes = os.fstat(fd).st_size
         finally:
             os.close(fd)
         limit = CHECKPOINT_BYTES if lane == BULK_LANE else 16 * CHECKPOINT_BYTES
         if wal_bytes >= limit and self._checkpointing.acquire(blocking=False):
             try:
-                self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             finally:
                 self._checkpointing.release()
 
