@@ -29,7 +29,7 @@ from agent.protocol import (
     verify_batch,
 )
 
-__all__ = ["GAP_POLL_S", "VerifyingStore", "registration_key"]
+__all__ = ["GAP_POLL_S", "VerifyingStore", "announced_keys", "registration_key"]
 
 log = structlog.get_logger("branchsim.platform.receiver")
 
@@ -43,6 +43,30 @@ def registration_key(pubkey_pem: bytes) -> bytes:
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError("not an Ed25519 public key")
     return kid_for(key)
+
+
+def announced_keys(batch: Batch) -> tuple[bool, list[tuple[bytes, bytes]]]:
+    """Key rotation (docs/COMMANDS.md, rotate-key) as both stores read a batch: whether it holds
+    a `gateway.key_rotated` event (a batch that does is never the one that retires the old
+    keys), and the (kid, SPKI PEM) of each key such an event announces; an announcement whose
+    `pub` is not an Ed25519 public key is logged and skipped."""
+    rotating = False
+    keys: list[tuple[bytes, bytes]] = []
+    for ev in batch.events:
+        if ev.get("type") != "gateway.key_rotated":
+            continue
+        rotating = True
+        attrs = ev.get("attrs") or {}
+        if not isinstance(attrs, dict):
+            continue
+        try:
+            new = Ed25519PublicKey.from_public_bytes(bytes.fromhex(str(attrs.get("pub"))))
+        except ValueError:
+            log.warning("platform.bad_key_rotation", gw=batch.gw, seq=batch.seq)
+            continue
+        keys.append((kid_for(new), new.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)))
+    return rotating, keys
 
 
 class _StoreLock:

@@ -69,9 +69,8 @@ from agent.protocol import (
     Batch,
     ProtocolError,
     decode_batch,
-    kid_for,
 )
-from branchsim.platform.handling import VerifyingStore, registration_key
+from branchsim.platform.handling import VerifyingStore, announced_keys, registration_key
 from branchsim.platform.rules import ChainState, check_chain
 from branchsim.platform.store import event_row, row_event
 
@@ -421,24 +420,11 @@ class PgReceiver(VerifyingStore):
         `gateway.key_rotated` event, in a batch signed by a key registered to the gateway,
         registers the announced key beside the old one; the first batch signed by the newest
         key (`older_keys`: the gateway has keys registered before it) retires the older ones."""
-        rotating = False
-        for ev in batch.events:
-            if ev.get("type") != "gateway.key_rotated":
-                continue
-            rotating = True
-            attrs = ev.get("attrs") or {}
-            if not isinstance(attrs, dict):
-                continue
-            try:
-                new = Ed25519PublicKey.from_public_bytes(bytes.fromhex(str(attrs.get("pub"))))
-            except ValueError:
-                log.warning("platform.bad_key_rotation", gw=batch.gw, seq=batch.seq)
-                continue
-            pem = new.public_bytes(serialization.Encoding.PEM,
-                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+        rotating, announced = announced_keys(batch)
+        for kid, pem in announced:
             conn.execute("INSERT INTO gateways (kid, gw, pubkey) VALUES (%s, %s, %s) "
-                         "ON CONFLICT (kid) DO NOTHING", (kid_for(new), batch.gw, pem))
-            log.info("platform.key_announced", gw=batch.gw, kid=kid_for(new).hex())
+                         "ON CONFLICT (kid) DO NOTHING", (kid, batch.gw, pem))
+            log.info("platform.key_announced", gw=batch.gw, kid=kid.hex())
         if older_keys and not rotating:  # signed by the newest key: the old ones are retired
             conn.execute("DELETE FROM gateways WHERE gw = %s AND n < "
                          "(SELECT n FROM gateways WHERE kid = %s)", (batch.gw, batch.kid))

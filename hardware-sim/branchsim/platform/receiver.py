@@ -45,9 +45,8 @@ from agent.protocol import (
     ZERO_HASH,
     Batch,
     decode_batch,
-    kid_for,
 )
-from branchsim.platform.handling import VerifyingStore, registration_key
+from branchsim.platform.handling import VerifyingStore, announced_keys, registration_key
 from branchsim.platform.rules import ChainState, check_chain
 from branchsim.platform.store import event_row, open_store, row_event
 
@@ -236,23 +235,14 @@ class Receiver(VerifyingStore):
         signed by a key registered to the gateway, registers the announced key beside the old
         one (batches signed before the switch still verify); the first batch signed by the new
         key retires the old ones. Runs inside _check_and_store's transaction."""
-        for ev in batch.events:
-            attrs = ev.get("attrs") or {}
-            if ev.get("type") != "gateway.key_rotated" or not isinstance(attrs, dict):
-                continue
-            try:
-                new = Ed25519PublicKey.from_public_bytes(bytes.fromhex(str(attrs.get("pub"))))
-            except ValueError:
-                log.warning("platform.bad_key_rotation", gw=batch.gw, seq=batch.seq)
-                continue
-            pem = new.public_bytes(serialization.Encoding.PEM,
-                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+        rotating, announced = announced_keys(batch)
+        for kid, pem in announced:
             self._db.execute("INSERT OR IGNORE INTO gateways (gw, kid, pubkey) VALUES (?, ?, ?)",
-                             (batch.gw, kid_for(new), pem))
-            log.info("platform.key_announced", gw=batch.gw, kid=kid_for(new).hex())
+                             (batch.gw, kid, pem))
+            log.info("platform.key_announced", gw=batch.gw, kid=kid.hex())
         others = self._db.execute("SELECT COUNT(*) FROM gateways WHERE gw = ? AND kid != ?",
                                   (batch.gw, batch.kid)).fetchone()[0]
-        if others and not any(e.get("type") == "gateway.key_rotated" for e in batch.events):
+        if others and not rotating:
             newest_announced = self._db.execute(
                 "SELECT rowid FROM gateways WHERE gw = ? AND kid = ?", (batch.gw, batch.kid)
             ).fetchone()
