@@ -44,7 +44,8 @@ from agent.protocol.commands import MAX_COMMAND_BYTES
 from agent.uplink.base import FailureKind, UplinkDownError, UplinkFailure
 from agent.uplink.config import MqttTlsConfig, MqttUplinkConfig, topics
 
-__all__ = ["MqttTlsConfig", "MqttUplink", "MqttUplinkConfig", "topics"]
+__all__ = ["MqttTlsConfig", "MqttUplink", "MqttUplinkConfig", "read_available", "set_nodelay",
+           "topics"]
 
 log = structlog.get_logger(__name__)
 
@@ -191,10 +192,7 @@ class MqttUplink:
             self._loop.call_soon_threadsafe(fn, *args)
 
     def _on_socket_open(self, client: paho.Client, _u: Any, sock: Any) -> None:
-        # Small packets (PUBACK, acks) must not wait for the peer's delayed ACK: without
-        # TCP_NODELAY each batch waited ~40 ms in Nagle's algorithm (bench/README.md).
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(sock)
         self._in_loop(self._add_reader, sock.fileno())
 
     def _on_socket_close(self, client: paho.Client, _u: Any, sock: Any) -> None:
@@ -229,15 +227,8 @@ class MqttUplink:
             self._loop.remove_writer(fd)
 
     def _readable(self) -> None:
-        client = self._client
-        assert client is not None
-        rc = client.loop_read()
-        # TLS: one socket read may leave whole MQTT packets decrypted in the SSL buffer; the
-        # socket will not become readable for them, so drain them now (as paho's loop() does).
-        sock = client.socket()
-        while rc == paho.MQTT_ERR_SUCCESS and isinstance(sock, ssl.SSLSocket) and sock.pending():
-            rc = client.loop_read()
-            sock = client.socket()
+        assert self._client is not None
+        read_available(self._client)
 
     async def _misc(self, client: paho.Client) -> None:
         while True:
@@ -505,6 +496,25 @@ class MqttUplink:
     async def publish_status(self, doc: Mapping[str, Any]) -> None:
         """Publish a retained status document; returns on PUBACK. Raises UplinkDownError."""
         await self._publish(self.topics["status"], self._status_json(doc), retain=True)
+
+
+def set_nodelay(sock: Any) -> None:
+    """TCP_NODELAY on a paho client's new socket (`on_socket_open`): small packets (PUBACKs,
+    acks) must not wait for the peer's delayed ACK; without it each batch waited ~40 ms in
+    Nagle's algorithm (bench/README.md, docs/PROTOCOL.md 5)."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def read_available(client: paho.Client) -> None:
+    """`loop_read` for a paho client driven by an event loop's reader callback. TLS: one socket
+    read may leave whole MQTT packets decrypted in the SSL buffer; the socket will not become
+    readable for them, so they are read now (as paho's own `loop()` does)."""
+    rc = client.loop_read()
+    sock = client.socket()
+    while rc == paho.MQTT_ERR_SUCCESS and isinstance(sock, ssl.SSLSocket) and sock.pending():
+        rc = client.loop_read()
+        sock = client.socket()
 
 
 def _cancelling() -> bool:

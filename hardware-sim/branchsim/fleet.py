@@ -89,6 +89,7 @@ from agent.protocol import (
     encode_event,
     kid_for,
 )
+from agent.uplink.mqtt import read_available, set_nodelay
 
 __all__ = [
     "HELP",
@@ -777,10 +778,7 @@ class Fleet:
             g.deferred.append((fn, fd))
 
     def _on_socket_open(self, client: paho.Client, g: _Gateway, sock: Any) -> None:
-        # Small packets (PUBACKs, acks) must not wait for the peer's delayed ACK (~40 ms,
-        # docs/PROTOCOL.md 5).
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(sock)
         self._on_loop(g, self._watch, sock.fileno())
 
     def _on_socket_close(self, client: paho.Client, g: _Gateway, sock: Any) -> None:
@@ -816,15 +814,8 @@ class Fleet:
 
     @staticmethod
     def _readable(g: _Gateway) -> None:
-        client = g.client
-        assert client is not None
-        rc = client.loop_read()
-        # TLS: one socket read may leave whole MQTT packets decrypted in the SSL buffer; the
-        # socket will not become readable for them, so drain them now (as paho's loop() does).
-        sock = client.socket()
-        while rc == paho.MQTT_ERR_SUCCESS and isinstance(sock, ssl.SSLSocket) and sock.pending():
-            rc = client.loop_read()
-            sock = client.socket()
+        assert g.client is not None
+        read_available(g.client)
 
     # --- paho's protocol callbacks: on the loop (they come from loop_read/loop_misc) -------
 
