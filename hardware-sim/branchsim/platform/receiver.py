@@ -54,6 +54,16 @@ __all__ = ["Receiver"]
 
 log = structlog.get_logger(__name__)
 
+_EVENT_ROWS = 76  # rows per INSERT of events: 13 columns, 988 parameters (SQLite's old limit 999)
+
+
+def _insert_events(rows: int) -> str:
+    return ("INSERT OR IGNORE INTO events (gw, epoch, id, t, tq, src, type, v, u, prio, attrs, "
+            "lane, seq) VALUES " + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?)"] * rows))
+
+
+_INSERT_EVENTS_MANY = _insert_events(_EVENT_ROWS)
+
 # WAL size past which a bulk batch's handler checkpoints: SQLite's default threshold (1,000
 # pages of 4 KiB); the WAL is not synced page by page but the checkpoint copies it all.
 CHECKPOINT_BYTES = 4 << 20
@@ -217,11 +227,14 @@ class Receiver(VerifyingStore):
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (batch.gw, batch.epoch, batch.lane, batch.seq, batch.hash, time.time(), data),
         )
-        db.executemany(
-            "INSERT OR IGNORE INTO events (gw, epoch, id, t, tq, src, type, v, u, prio, attrs, "
-            "lane, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
+        # Multi-row INSERTs: executemany takes the GIL back after every row, and the alarm
+        # lane's handler waits for this transaction (as the outbox does: agent/outbox/store.py).
+        full = len(rows) - len(rows) % _EVENT_ROWS
+        for i in range(0, full, _EVENT_ROWS):
+            db.execute(_INSERT_EVENTS_MANY,
+                       [v for row in rows[i:i + _EVENT_ROWS] for v in row])
+        if full < len(rows):
+            db.execute(_insert_events(len(rows) - full), [v for row in rows[full:] for v in row])
         db.execute(
             "INSERT INTO chain (gw, lane, epoch, last_seq, last_hash) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (gw, lane) DO UPDATE SET epoch = excluded.epoch, "
