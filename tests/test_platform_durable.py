@@ -132,6 +132,8 @@ def test_the_wal_is_checkpointed_outside_the_lock_and_stays_bounded(tmp_path: Pa
             g.accepted(data, ack.seq)
             assert wal.stat().st_size < 2 * CHECKPOINT_BYTES, g.seq
             assert g.seq < 1000, "the database file does not grow: nothing is checkpointed"
+        # every event of every batch (500 each: full multi-row INSERTs and a remainder)
+        assert len(rx.events(GW)) == 500 * g.seq
     finally:
         rx.close()
     assert os.path.getsize(tmp_path / "platform.db") >= 3 * CHECKPOINT_BYTES
