@@ -64,9 +64,10 @@ def _insert_events(rows: int) -> str:
 
 _INSERT_EVENTS_MANY = _insert_events(_EVENT_ROWS)
 
-# WAL size past which a bulk batch's handler checkpoints: SQLite's default threshold (1,000
-# pages of 4 KiB); the WAL is not synced page by page but the checkpoint copies it all.
+# WAL size past which a bulk batch's handler checkpoints: about SQLite's own automatic
+# threshold (1,000 pages of 4 KiB).
 CHECKPOINT_BYTES = 4 << 20
+
 
 class Receiver(VerifyingStore):
     """`lanes=False` answers as a platform from before lanes did (docs/PROTOCOL.md 3.2): the
