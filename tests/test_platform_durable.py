@@ -100,9 +100,9 @@ def stored(db: Path) -> dict[int, list[int]]:
 
 def test_every_acknowledged_batch_survives_a_power_cut(
         power: PowerSupply, children: list[subprocess.Popen[str]]) -> None:
-    """Three cuts at different moments, the platform started again on the surviving store
-    each time: every batch acknowledged before a cut, in either lane, is stored after it
-    with its events, each lane's chain without a hole. (Without the WAL sync before the
+    """Three cuts at different moments, each on a platform started on a store of its own: every
+    batch acknowledged before a cut, in either lane, is stored after it with its events, each
+    lane's chain without a hole. (Without the WAL sync before the
     answer, the acknowledged batches of the last ~4 MB of WAL are gone after a cut.)"""
     for n, bulk_acks in enumerate((60, 25, 90)):
         db = power.mountpoint / f"platform{n}.db"  # a fresh gateway key each start: own store

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -83,12 +84,13 @@ class Receiver(VerifyingStore):
         # that crosses SQLite's threshold: a checkpoint copies megabytes and syncs the file, and
         # an alarm's batch would wait for it behind the lock.
         self._db.execute("PRAGMA wal_autocheckpoint=0")
-        self._checkpointer = open_store(self.store_path)
+        self._checkpointer: sqlite3.Connection | None = None  # opened at the first checkpoint
         self._checkpointing = threading.Lock()
 
     def close(self) -> None:
         with self._checkpointing, self._lock:
-            self._checkpointer.close()
+            if self._checkpointer is not None:
+                self._checkpointer.close()
             self._db.close()
 
     # --- registration ---------------------------------------------------------------------
@@ -164,6 +166,8 @@ class Receiver(VerifyingStore):
         limit = CHECKPOINT_BYTES if lane == BULK_LANE else 16 * CHECKPOINT_BYTES
         if wal_bytes >= limit and self._checkpointing.acquire(blocking=False):
             try:
+                if self._checkpointer is None:
+                    self._checkpointer = open_store(self.store_path)
                 self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             finally:
                 self._checkpointing.release()
