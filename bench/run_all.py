@@ -33,6 +33,8 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("forward.py", []),
     # One 1M-event drain per run serves the drain, alarm-latency and draining-RSS figures.
     ("drain.py", ["--runs", "2"]),
+    # The platform's part of the alarm figure, with and without bulk standing aside (1 minute).
+    ("alarm_handling.py", []),
     ("footprint.py", []),
     # The platform at fleet scale (docs/SCALE.md): about 15 minutes.
     ("fleet.py", []),

@@ -29,6 +29,8 @@ def run(*args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
         ("forward.py", ["end-to-end delivery"]),
         ("drain.py", ["backlog drain", "memory, peak RSS draining",
                       "alarm latency under load, p50", "alarm latency under load, p99"]),
+        ("alarm_handling.py", ["platform alarm handling beside a backlog, p50",
+                               "platform alarm handling beside a backlog, p99"]),
         ("footprint.py", ["start-up", "idle CPU", "memory, peak RSS idle", "memory, RSS growth",
                           "write amplification"]),
     ],

@@ -264,6 +264,53 @@ def test_a_waiting_alarm_goes_before_waiting_bulk_batches(tmp_path: Path, compre
         rx.close()
 
 
+def test_bulk_handlers_stand_aside_while_an_alarm_is_handled(tmp_path: Path) -> None:
+    """While an alarm is being handled, a bulk batch's handler waits before decoding and before
+    the store (`alarms_first`, its bound set out of the way here), and goes on once the alarm
+    is done. A batch that came where alarms come (`urgent`) but whose payload says bulk keeps
+    no precedence: the bulk handler waiting on it goes on to the store's lock while it is still
+    being handled."""
+    rx = Receiver(tmp_path / "platform.db")
+    rx.alarms_first.yield_max_s = 60.0
+    g = Lanes()
+    rx.register(GW, pem(g.key))
+    other = sqlite3.connect(tmp_path / "platform.db", isolation_level=None)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            turn = rx.alarms_first.turn()  # an alarm's handler at work
+            turn.start()
+            first = g.batch(BULK_LANE, 500)
+            bulk = pool.submit(rx.handle_batch, first, GW)
+            wait_until(lambda: rx.alarms_first.yields == 1, 10, "the bulk handler aside")
+            assert rx.batch_count(GW) == 0 and not bulk.done()
+            turn.stop()
+            assert bulk.result(30).ok
+            g.accepted(first)
+            assert rx.batch_count(GW, BULK_LANE) == 1
+
+            # An urgent handler holding the receiver (blocked on the write lock of another
+            # receiver of the file) with a bulk payload: the next bulk handler does not stand
+            # aside for it but waits for the lock.
+            a = g.batch(BULK_LANE, 2)
+            other.execute("BEGIN IMMEDIATE")
+            try:
+                early = pool.submit(rx.handle_batch, a, GW, urgent=True)
+                g.accepted(a)
+                b = g.batch(BULK_LANE, 2)
+                late = pool.submit(rx.handle_batch, b, GW)
+                # (it may stand aside while the urgent one decodes, not after)
+                wait_until(lambda: rx.waiting()[BULK_LANE] == 1, 10,
+                           "the bulk handler waiting for the lock, not aside")
+                assert not early.done()
+            finally:
+                other.rollback()
+            assert early.result(30).ok and late.result(30).ok
+        assert rx.batch_count(GW, BULK_LANE) == 3
+    finally:
+        other.close()
+        rx.close()
+
+
 class AckListener:
     """A paho client subscribed to every gateway's acks; records (topic, ack) in arrival order."""
 

@@ -528,6 +528,24 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_platform_durable.py::"
          "test_the_wal_is_checkpointed_outside_the_lock_and_stays_bounded",),
     ),
+    Mutant(
+        "platform-bulk-never-stands-aside",
+        "the reference platform's bulk handlers stand aside while an alarm is handled",
+        "hardware-sim/branchsim/platform/handling.py",
+        "self._cond.wait_for(lambda: not self._active, timeout=self.yield_max_s)",
+        "pass",
+        ("tests/test_platform_lanes.py::"
+         "test_bulk_handlers_stand_aside_while_an_alarm_is_handled",),
+    ),
+    Mutant(
+        "platform-urgent-bulk-keeps-precedence",
+        "a batch that came on the alarm topic keeps precedence only if its payload says alarm",
+        "hardware-sim/branchsim/platform/handling.py",
+        "            else:\n                turn.stop()\n",
+        "",
+        ("tests/test_platform_lanes.py::"
+         "test_bulk_handlers_stand_aside_while_an_alarm_is_handled",),
+    ),
 )
 
 def tree_files() -> list[str]:

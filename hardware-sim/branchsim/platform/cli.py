@@ -146,10 +146,13 @@ def _hostport(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# The alarm lane's thread gets the GIL within 1 ms of asking, not CPython's 5 ms, while the
+# bulk lane's thread verifies a backlog (docs/PROTOCOL.md 4.2: alarms handled apart).
+SWITCH_INTERVAL_S = 0.001
+
+
 def _serve(args: argparse.Namespace) -> int:
-    # The alarm lane's thread gets the GIL within 1 ms of asking, not CPython's 5 ms, while the
-    # bulk lane's thread verifies a backlog (docs/PROTOCOL.md 4.2: alarms handled apart).
-    sys.setswitchinterval(0.001)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     if args.no_mqtt and args.no_coap:
         print("branch-platform serve: --no-mqtt and --no-coap leave nothing to serve",
               file=sys.stderr)

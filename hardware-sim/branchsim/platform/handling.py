@@ -34,6 +34,10 @@ __all__ = ["GAP_POLL_S", "VerifyingStore", "announced_keys", "registration_key"]
 log = structlog.get_logger("branchsim.platform.receiver")
 
 GAP_POLL_S = 0.005  # how often a batch waiting for its predecessor looks at the chain head again
+# The longest a bulk handler stands aside, at each of its steps, for alarm handlers at work: a
+# bound, so that an alarm handler waiting for its predecessor (`gap_wait_s`) does not stall the
+# bulk lane with it.
+YIELD_MAX_S = 0.02
 
 
 def registration_key(pubkey_pem: bytes) -> bytes:
@@ -117,6 +121,64 @@ class _StoreLock:
             return dict(self._waiting)
 
 
+class _AlarmsFirst:
+    """The CPU for alarm handlers first. A handler holds the GIL for its Python work (decoding,
+    building rows, the sqlite3 calls between statements), and an alarm's handler, which needs
+    the GIL back after each of its statements, waited up to the interpreter's switch interval
+    behind a bulk handler's Python each time (bench/README.md, alarm lane). So while an alarm
+    is being handled (a `_Turn` started), a bulk handler waits before each of its steps
+    (decoding and verifying, rows, the store), up to `yield_max_s` each. `enabled=False`:
+    bulk handlers never stand aside (bench/alarm_handling.py's baseline)."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.yield_max_s = YIELD_MAX_S
+        self._cond = threading.Condition()
+        self._active = 0
+        self.yields = 0  # times a bulk handler stood aside (tests, diagnostics)
+
+    def turn(self) -> _Turn:
+        return _Turn(self)
+
+    def _add(self, n: int) -> None:
+        with self._cond:
+            self._active += n
+            if not self._active:
+                self._cond.notify_all()
+
+    def bulk_step(self) -> None:
+        if not self._active or not self.enabled:  # unlocked: a turn just missed is seen at
+            return                                # the next step
+        with self._cond:
+            if self._active:
+                self.yields += 1
+                self._cond.wait_for(lambda: not self._active, timeout=self.yield_max_s)
+
+
+class _Turn:
+    """One handler's precedence: started when its batch is an alarm's (or came on the alarm
+    lane's connection: until its payload says otherwise), stopped when it is done."""
+
+    def __init__(self, owner: _AlarmsFirst) -> None:
+        self._owner = owner
+        self.active = False
+
+    def start(self) -> None:
+        if not self.active:
+            self.active = True
+            self._owner._add(1)
+
+    def stop(self) -> None:
+        if self.active:
+            self.active = False
+            self._owner._add(-1)
+
+    def step(self) -> None:
+        """A bulk handler's step: stand aside while an alarm is being handled."""
+        if not self.active:
+            self._owner.bulk_step()
+
+
 class VerifyingStore:
     """`handle_batch` for a store that provides `_rows`, `_check_and_store`, `_count` and
     `_lookup_key`. Thread-safe: `_lock` around the store, alarm-lane handlers first."""
@@ -126,6 +188,7 @@ class VerifyingStore:
     def __init__(self, *, lanes: bool) -> None:
         self.lanes = lanes
         self._lock = _StoreLock()
+        self.alarms_first = _AlarmsFirst()
         # kid -> registered key, read outside the lock (verification runs there); emptied by
         # every change of the registry, and the registration checked again under the lock
         self._keys: dict[bytes, Ed25519PublicKey] = {}
@@ -156,7 +219,7 @@ class VerifyingStore:
         decode). A store whose commit is durable by itself does nothing."""
 
     def handle_batch(self, data: bytes, topic_gw: str | None = None, *,
-                     gap_wait_s: float = 0.0) -> Ack:
+                     gap_wait_s: float = 0.0, urgent: bool = False) -> Ack:
         """Verify and store one batch; the Ack says ok or why not (its `h` names `data`).
 
         `gap_wait_s`: how long a batch ahead of its lane's chain waits (polling) for its
@@ -168,15 +231,27 @@ class VerifyingStore:
         No answer leaves before what it reports is durable (`_make_durable`): a `replay` or
         `ok` may report a transaction of another handler's that is committed but not yet
         synced.
+
+        `urgent`: the batch came where alarm lane batches come (the alarm topic's connection):
+        it goes ahead of bulk handlers' work (`_AlarmsFirst`) from the start, and keeps that
+        place only if its signed payload says it is an alarm lane batch. A scheduling hint,
+        nothing else: the lane is what the payload says.
         """
-        ack, lane = self._handle_batch(data, topic_gw, gap_wait_s)
-        self._make_durable(lane)
+        turn = self.alarms_first.turn()
+        if urgent:
+            turn.start()
+        try:
+            ack, lane = self._handle_batch(data, topic_gw, gap_wait_s, turn)
+            self._make_durable(lane)
+        finally:
+            turn.stop()
         return ack
 
     def _handle_batch(self, data: bytes, topic_gw: str | None,
-                      gap_wait_s: float) -> tuple[Ack, int]:
+                      gap_wait_s: float, turn: _Turn) -> tuple[Ack, int]:
         h = batch_hash(data)
         arrived = time.monotonic()
+        turn.step()
         try:
             # Decoding and the signature first, outside the store's lock: they are most of a
             # bulk batch's cost, and the lock is then held only for the chain check and the
@@ -184,6 +259,11 @@ class VerifyingStore:
             batch = verify_batch(data, self._registered_key)
             if batch.lane != BULK_LANE and not self.lanes:
                 raise ProtocolError("malformed", "payload keys")  # a decoder without lanes
+            if batch.lane == ALARM_LANE:
+                turn.start()
+            else:
+                turn.stop()
+            turn.step()
             rows = self._rows(batch)
         except ProtocolError as exc:
             with self._lock:
@@ -191,6 +271,7 @@ class VerifyingStore:
         deadline = arrived + gap_wait_s
         waiting = False
         while True:
+            turn.step()
             with self._lock.hold(batch.lane):
                 started = time.monotonic()
                 try:

@@ -164,7 +164,8 @@ class MqttPlatformServer:
             return
         try:
             ack = self.receiver.handle_batch(bytes(msg.payload), topic_gw=topic_gw,
-                                             gap_wait_s=self.gap_wait_s)
+                                             gap_wait_s=self.gap_wait_s,
+                                             urgent=parts[-1] == "alarm")
         except Exception:  # a bug here must not stop the platform; the batch stays unacked
             log.exception("platform.mqtt.handle_failed", topic=msg.topic)
             return
