@@ -1,6 +1,6 @@
 """Run every benchmark (each in its own process) and print one table with the machine.
 
-    .venv/bin/python bench/run_all.py [--quick] [--pin CPU] [--agent-python PATH]
+    .venv/bin/python bench/run_all.py [--quick] [--pin CPU] [--agent-python PATH] [--json F]
                                                               # `make bench` runs it plain
 
 About 21 minutes on a 2-core desktop (the 1M-event drain twice, a minute of idle agent, and
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Row, machine, print_table, read_json
+from _common import Row, machine, print_table, read_json, write_json
 
 HERE = Path(__file__).resolve().parent
 # (script, extra args for a full run); each writes its rows with --json.
@@ -73,6 +73,7 @@ def main() -> int:
     ap.add_argument("--agent-python", metavar="PATH",
                     help="the agent's interpreter in footprint.py (default: .venv-dist's when "
                          "it exists, else this one)")
+    ap.add_argument("--json", type=Path, default=None, help="also write every row here")
     args = ap.parse_args()
     prefix = ["taskset", "-c", args.pin] if args.pin else []
     product = agent_python(args.agent_python)
@@ -115,6 +116,7 @@ def main() -> int:
     print(f"Command: {shlex.join([sys.executable, *sys.argv])}")
     print()
     print_table(rows)
+    write_json(args.json, rows)
     if extra_out:
         print()
         print("CoAP ingest (bench/coap_ingest.py):")
